@@ -1,0 +1,49 @@
+"""nlsr: Neuron-Level Safety Realignment of LoRA-fine-tuned language models.
+
+The four steps of NLSR (Yi et al., AAAI 2025) as functions over in-memory objects::
+
+    import nlsr
+    aligned = nlsr.load_adapter("aligned/")
+    reference = nlsr.extrapolate(aligned, beta=0.9)                # step 1
+    masks = nlsr.identify(model, reference, rows, tokenizer)        # step 2
+    result = nlsr.realign(reference, nlsr.load_adapter("ft/"), masks)  # steps 3-4
+    nlsr.save_adapter(result.adapter, "repaired/")
+
+Heavy imports (torch, transformers) happen on first use, so ``nlsr --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "NlsrError": "nlsr.errors",
+    "LoraAdapter": "nlsr.adapters",
+    "LoraFactors": "nlsr.adapters",
+    "load_adapter": "nlsr.adapters",
+    "save_adapter": "nlsr.adapters",
+    "check_comparable": "nlsr.adapters",
+    "attach_adapter": "nlsr.adapters",
+    "extrapolate": "nlsr.reference",
+    "identify": "nlsr.identification",
+    "SafetyMasks": "nlsr.identification",
+    "save_masks": "nlsr.identification",
+    "load_masks": "nlsr.identification",
+    "read_calibration_jsonl": "nlsr.calibration",
+    "CalibrationRow": "nlsr.calibration",
+    "realign": "nlsr.realignment",
+    "safelora": "nlsr.defences.safelora",
+    "load_model": "nlsr.models",
+    "load_tokenizer": "nlsr.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'nlsr' has no attribute '{name}'")

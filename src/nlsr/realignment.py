@@ -1,0 +1,151 @@
+"""Steps 3 and 4 on whole adapters: score every module, pick the ones to repair, transplant."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nlsr.adapters import LoraAdapter, LoraFactors, check_comparable, weight_key
+from nlsr.errors import NlsrError
+from nlsr.identification import SafetyMasks
+from nlsr.ops.layers import SELECTION_RULES, masked_similarity
+from nlsr.ops.transplant import TRANSPLANTS
+
+_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+@dataclass
+class ModuleDecision:
+    """What realignment decided for one module (one row of ``realign_report.json``)."""
+
+    module: str
+    layer: int | None
+    kind: str
+    similarity: float
+    repair_probability: float
+    repaired: bool
+
+
+@dataclass
+class RealignResult:
+    adapter: LoraAdapter
+    decisions: list[ModuleDecision]
+    settings: dict
+
+    def report(self) -> dict:
+        """The JSON-ready report: settings, a summary, and one row per module."""
+        repaired = [d for d in self.decisions if d.repaired]
+        return {
+            "settings": self.settings,
+            "summary": {"modules": len(self.decisions), "repaired": len(repaired),
+                        "mean_similarity": statistics.fmean(d.similarity for d in self.decisions)},
+            "modules": [asdict(d) for d in self.decisions],
+        }
+
+
+def layer_and_kind(module: str) -> tuple[int | None, str]:
+    """``('model.layers.3.self_attn.q_proj')`` -> ``(3, 'q_proj')``."""
+    match = _LAYER_RE.search(f".{module}.")
+    return (int(match.group(1)) if match else None), module.rsplit(".", 1)[-1]
+
+
+def check_masks(masks: SafetyMasks, reference: LoraAdapter) -> None:
+    """Every module of the reference needs bool masks of its factors' shapes."""
+    for name, f in reference:
+        for factor, tensor in (("A", f.A), ("B", f.B)):
+            key = weight_key(name, factor)
+            mask = masks.masks.get(key)
+            if mask is None:
+                raise NlsrError(f"the mask file has no mask '{key}'; were the masks identified "
+                                "on this reference adapter?")
+            if mask.shape != tensor.shape:
+                raise NlsrError(f"mask '{key}' has shape {tuple(mask.shape)} but the factor has "
+                                f"{tuple(tensor.shape)}")
+
+
+def origin_cosines(reference: LoraAdapter, finetuned: LoraAdapter) -> dict[str, float]:
+    """Entry-wise cosine of ``A_e`` and ``A_t`` per module: near 1 when the fine-tune continued
+    the aligned adapter, near 0 for an independently initialised LoRA."""
+    out = {}
+    for name, f in reference:
+        a_e, a_t = f.A.flatten().double(), finetuned.modules[name].A.flatten().double()
+        out[name] = float(a_e @ a_t / (a_e.norm() * a_t.norm()).clamp_min(1e-30))
+    return out
+
+
+def check_shared_origin(reference: LoraAdapter, finetuned: LoraAdapter,
+                        min_cosine: float) -> float:
+    """Refuse the entry-wise comparison when the adapters do not share an origin.
+
+    Entry ``(i, k)`` of ``A_t`` and ``A_e`` is the same neuron only when the fine-tune started
+    from the aligned adapter. Returns the median cosine.
+    """
+    median = statistics.median(origin_cosines(reference, finetuned).values())
+    if median < min_cosine:
+        raise NlsrError(
+            f"the fine-tuned adapter does not continue the aligned one (median cosine of the A "
+            f"factors {median:.3f} < {min_cosine}); neuron-level comparison needs the fine-tune to "
+            "start from the aligned adapter. For an unrelated adapter compare dense deltas "
+            "instead (e.g. `nlsr safelora`), or pass --min-origin-cosine 0 to force it")
+    return median
+
+
+def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks,
+            select: str = "paper", transplant: str = "exact", threshold: float | None = None,
+            p_base: float = 0.5, epsilon: float = 0.2, seed: int = 0,
+            min_origin_cosine: float = 0.5, check_base: bool = True) -> RealignResult:
+    """Repair ``finetuned`` towards ``reference`` inside the safety ``masks`` (NLSR steps 3-4).
+
+    Args:
+        reference: the super-aligned reference adapter ``(A_e, B_e)``.
+        finetuned: the user's fine-tuned adapter ``(A_t, B_t)`` (continued from the aligned one).
+        masks: safety-critical masks of the reference (from :func:`nlsr.identify`).
+        select: module selection rule: ``paper``, ``reverse``, ``threshold`` or ``all``.
+        transplant: ``exact`` (rank 2r, the paper's formula) or ``factor`` (rank r, authors' code).
+        threshold: τ for the ``threshold`` rule. p_base, epsilon: ``P_L`` and ε of the
+            probabilistic rules. seed: seed of their draw.
+        min_origin_cosine: refuse when the median cosine of ``A_e`` and ``A_t`` is below this.
+
+    Returns:
+        The repaired adapter, one decision per module, and the settings used.
+    """
+    if select not in SELECTION_RULES:
+        raise NlsrError(f"unknown selection rule '{select}'; use one of {sorted(SELECTION_RULES)}")
+    if transplant not in TRANSPLANTS:
+        raise NlsrError(f"unknown transplant '{transplant}'; use one of {sorted(TRANSPLANTS)}")
+    if select == "threshold" and threshold is None:
+        raise NlsrError("the 'threshold' rule needs --threshold T (repair modules with S < T)")
+    if not (p_base - epsilon >= 0 and p_base + epsilon <= 1):
+        raise NlsrError(f"p_base ± epsilon must stay in [0, 1] (got {p_base} ± {epsilon})")
+    check_comparable(reference, finetuned, check_base=check_base)
+    check_masks(masks, reference)
+    origin = check_shared_origin(reference, finetuned, min_origin_cosine)
+
+    names = list(finetuned.modules)
+    similarity = torch.tensor([
+        masked_similarity(reference.modules[n].A, reference.modules[n].B, finetuned.modules[n].A,
+                          finetuned.modules[n].B, *masks.pair(n)) for n in names],
+        dtype=torch.float64)
+    prob, repaired = SELECTION_RULES[select](similarity, p_base=p_base, epsilon=epsilon,
+                                             seed=seed, threshold=threshold)
+    form = TRANSPLANTS[transplant]
+    modules: dict[str, LoraFactors] = {}
+    decisions = []
+    for i, name in enumerate(names):
+        ft = finetuned.modules[name]
+        if repaired[i]:
+            ref = reference.modules[name]
+            A, B = form(ref.A, ref.B, ft.A, ft.B, *masks.pair(name))
+            modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
+        else:
+            modules[name] = ft
+        layer, kind = layer_and_kind(name)
+        decisions.append(ModuleDecision(name, layer, kind, float(similarity[i]), float(prob[i]),
+                                        bool(repaired[i])))
+    settings = {"select": select, "transplant": transplant, "threshold": threshold,
+                "p_base": p_base, "epsilon": epsilon, "seed": seed,
+                "median_origin_cosine": origin, "masks": dict(masks.metadata)}
+    return RealignResult(finetuned.with_modules(modules), decisions, settings)

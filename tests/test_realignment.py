@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+
+from conftest import perturbed, random_adapter
+from nlsr.adapters import load_adapter, save_adapter, weight_key
+from nlsr.errors import NlsrError
+from nlsr.identification import SafetyMasks
+from nlsr.realignment import origin_cosines, realign
+from nlsr.reference import extrapolate
+
+
+def random_masks(adapter, q=0.3, seed=0) -> SafetyMasks:
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, f in adapter:
+        masks[weight_key(name, "A")] = torch.rand(f.A.shape, generator=gen) < q
+        masks[weight_key(name, "B")] = torch.rand(f.B.shape, generator=gen) < q
+    return SafetyMasks(masks)
+
+
+@pytest.fixture
+def setting(shapes):
+    aligned = random_adapter(shapes)
+    reference = extrapolate(aligned, beta=0.9)
+    finetuned = perturbed(aligned, noise=0.2)
+    return reference, finetuned, random_masks(reference)
+
+
+def test_exact_output_effective_delta_equals_formula(setting):
+    reference, finetuned, masks = setting
+    result = realign(reference, finetuned, masks, select="all", transplant="exact")
+    for name, out in result.adapter:
+        e, t = reference.modules[name], finetuned.modules[name]
+        M_A, M_B = masks.pair(name)
+        expected = t.scale * ((M_B * e.B).double() @ (M_A * e.A).double()
+                              + (~M_B * t.B).double() @ (~M_A * t.A).double())
+        assert out.rank == 2 * t.rank and out.scale == t.scale
+        torch.testing.assert_close(out.delta(), expected)
+
+
+def test_factor_output_effective_delta_equals_formula(setting):
+    reference, finetuned, masks = setting
+    result = realign(reference, finetuned, masks, select="all", transplant="factor")
+    for name, out in result.adapter:
+        e, t = reference.modules[name], finetuned.modules[name]
+        M_A, M_B = masks.pair(name)
+        A = torch.where(M_A, e.A, t.A).double()
+        B = torch.where(M_B, e.B, t.B).double()
+        torch.testing.assert_close(out.delta(), t.scale * B @ A)
+
+
+def test_unrepaired_modules_are_untouched(setting):
+    reference, finetuned, masks = setting
+    result = realign(reference, finetuned, masks, select="threshold", threshold=-2.0)
+    assert not any(d.repaired for d in result.decisions)
+    for name, out in result.adapter:
+        assert out is finetuned.modules[name]
+
+
+def test_paper_rule_report(setting):
+    reference, finetuned, masks = setting
+    result = realign(reference, finetuned, masks, select="paper", seed=3)
+    report = result.report()
+    rows = report["modules"]
+    least = min(rows, key=lambda r: r["similarity"])
+    most = max(rows, key=lambda r: r["similarity"])
+    assert least["repair_probability"] == pytest.approx(0.7)
+    assert most["repair_probability"] == pytest.approx(0.3)
+    assert report["summary"]["repaired"] == sum(r["repaired"] for r in rows)
+    json.dumps(report)                                       # JSON-ready
+    again = realign(reference, finetuned, masks, select="paper", seed=3)
+    assert [d.repaired for d in again.decisions] == [r["repaired"] for r in rows]
+
+
+@pytest.mark.parametrize("transplant", ["exact", "factor"])
+def test_realigned_adapter_loads_in_peft_and_merges_to_base_plus_delta(
+        tmp_path, tiny_model_dir, shapes, transplant):
+    """Mixed ranks (repaired rank 2r, others r) survive PEFT's rank_pattern matching."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    aligned = random_adapter(shapes, base=str(tiny_model_dir))
+    reference = extrapolate(aligned, beta=0.9)
+    finetuned = perturbed(aligned, noise=0.2)
+    masks = random_masks(reference)
+    result = realign(reference, finetuned, masks, select="paper", seed=1, transplant=transplant)
+    repaired = [d.repaired for d in result.decisions]
+    assert any(repaired) and not all(repaired)
+    save_adapter(result.adapter, tmp_path / "out")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    merged = PeftModel.from_pretrained(base, tmp_path / "out").merge_and_unload()
+    weights = dict(merged.named_parameters())
+    for name, f in result.adapter:
+        torch.testing.assert_close(weights[f"{name}.weight"].double(),
+                                   before[f"{name}.weight"].double() + f.delta(),
+                                   atol=1e-5, rtol=1e-5)
+    assert load_adapter(tmp_path / "out").num_parameters() == result.adapter.num_parameters()
+
+
+def test_unrelated_adapter_is_refused(shapes):
+    reference = extrapolate(random_adapter(shapes, seed=0), beta=0.9)
+    fresh = random_adapter(shapes, seed=5)                      # independent initialisation
+    assert max(origin_cosines(reference, fresh).values()) < 0.5
+    with pytest.raises(NlsrError, match="does not continue the aligned one"):
+        realign(reference, fresh, random_masks(reference))
+    realign(reference, fresh, random_masks(reference), min_origin_cosine=0.0)
+
+
+def test_bad_settings_and_masks(setting, shapes):
+    reference, finetuned, masks = setting
+    with pytest.raises(NlsrError, match="unknown selection rule 'best'"):
+        realign(reference, finetuned, masks, select="best")
+    with pytest.raises(NlsrError, match="unknown transplant 'row'"):
+        realign(reference, finetuned, masks, transplant="row")
+    with pytest.raises(NlsrError, match="needs --threshold"):
+        realign(reference, finetuned, masks, select="threshold")
+    key = next(iter(masks.masks))
+    partial = SafetyMasks({k: v for k, v in masks.masks.items() if k != key})
+    with pytest.raises(NlsrError, match=f"no mask '{key}'"):
+        realign(reference, finetuned, partial)
+    with pytest.raises(NlsrError, match="has rank 4 in the reference adapter but 2"):
+        realign(reference, random_adapter(shapes, rank=2), masks)

@@ -1,0 +1,63 @@
+"""The real thing: identify and realign on the embedded SmolLM2-135M-Instruct (slow)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import module_shapes, perturbed, random_adapter, shared_data_dir
+from nlsr.adapters import load_adapter, save_adapter
+from nlsr.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from nlsr.models import load_model, load_tokenizer, resolve_model_path
+
+    return resolve_model_path("smollm2"), load_model("smollm2"), load_tokenizer("smollm2")
+
+
+def test_identify_and_realign_on_smollm2(tmp_path, smollm2):
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("the shared data folder is not beside the checkout (set NLSR_DATA_DIR)")
+    path, model, tokenizer = smollm2
+    assert model.config.num_hidden_layers == 30 and tokenizer.eos_token == "<|im_end|>"
+    aligned = random_adapter(module_shapes(model), rank=4, alpha=8, base=path)
+    aligned = aligned.with_modules({n: type(f)(f.A, f.B * 0.05, f.scale) for n, f in aligned})
+    save_adapter(aligned, tmp_path / "aligned")
+    save_adapter(perturbed(aligned, noise=0.01), tmp_path / "finetuned")
+    spard = data / "beavertails_derived_spard" / "train_beaverTails_train.jsonl"
+    runner = CliRunner()
+
+    def ok(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    ok("extrapolate", "--aligned", tmp_path / "aligned", "--beta", 0.9, "--out", tmp_path / "ref")
+    out = ok("identify", "--base", "smollm2", "--reference", tmp_path / "ref", "--calibration", spard,
+             "--response-field", "safe", "--limit", 8, "--max-length", 256,
+             "--out", tmp_path / "masks.safetensors")
+    assert "masks for 120 modules from 8 rows" in out
+    ok("realign", "--reference", tmp_path / "ref", "--finetuned", tmp_path / "finetuned", "--masks",
+       tmp_path / "masks.safetensors", "--out", tmp_path / "repaired")
+    report = json.loads((tmp_path / "repaired" / "realign_report.json").read_text())
+    assert report["summary"]["modules"] == 120
+    assert 0 < report["summary"]["repaired"] < 120
+    assert all(-1 <= row["similarity"] <= 1 for row in report["modules"])
+
+    from peft import PeftModel
+
+    repaired = load_adapter(tmp_path / "repaired")
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "repaired")
+    ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(peft_model(input_ids=ids).logits).all()
+    name = next(n for n, f in repaired if f.rank == 8)            # a repaired module is rank 2r
+    layer = peft_model.get_submodule(f"base_model.model.{name}")
+    assert layer.lora_A["default"].weight.shape[0] == 8
+    peft_model.unload()
