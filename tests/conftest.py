@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from nlsr.adapters import LoraAdapter, LoraFactors
+from nlsr import synthetic
+from nlsr.synthetic import module_shapes, perturbed  # noqa: F401 (re-exported to tests)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -73,39 +73,15 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def module_shapes(model) -> dict[str, tuple[int, int]]:
-    """``name -> (d_out, d_in)`` of every target Linear in the model."""
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] in TARGETS and isinstance(m, torch.nn.Linear)}
-
-
 def random_adapter(shapes: dict[str, tuple[int, int]], rank: int = 4, alpha: float = 8,
-                   seed: int = 0, base: str = "tiny") -> LoraAdapter:
-    """A LoRA adapter with random (non-zero) A and B for the given module shapes."""
-    gen = torch.Generator().manual_seed(seed)
-    modules = {name: LoraFactors(A=torch.randn(rank, d_in, generator=gen) * 0.3,
-                                 B=torch.randn(d_out, rank, generator=gen) * 0.3,
-                                 scale=alpha / rank)
-               for name, (d_out, d_in) in shapes.items()}
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-              "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": base,
-              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in shapes}),
-              "rank_pattern": {}, "alpha_pattern": {}}
-    return LoraAdapter(config=config, modules=modules)
-
-
-def perturbed(adapter: LoraAdapter, noise: float, seed: int = 1) -> LoraAdapter:
-    """A 'fine-tuned' continuation of ``adapter``: the same factors plus Gaussian noise."""
-    gen = torch.Generator().manual_seed(seed)
-    return adapter.with_modules({
-        name: LoraFactors(A=f.A + noise * torch.randn(f.A.shape, generator=gen),
-                          B=f.B + noise * torch.randn(f.B.shape, generator=gen), scale=f.scale)
-        for name, f in adapter})
+                   seed: int = 0, base: str = "tiny"):
+    """The tests' adapter: rank 4, alpha 8, factors of std 0.3."""
+    return synthetic.random_adapter(shapes, rank=rank, alpha=alpha, seed=seed, base=base)
 
 
 @pytest.fixture
 def shapes(tiny_model) -> dict[str, tuple[int, int]]:
-    return module_shapes(tiny_model)
+    return module_shapes(tiny_model, TARGETS)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -124,10 +100,11 @@ CALIBRATION_ROWS = [
 
 
 def shared_data_dir() -> Path | None:
-    """``$NLSR_DATA_DIR`` or the ``shared/data`` folder beside the checkout, if present."""
-    env = os.environ.get("NLSR_DATA_DIR")
-    for candidate in ([Path(env)] if env else []) + [REPO_ROOT.parent / "shared" / "data",
-                                                      REPO_ROOT / "shared" / "data"]:
-        if candidate.is_dir():
-            return candidate
-    return None
+    """The offline data folder (``$NLSR_DATA_DIR`` or ``shared/data``), or None."""
+    from nlsr.errors import NlsrError
+    from nlsr.paths import data_dir
+
+    try:
+        return data_dir()
+    except NlsrError:
+        return None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import module_shapes, perturbed, random_adapter, shared_data_dir
+from conftest import TARGETS, module_shapes, perturbed, random_adapter, shared_data_dir
 from nlsr.adapters import load_adapter, save_adapter
 from nlsr.cli import app
 
@@ -26,7 +26,7 @@ def test_identify_and_realign_on_smollm2(tmp_path, smollm2):
         pytest.skip("the shared data folder is not beside the checkout (set NLSR_DATA_DIR)")
     path, model, tokenizer = smollm2
     assert model.config.num_hidden_layers == 30 and tokenizer.eos_token == "<|im_end|>"
-    aligned = random_adapter(module_shapes(model), rank=4, alpha=8, base=path)
+    aligned = random_adapter(module_shapes(model, TARGETS), rank=4, alpha=8, base=path)
     aligned = aligned.with_modules({n: type(f)(f.A, f.B * 0.05, f.scale) for n, f in aligned})
     save_adapter(aligned, tmp_path / "aligned")
     save_adapter(perturbed(aligned, noise=0.01), tmp_path / "finetuned")

@@ -10,11 +10,8 @@ from pathlib import Path
 
 import torch
 
+from nlsr.data.templates import ALPACA_NO_INPUT, model_prompt  # noqa: F401 (ALPACA_NO_INPUT re-exported)
 from nlsr.errors import NlsrError
-
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
-                   "appropriately completes the request.\n\n### Instruction:\n{prompt}\n\n"
-                   "### Response:\n")
 
 
 @dataclass(frozen=True)
@@ -64,21 +61,22 @@ def read_calibration_jsonl(path: str | os.PathLike, limit: int | None = None,
     return rows
 
 
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it before its answer: the chat template when the tokenizer
-    has one, else the Alpaca no-input template of the paper."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    return ALPACA_NO_INPUT.format(prompt=prompt)
+def prompt_text(tokenizer, prompt: str, template: str | None = None) -> str:
+    """The prompt as the model sees it before its answer, in ``template`` ("alpaca" or "chat");
+    by default the chat template when the tokenizer has one, else the paper's Alpaca template."""
+    if template is None:
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    return model_prompt(prompt, template, tokenizer)
 
 
-def encode_row(tokenizer, row: CalibrationRow, max_length: int) -> tuple[list[int], int]:
+def encode_row(tokenizer, row: CalibrationRow, max_length: int,
+               template: str | None = None) -> tuple[list[int], int]:
     """Token ids of prompt + response + eos, and the index where the response starts.
 
     Prompt and response are tokenized separately so that the boundary is exact.
     """
-    prompt_ids = tokenizer(prompt_text(tokenizer, row.prompt), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt_text(tokenizer, row.prompt, template),
+                           add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(row.response, add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]
     return ids, min(len(prompt_ids), len(ids))
@@ -92,9 +90,9 @@ class Batch:
 
 
 def make_batches(tokenizer, rows: Sequence[CalibrationRow], batch_size: int = 8,
-                 max_length: int = 1024) -> Iterator[Batch]:
+                 max_length: int = 1024, template: str | None = None) -> Iterator[Batch]:
     """Right-padded batches of similar length (sorted by length to minimise padding)."""
-    encoded = [encode_row(tokenizer, row, max_length) for row in rows]
+    encoded = [encode_row(tokenizer, row, max_length, template) for row in rows]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):

@@ -73,6 +73,8 @@ def identify(
         help="JSON field holding the safe response (e.g. 'safe' for SPARD files).")] = "response",
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 1024,
+    template: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Prompt template: chat or alpaca (default: chat when the tokenizer has one).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (auto).")] = None,  # noqa: UP045
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 ... (auto).")] = None,  # noqa: UP045
     force: Force = False,
@@ -93,7 +95,7 @@ def identify(
     tokenizer = load_tokenizer(base)
     model = load_model(base, device=device, dtype=dtype)
     masks = run(model, ref, rows, tokenizer, rho=rank_ratio, q=keep, batch_size=batch_size,
-                max_length=max_length)
+                max_length=max_length, template=template)
     masks.metadata.update({"reference": str(reference), "calibration": str(calibration),
                            "base": base})
     save_masks(masks, out, force=force)
@@ -200,6 +202,84 @@ def inspect(
                       str(tuple(f.B.shape)), f"{f.A.norm():.3g}", f"{f.B.norm():.3g}")
     Console().print(table)
     _say(f"{len(loaded)} modules, {loaded.num_parameters():,} parameters")
+
+
+Overrides = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+    "--set", help="Override a config value: section.field=value (YAML value); repeatable.")]
+
+
+@app.command()
+@_errors_to_exit
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/smoke.yaml.")],
+    overrides: Overrides = None,
+    force: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        help="Rerun this stage even if it is done ('all' for every stage); repeatable.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Offline data folder (default: NLSR_DATA_DIR or shared/data).")] = None,
+) -> None:
+    """Run the whole experiment: data, align, attack, identify, realign, evaluate, report.
+
+    Finished stages whose inputs did not change are skipped; an interrupted run resumes."""
+    from nlsr.config import load_config
+    from nlsr.experiment import run_experiment
+
+    cfg = load_config(config, overrides)
+    run_dir = run_experiment(cfg, force=set(force or []), data=data_dir)
+    report = run_dir / "report" / "report.md"
+    _say(report.read_text())
+    _say(f"report: {report}")
+
+
+@app.command()
+@_errors_to_exit
+def validate(
+    config: Annotated[Path, typer.Argument(help="Experiment config (YAML).")],
+    overrides: Overrides = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Offline data folder.")] = None,  # noqa: UP045
+) -> None:
+    """Check a config and its data sets without training anything; list the stages it would run."""
+    import tempfile
+
+    from nlsr.config import load_config
+    from nlsr.experiment import build_stages
+    from nlsr.paths import data_dir as resolve_data_dir
+    from nlsr.pipeline import RunContext
+    from nlsr.stages import data as data_stage
+
+    cfg = load_config(config, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = RunContext(cfg, Path(tmp), resolve_data_dir(data_dir if data_dir else cfg.data_dir))
+        summary = data_stage.run(ctx, Path(tmp), {})
+    _say(f"config '{config}' is valid; data: {summary['line']}")
+    _say("stages: " + ", ".join(s.name for s in build_stages(cfg)))
+
+
+@app.command(name="ls")
+@_errors_to_exit
+def list_registries() -> None:
+    """List the registered data sets, tasks, judges, selection rules and transplant forms."""
+    from nlsr.data import TASKS, list_datasets
+    from nlsr.judges import JUDGES
+    from nlsr.ops.layers import SELECTION_RULES
+    from nlsr.ops.transplant import TRANSPLANTS
+
+    _say("datasets:")
+    for spec in list_datasets():
+        _say(f"  {spec.name:<28} {spec.kind:<11} {spec.description}")
+    _say("tasks: " + ", ".join(TASKS))
+    _say("judges: " + ", ".join(JUDGES))
+    _say("selection rules: " + ", ".join(SELECTION_RULES))
+    _say("transplants: " + ", ".join(TRANSPLANTS))
+
+
+def _register_judge_commands() -> None:
+    from nlsr.cli_judge import judge_app
+
+    app.add_typer(judge_app, name="judge", help="Train and validate harmfulness judges.")
+
+
+_register_judge_commands()
 
 
 if __name__ == "__main__":

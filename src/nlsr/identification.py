@@ -75,8 +75,8 @@ def _decoder_only_forward(peft_model, adapter: LoraAdapter):
 
 @torch.inference_mode()
 def accumulate_grams(model, reference: LoraAdapter, rows: Sequence[CalibrationRow], tokenizer,
-                     batch_size: int = 8, max_length: int = 1024,
-                     progress: bool = True) -> tuple[dict[str, GramAccumulator], int]:
+                     batch_size: int = 8, max_length: int = 1024, progress: bool = True,
+                     template: str | None = None) -> tuple[dict[str, GramAccumulator], int]:
     """One forward pass of the reference model over ``rows``; Gram matrices of every ``A_e`` output.
 
     ``model`` is the base (weak) model ``W_0``; the reference adapter is attached for the pass and
@@ -98,7 +98,8 @@ def accumulate_grams(model, reference: LoraAdapter, rows: Sequence[CalibrationRo
                 acc.update(output[current["mask"]])
             handles.append(lora_a.register_forward_hook(hook))
         forward = _decoder_only_forward(peft_model, reference)
-        batches = list(make_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length))
+        batches = list(make_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length,
+                                    template=template))
         tokens = 0
         for batch in _progress(batches, progress, "calibration pass"):
             current["mask"] = batch.response_mask.to(device)
@@ -125,14 +126,15 @@ def _progress(items, enabled: bool, description: str):
 
 def identify(model, reference: LoraAdapter, rows: Sequence[CalibrationRow], tokenizer,
              rho: float = 0.8, q: float = 0.2, batch_size: int = 8, max_length: int = 1024,
-             progress: bool = True) -> SafetyMasks:
+             progress: bool = True, template: str | None = None) -> SafetyMasks:
     """Safety-critical neuron masks of ``reference`` (NLSR step 2).
 
     Args:
         model: the weak aligned model ``W_0`` (a transformers causal LM).
         reference: the super-aligned reference adapter ``(A_e, B_e)``.
         rows: safety calibration rows (harmful prompt, safe response).
-        tokenizer: the model's tokenizer (its chat template formats the rows).
+        tokenizer: the model's tokenizer.
+        template: "alpaca" or "chat" (default: chat when the tokenizer has a chat template).
         rho: rank ratio, ``k = ceil(ρ r)``. q: fraction of entries kept per matrix.
     """
     if not 0 < rho <= 1:
@@ -142,7 +144,7 @@ def identify(model, reference: LoraAdapter, rows: Sequence[CalibrationRow], toke
     if not rows:
         raise NlsrError("no calibration rows given")
     grams, tokens = accumulate_grams(model, reference, rows, tokenizer, batch_size=batch_size,
-                                     max_length=max_length, progress=progress)
+                                     max_length=max_length, progress=progress, template=template)
     masks: dict[str, torch.Tensor] = {}
     for name, f in reference:
         m_a, m_b = safety_masks(f.A, f.B, grams[name].gram.cpu(), rho=rho, q=q)

@@ -71,8 +71,10 @@ def origin_cosines(reference: LoraAdapter, finetuned: LoraAdapter) -> dict[str, 
     the aligned adapter, near 0 for an independently initialised LoRA."""
     out = {}
     for name, f in reference:
-        a_e, a_t = f.A.flatten().double(), finetuned.modules[name].A.flatten().double()
-        out[name] = float(a_e @ a_t / (a_e.norm() * a_t.norm()).clamp_min(1e-30))
+        a_e, a_t = f.A.flatten(), finetuned.modules[name].A.flatten()
+        # float32 dot products are accurate enough for a plausibility check and 10x faster.
+        out[name] = float(torch.dot(a_e, a_t) / (torch.dot(a_e, a_e) * torch.dot(a_t, a_t)).sqrt()
+                          .clamp_min(1e-30))
     return out
 
 

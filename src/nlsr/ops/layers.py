@@ -15,14 +15,16 @@ import torch
 
 def product_inner(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor,
                   B2: torch.Tensor) -> torch.Tensor:
-    """Frobenius inner product ``<B1 A1, B2 A2>_F = tr((B1ᵀ B2)(A2 A1ᵀ))`` in O(r²(d_in+d_out))."""
-    return torch.sum((B1.T @ B2) * (A1 @ A2.T))
+    """Frobenius inner product ``<B1 A1, B2 A2>_F = tr((B1ᵀ B2)(A2 A1ᵀ))`` in O(r²(d_in+d_out)).
+
+    The two ``r x r`` matrices are formed in the factors' dtype and multiplied out in float64.
+    """
+    return torch.sum((B1.T @ B2).double() * (A1 @ A2.T).double())
 
 
 def product_cosine(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor,
                    B2: torch.Tensor, eps: float = 1e-30) -> float:
     """Cosine between the flattened products ``B1 A1`` and ``B2 A2``, by trace identities."""
-    A1, B1, A2, B2 = (t.to(torch.float64) for t in (A1, B1, A2, B2))
     inner = product_inner(A1, B1, A2, B2)
     norm1 = product_inner(A1, B1, A1, B1).clamp_min(0).sqrt()
     norm2 = product_inner(A2, B2, A2, B2).clamp_min(0).sqrt()

@@ -1,0 +1,84 @@
+"""Shared benchmark plumbing: peak-memory sampling, machine description, result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn: Callable[[], object], interval: float = 0.002) -> tuple[object, float, int]:
+    """Run ``fn``; return its result, wall seconds, and peak RSS growth above the start (bytes)."""
+    start_rss = rss_bytes()
+    peak = [start_rss]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        result = fn()
+    finally:
+        elapsed = time.perf_counter() - t0
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], rss_bytes())
+    return result, elapsed, peak[0] - start_rss
+
+
+def machine() -> dict:
+    """What ran the benchmark."""
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "commit": commit, "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+def write_results(name: str, payload: dict, table: str) -> Path:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (the printed table)."""
+    RESULTS.mkdir(exist_ok=True)
+    json_path = RESULTS / f"{name}.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    info = payload["machine"]
+    (RESULTS / f"{name}.md").write_text(
+        f"# {name}\n\nCommand: `{info['command']}`  \nMachine: {info['cpu']}, {info['cores']} cores, "
+        f"torch {info['torch']} ({info['torch_threads']} threads)"
+        f"{', GPU ' + info['cuda'] if info['cuda'] else ''}  \nDate: {info['date']}  \n"
+        f"Commit: {info['commit']}\n\n{table}\n")
+    return json_path

@@ -1,0 +1,129 @@
+"""Safety-neuron identification on the embedded SmolLM2 versus a forward pass and stored-SVD.
+
+    python benchmarks/identify_bench.py [--rows 128] [--rank 16] [--batch-size 16]
+
+Over the same calibration tokens (SPARD BeaverTails prompts with their safe responses), times:
+1. a plain forward pass of the base model (no adapter);
+2. a forward pass of the base model with the reference LoRA attached (PEFT, no hooks);
+3. ``nlsr.identify``: the streaming Gram pass (hooks on every lora_A, response tokens only)
+   plus the r x r eigenproblems and masks;
+4. the authors' approach: store every module's activations, then an SVD per factor.
+Also reports peak memory growth and how many mask entries 3 and 4 agree on.
+Writes ``results/identify_bench.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from pathlib import Path
+
+import torch
+from _common import machine, measure, write_results
+
+from nlsr.adapters import attach_adapter, weight_key
+from nlsr.calibration import make_batches, read_calibration_jsonl
+from nlsr.identification import identify
+from nlsr.models import load_model, load_tokenizer, resolve_model_path
+from nlsr.ops.neurons import subspace_rank, top_fraction_mask
+from nlsr.paths import data_dir
+from nlsr.synthetic import module_shapes, random_adapter
+
+
+def stored_svd_masks(model, reference, batches, rho: float, q: float) -> dict[str, torch.Tensor]:
+    """Keep every module's A-output activations over all response tokens, then SVD per factor."""
+    peft_model = attach_adapter(model, reference, adapter_name="stored")
+    modules = dict(peft_model.named_modules())
+    stored = {name: [] for name in reference.modules}
+    current = {}
+    handles = [modules[f"base_model.model.{name}"].lora_A["stored"].register_forward_hook(
+        lambda m, i, out, name=name: stored[name].append(out[current["mask"]].detach().clone()))
+        for name in reference.modules]
+    with torch.inference_mode():
+        for batch in batches:
+            current["mask"] = batch.response_mask
+            peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    peft_model.unload()
+    masks = {}
+    for name, f in reference:
+        z_a = torch.cat(stored.pop(name)).T.double()          # r x N
+        k = subspace_rank(f.rank, rho)
+        u_a = torch.linalg.svd(z_a, full_matrices=False)[0][:, :k]
+        u_b = torch.linalg.svd(f.B.double() @ z_a, full_matrices=False)[0][:, :k]  # d_out x N
+        masks[weight_key(name, "A")] = top_fraction_mask(u_a @ (u_a.T @ f.A.double()), q)
+        masks[weight_key(name, "B")] = top_fraction_mask(u_b @ (u_b.T @ f.B.double()), q)
+    return masks
+
+
+def forward_all(model, batches) -> None:
+    with torch.inference_mode():
+        for batch in batches:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="offline data folder (default: $NLSR_DATA_DIR or shared/data)")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model("smollm2"), load_tokenizer("smollm2")
+    reference = random_adapter(module_shapes(model), rank=args.rank, alpha=2 * args.rank,
+                               base=resolve_model_path("smollm2"), a_std=0.04, b_std=0.01)
+    rows = read_calibration_jsonl(
+        data_dir(args.data_dir) / "beavertails_derived_spard" / "train_beaverTails_train.jsonl",
+        limit=args.rows, response_field="safe")
+    batches = list(make_batches(tokenizer, rows, batch_size=args.batch_size,
+                                max_length=args.max_length))
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    response = sum(int(b.response_mask.sum()) for b in batches)
+    print(f"{len(rows)} rows, {tokens} tokens ({response} response), {len(reference)} modules, "
+          f"rank {args.rank}")
+    forward_all(model, batches[:1])                             # warm-up
+
+    results = []
+
+    def run(label: str, fn) -> object:
+        gc.collect()
+        out, seconds, mem = measure(fn)
+        results.append({"method": label, "seconds": seconds, "peak_extra_mib": mem / 2**20})
+        print(f"  {label}: {seconds:.2f}s, +{mem / 2**20:.0f} MiB")
+        return out
+
+    run("plain forward, base model", lambda: forward_all(model, batches))
+    peft_model = attach_adapter(model, reference)
+    run("plain forward, base + LoRA (PEFT)", lambda: forward_all(peft_model, batches))
+    peft_model.unload()
+    ours = run("nlsr.identify (streaming Gram)", lambda: identify(
+        model, reference, rows, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+        progress=False))
+    theirs = run("stored activations + SVD", lambda: stored_svd_masks(model, reference, batches,
+                                                                       rho=0.8, q=0.2))
+    agree = sum(int((ours.masks[k] == v).sum()) for k, v in theirs.items())
+    total = sum(v.numel() for v in theirs.values())
+    base = results[0]["seconds"]
+    table = ["| method | seconds | x plain forward | peak extra memory (MiB) |", "|---|---|---|---|"]
+    for row in results:
+        row["ratio_to_plain_forward"] = row["seconds"] / base
+        table.append(f"| {row['method']} | {row['seconds']:.2f} | {row['ratio_to_plain_forward']:.2f} | "
+                     f"{row['peak_extra_mib']:.0f} |")
+    text = ("\n".join(table) + f"\n\nSmolLM2-135M-Instruct (float32, CPU), {len(rows)} SPARD calibration "
+            f"rows, {tokens} tokens of which {response} response tokens, batch {args.batch_size}; "
+            f"random reference LoRA of rank {args.rank} on all {len(reference)} q,k,v,o,gate,up,down "
+            f"modules; rho 0.8, q 0.2. Mask entries on which the streaming and stored-SVD methods "
+            f"agree: {agree}/{total} ({agree / total:.6f}).")
+    print(text)
+    write_results("identify_bench", {"machine": machine(), "rows": len(rows), "tokens": tokens,
+                                     "response_tokens": response, "rank": args.rank,
+                                     "modules": len(reference), "results": results,
+                                     "mask_agreement": agree / total}, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``nlsr judge``: train the offline harmfulness judge and measure any judge's agreement.
+
+A typer sub-app, registered in :mod:`nlsr.cli` with ``app.add_typer(judge_app, name="judge")``;
+it does not import :mod:`nlsr.cli` (that would be circular).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+judge_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Harmfulness judges: train the offline judge, measure agreement.")
+
+DataDir = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    help="The offline data folder (default: $NLSR_DATA_DIR or shared/data).")]
+MaxPrompts = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    help="Use at most N prompts per source (quick runs).")]
+
+_COLUMNS = ("n", "accuracy", "precision", "recall", "f1", "cohen_kappa", "flagged_rate", "label_rate")
+
+
+def _errors_to_exit(fn):
+    """Print :class:`NlsrError` as one clean line on stderr and exit with status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from nlsr.errors import NlsrError
+
+        try:
+            return fn(*args, **kwargs)
+        except NlsrError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def agreement_table(per_source: dict[str, dict[str, Any]], title: str = "") -> str:
+    """A plain-text table: one row per source, one column per agreement metric."""
+    lines = [title] if title else []
+    lines.append(f"{'source':<16}" + "".join(f"{c:>13}" for c in _COLUMNS))
+    for source, metrics in per_source.items():
+        cells = [f"{metrics[c]:>13d}" if c == "n" else f"{metrics[c]:>13.3f}" for c in _COLUMNS]
+        lines.append(f"{source:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
+@judge_app.command()
+@_errors_to_exit
+def train(
+    data_dir: DataDir = None,
+    out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Output folder (default: the cached default judge, <cache>/judges/trained-v1).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation/test split.")] = 0,
+    max_prompts: MaxPrompts = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")] = False,
+) -> None:
+    """Train the TF-IDF + logistic-regression judge; print its held-out agreement."""
+    from nlsr.judges.classifier import default_dir, train_judge
+
+    target = out if out is not None else default_dir()
+    metrics = train_judge(data_dir, target, seed=seed, max_prompts=max_prompts, force=force)
+    typer.echo(f"trained judge (text: {metrics['text']}, C={metrics['C']}) -> {target}")
+    typer.echo(agreement_table(metrics["heldout"], "held-out agreement, trained judge:"))
+    typer.echo(agreement_table(metrics["refusal_heldout"], "held-out agreement, refusal judge:"))
+
+
+@judge_app.command()
+@_errors_to_exit
+def validate(
+    judge: Annotated[str, typer.Option(help="Judge name: refusal, trained, beaverdam, llamaguard.")],
+    model: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="The judge's model: a trained judge folder, or a moderation model folder or hub id.")] = None,
+    data_dir: DataDir = None,
+    seed: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Split seed (default: the trained judge's own seed, else 0).")] = None,
+    max_prompts: MaxPrompts = None,
+    device: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Moderation models: cpu, cuda, cuda:1 ... (auto).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Moderation models: float32, bfloat16 ... (auto).")] = None,
+) -> None:
+    """Print a judge's agreement with the held-out labelled responses, per source."""
+    from nlsr.judges import agreement, heldout_rows, make_judge
+
+    params: dict[str, Any] = {}
+    if model is not None:
+        params["model"] = model
+    if judge == "trained" and model is None and data_dir is not None:
+        params["data_dir"] = data_dir
+    if judge in ("beaverdam", "llamaguard"):
+        params.update(device=device, dtype=dtype)
+    built = make_judge(judge, **params)
+    if seed is None:
+        seed = int(getattr(built, "meta", {}).get("seed", 0))
+    rows = heldout_rows(data_dir, seed=seed, max_prompts=max_prompts)
+    per_source = {source: agreement(built, subset) for source, subset in rows.items() if subset}
+    typer.echo(agreement_table(per_source, f"held-out agreement, {judge} judge (split seed {seed}):"))

@@ -1,0 +1,197 @@
+"""The experiment configuration: typed, frozen, checked when it is loaded (before any training)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nlsr.errors import NlsrError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSection(_Section):
+    """LoRA shape shared by alignment and attack (the attack continues the aligned adapter)."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
+
+
+class TrainSection(_Section):
+    """Optimisation settings of one training stage."""
+
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(256, gt=8)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+
+
+class SftSection(TrainSection):
+    dataset: str = Field("safety_sft", description="Registry name of (harmful prompt, safe answer) rows.")
+    n: int = Field(1000, gt=0, description="Rows used for SFT (the first n of a seeded shuffle).")
+
+
+class DpoSection(TrainSection):
+    dataset: str = Field("safety_dpo", description="Registry name of (prompt, chosen, rejected) rows.")
+    n: int = Field(500, gt=0)
+    beta: float = Field(0.1, gt=0, description="DPO temperature β.")
+    lr: float = Field(5e-5, gt=0)
+
+
+class AlignSection(_Section):
+    sft: SftSection = SftSection()
+    dpo: DpoSection = DpoSection()
+
+
+class AttackSection(TrainSection):
+    """The harmful fine-tuning attack: continue the aligned LoRA on task data with a fraction p of
+    harmful rows; optionally also fine-tune a fresh LoRA on the base model (non-aligned control)."""
+
+    task: Literal["sst2", "ag_news", "gsm8k"] = "sst2"
+    n: int = Field(1000, gt=0)
+    p: float = Field(0.05, description="Fraction of harmful rows.")
+    source: Literal["build", "ready_made"] = Field(
+        "build", description="Build the poisoned set from task + poison rows, or use the authors' "
+                             "train_merged_n1000_p* file.")
+    poison_dataset: str = "poison"
+    nonaligned_control: bool = True
+
+    @field_validator("p")
+    @classmethod
+    def _p_in_unit_interval(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError(f"p must be in [0, 1] (got {value})")
+        return value
+
+
+class VariantSection(_Section):
+    """One realignment to compare: NLSR (with its knobs) or SafeLoRA."""
+
+    name: str
+    method: Literal["nlsr", "safelora"] = "nlsr"
+    beta: float = Field(0.9, ge=0, description="ExPO extrapolation strength.")
+    scale_both: bool = False
+    rho: float = Field(0.8, gt=0, le=1, description="Rank ratio of the kept subspace.")
+    q: float = Field(0.2, gt=0, le=1, description="Fraction of entries marked safety-critical.")
+    masks: Literal["identified", "random"] = Field(
+        "identified", description="'random' replaces identified neurons with random ones (a control).")
+    select: str = "paper"
+    transplant: str = "exact"
+    threshold: float | None = None
+    p_base: float = 0.5
+    epsilon: float = 0.2
+    seed: int = 0
+    num_modules: int | None = Field(None, description="SafeLoRA: project the K least similar modules.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> VariantSection:
+        from nlsr.ops.layers import SELECTION_RULES
+        from nlsr.ops.transplant import TRANSPLANTS
+
+        if self.method == "nlsr":
+            if self.select not in SELECTION_RULES:
+                raise ValueError(f"select='{self.select}' is unknown; use one of {sorted(SELECTION_RULES)}")
+            if self.transplant not in TRANSPLANTS:
+                raise ValueError(f"transplant='{self.transplant}' is unknown; use one of "
+                                 f"{sorted(TRANSPLANTS)}")
+            if self.select == "threshold" and self.threshold is None:
+                raise ValueError("select='threshold' needs a threshold")
+        elif (self.threshold is None) == (self.num_modules is None):
+            raise ValueError("safelora needs exactly one of threshold or num_modules")
+        return self
+
+
+class RealignSection(_Section):
+    calibration_dataset: str = Field("safety_sft", description="Rows disjoint from the SFT rows are used.")
+    calibration_n: int = Field(256, gt=0)
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(512, gt=8)
+    variants: list[VariantSection] = Field(default_factory=lambda: [VariantSection(name="nlsr")])
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, value: list[VariantSection]) -> list[VariantSection]:
+        names = [v.name for v in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique; repeated: {duplicates}")
+        return value
+
+
+class EvaluateSection(_Section):
+    harmful_dataset: str = "harmful_eval"
+    harmful_n: int = Field(502, gt=0)
+    harmful_max_new_tokens: int = Field(64, gt=0)
+    task_n: int = Field(872, gt=0, description="Task evaluation rows (first n).")
+    xstest_n: int = Field(250, ge=0, description="XSTest safe prompts for over-refusal (0 = skip).")
+    xstest_max_new_tokens: int = Field(48, gt=0)
+    judges: list[str] = Field(default_factory=lambda: ["refusal", "trained"])
+    batch_size: int = Field(32, gt=0)
+    dtype: str | None = Field("bfloat16", description="Generation dtype (bfloat16 is fast on CPU and GPU).")
+    evaluate_aligned: bool = Field(True, description="Also evaluate the aligned model before the attack.")
+
+
+class ExperimentConfig(_Section):
+    """The whole experiment, one section per stage."""
+
+    name: str = "experiment"
+    seed: int = 0
+    model: str = Field("smollm2", description="Base model: 'smollm2', a directory or a hub id.")
+    data_dir: str | None = Field(None, description="Offline data folder (default: NLSR_DATA_DIR / shared/data).")
+    runs_dir: str = "runs"
+    template: Literal["alpaca", "chat"] = Field("alpaca", description="Prompt template of every stage.")
+    device: str | None = None
+    lora: LoraSection = LoraSection()
+    align: AlignSection = AlignSection()
+    attack: AttackSection = AttackSection()
+    realign: RealignSection = RealignSection()
+    evaluate: EvaluateSection = EvaluateSection()
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise NlsrError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply ``a.b=c`` overrides (values parsed as YAML), and validate it.
+
+    Raises:
+        NlsrError: missing file, bad YAML, or every validation problem at once, each naming its field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NlsrError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise NlsrError(f"config file '{path}' is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise NlsrError(f"config file '{path}' must hold a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise NlsrError(f"override '{item}' must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
+                             for e in err.errors())
+        raise NlsrError(f"invalid config '{path}': {problems}") from None

@@ -1,0 +1,87 @@
+"""From an :class:`ExperimentConfig` to the ordered stage graph, and the entry point ``run_experiment``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nlsr.config import ExperimentConfig
+from nlsr.paths import data_dir
+from nlsr.pipeline import RunContext, Stage, run_stages
+
+JUDGE_VERSION = "trained-v2"  # bump when a judge changes, so reports are recomputed
+
+
+def build_stages(cfg: ExperimentConfig) -> list[Stage]:
+    """The experiment's stages in dependency order."""
+    from nlsr.stages import align, attack, data, evaluate, realign, report
+
+    sections = cfg.model_dump()
+    common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
+    stages = [
+        Stage("data", data.run, {**common, "align": sections["align"], "attack": sections["attack"],
+                                 "realign": {k: sections["realign"][k] for k in ("calibration_dataset",
+                                                                                  "calibration_n")},
+                                 "evaluate": sections["evaluate"]}),
+        Stage("align_sft", align.run_sft, {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
+              ["data"]),
+        Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
+              ["data", "align_sft"]),
+        Stage("attack", attack.run_attack, {**common, "attack": sections["attack"]},
+              ["data", "align_sft", "align_dpo"]),
+    ]
+    if cfg.attack.nonaligned_control:
+        stages.append(Stage("attack_nonaligned", attack.run_nonaligned,
+                            {**common, "attack": sections["attack"], "lora": sections["lora"]}, ["data"]))
+    realign_section = {k: v for k, v in sections["realign"].items() if k != "variants"}
+    seen: set[str] = set()
+    for variant in cfg.realign.variants:
+        if variant.method != "nlsr":
+            continue
+        ident = realign.identify_id(variant)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        stages.append(Stage(f"identify-{ident}", realign.run_identify(variant),
+                            {**common, "realign": realign_section, "beta": variant.beta,
+                             "scale_both": variant.scale_both, "rho": variant.rho, "q": variant.q,
+                             "masks": variant.masks}, ["data", "align_sft", "align_dpo"]))
+    for variant in cfg.realign.variants:
+        inputs = ["data", "align_sft", "align_dpo", "attack"]
+        if variant.method == "nlsr":
+            inputs.append(f"identify-{realign.identify_id(variant)}")
+        stages.append(Stage(f"realign-{variant.name}", realign.run_variant(variant),
+                            {**common, "variant": variant.model_dump()}, inputs))
+
+    generation = {k: v for k, v in sections["evaluate"].items() if k != "judges"}
+    eval_params = {**common, "evaluate": generation, "task": cfg.attack.task}
+    models: list[tuple[str, str, list[str]]] = []
+
+    def add_eval(label: str, base: str, adapter_stage: str, cost: list[str]) -> None:
+        name = f"evaluate-{label}"
+        inputs = ["data", "align_sft", adapter_stage] if base == "weak" else ["data", adapter_stage]
+        stages.append(Stage(name, evaluate.run_model(base, adapter_stage), eval_params, inputs))
+        models.append((label, name, cost))
+
+    if cfg.evaluate.evaluate_aligned:
+        add_eval("aligned", "weak", "align_dpo", ["align_sft", "align_dpo"])
+    if cfg.attack.nonaligned_control:
+        add_eval("nonaligned", "base", "attack_nonaligned", ["attack_nonaligned"])
+    add_eval("attacked", "weak", "attack", ["attack"])
+    for variant in cfg.realign.variants:
+        cost = [f"realign-{variant.name}"]
+        if variant.method == "nlsr":
+            cost.insert(0, f"identify-{realign.identify_id(variant)}")
+        add_eval(variant.name, "weak", f"realign-{variant.name}", cost)
+    needed = sorted({s for _, e, c in models for s in [e, *c]})
+    stages.append(Stage("report", report.run(models),
+                        {"models": models, "judges": cfg.evaluate.judges, "judge_version": JUDGE_VERSION}, needed))
+    return stages
+
+
+def run_experiment(cfg: ExperimentConfig, force: set[str] | None = None,
+                   data: str | Path | None = None, log=print) -> Path:
+    """Run (or resume) every stage of ``cfg``; returns the run directory."""
+    ctx = RunContext(config=cfg, run_dir=Path(cfg.runs_dir) / cfg.name,
+                     data_dir=data_dir(data if data is not None else cfg.data_dir))
+    run_stages(ctx, build_stages(cfg), force=force, log=log)
+    return ctx.run_dir

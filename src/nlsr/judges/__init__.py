@@ -1,0 +1,35 @@
+"""Harmfulness judges for the harmful score (HS): a registry of pluggable judges.
+
+``refusal``: a refusal-phrase matcher (no model; over-counts). ``trained``: a TF-IDF + logistic
+regression classifier trained here on labelled responses. ``beaverdam`` / ``llamaguard``: adapters
+for real moderation models (beaver-dam-7b, Llama Guard) for users who have them. Heavy libraries
+are imported only when a judge is built.
+"""
+
+from nlsr.judges.base import (
+    JUDGES,
+    Judge,
+    agreement,
+    agreement_metrics,
+    check_pairs,
+    harmful_score,
+    make_judge,
+    register_judge,
+)
+from nlsr.judges.classifier import (
+    TrainedJudge,
+    heldout_rows,
+    load_labelled_rows,
+    load_or_train_default,
+    split_rows,
+    train_judge,
+)
+from nlsr.judges.moderation import BeaverDamJudge, LlamaGuardJudge
+from nlsr.judges.refusal import REFUSAL_PHRASES, RefusalJudge, is_refusal
+
+__all__ = [
+    "JUDGES", "REFUSAL_PHRASES", "BeaverDamJudge", "Judge", "LlamaGuardJudge", "RefusalJudge",
+    "TrainedJudge", "agreement", "agreement_metrics", "check_pairs", "harmful_score",
+    "heldout_rows", "is_refusal", "load_labelled_rows", "load_or_train_default", "make_judge",
+    "register_judge", "split_rows", "train_judge",
+]

@@ -1,0 +1,125 @@
+"""The experiment as a graph of stages with manifests: skip what is done, resume what was killed.
+
+Each stage writes into ``runs/<name>/<stage>/``. It is built in ``<stage>.partial/`` (kept across
+a kill, so training resumes from its last checkpoint and evaluation from its last batch) and
+renamed when complete; ``manifest.json`` is written last and records the stage's key (a hash of
+its parameters and of its inputs' keys), the library versions, the seed and the wall time.
+A rerun skips every stage whose manifest key matches, and reruns a stage (and everything
+downstream) whose parameters or inputs changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nlsr.config import ExperimentConfig
+from nlsr.errors import NlsrError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Stage:
+    """One step of the experiment: a function of its parameters and its input stages."""
+
+    name: str
+    run: Callable[[RunContext, Path, dict[str, Path]], dict]
+    params: dict[str, Any]
+    inputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunContext:
+    """What every stage may use: the config, the run folder, the data folder, loaded helpers."""
+
+    config: ExperimentConfig
+    run_dir: Path
+    data_dir: Path
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def tokenizer(self):
+        if "tokenizer" not in self.cache:
+            from nlsr.models import load_tokenizer
+
+            self.cache["tokenizer"] = load_tokenizer(self.config.model)
+        return self.cache["tokenizer"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for package in ("nlsr", "torch", "transformers", "peft", "trl", "datasets", "scikit-learn"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[package] = md.version(package)
+    return out
+
+
+def stage_key(stage: Stage, input_keys: dict[str, str]) -> str:
+    payload = json.dumps({"name": stage.name, "params": stage.params, "inputs": input_keys},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = None,
+               log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run ``stages`` in order (inputs must come first); returns each stage's manifest."""
+    force = force or set()
+    names = [s.name for s in stages]
+    unknown = sorted(force - set(names) - {"all"})
+    if unknown:
+        raise NlsrError(f"--force names unknown stages {unknown}; stages are {names}")
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    manifests: dict[str, dict] = {}
+    for stage in stages:
+        missing = [i for i in stage.inputs if i not in manifests]
+        assert not missing, f"stage {stage.name} runs before its inputs {missing}"
+        key = stage_key(stage, {i: manifests[i]["key"] for i in stage.inputs})
+        final = ctx.run_dir / stage.name
+        existing = read_manifest(final)
+        if existing and existing.get("key") == key and stage.name not in force and "all" not in force:
+            log(f"[skip] {stage.name}: done ({existing['summary_line']})")
+            manifests[stage.name] = existing
+            continue
+        partial = ctx.run_dir / f"{stage.name}.partial"
+        if partial.exists():
+            marker = partial / ".key"
+            if not marker.exists() or marker.read_text() != key or stage.name in force:
+                shutil.rmtree(partial)          # left by a run with other settings: start over
+            else:
+                log(f"[resume] {stage.name}: continuing the interrupted run")
+        partial.mkdir(exist_ok=True)
+        (partial / ".key").write_text(key)
+        log(f"[run] {stage.name}")
+        started = time.perf_counter()
+        summary = stage.run(ctx, partial, {i: ctx.run_dir / i for i in stage.inputs})
+        seconds = time.perf_counter() - started
+        line = summary.pop("line", "") if isinstance(summary, dict) else ""
+        manifest = {"stage": stage.name, "key": key, "params": stage.params,
+                    "inputs": {i: manifests[i]["key"] for i in stage.inputs},
+                    "seed": ctx.config.seed, "seconds": round(seconds, 2),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "versions": versions(), "summary": summary, "summary_line": line}
+        (partial / ".key").unlink()
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        log(f"[done] {stage.name} in {seconds:.0f}s: {line}")
+        manifests[stage.name] = manifest
+    return manifests

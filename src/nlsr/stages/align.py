@@ -1,0 +1,40 @@
+"""Stage 2: safety alignment. SFT (merged into the base: the weak model W_0), then DPO as a LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nlsr.data.templates import model_prompt
+from nlsr.stages.common import load_base, load_weak, read_jsonl
+from nlsr.training import lora_config, set_seed, train_dpo, train_sft
+
+
+def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """SFT on (harmful prompt -> safe answer), merged into the base and saved as ``model/``."""
+    cfg = ctx.config
+    set_seed(cfg.seed)
+    tokenizer = ctx.tokenizer()
+    rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "completion": r["response"]}
+            for r in read_jsonl(inputs["data"] / "sft.jsonl")]
+    model = load_base(ctx)
+    stats = train_sft(model, tokenizer, rows, cfg.align.sft, out / "adapter", cfg.seed,
+                      lora=lora_config(cfg.lora))
+    from nlsr.training import merge_adapter
+
+    weak = merge_adapter(load_base(ctx), out / "adapter")
+    weak.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+
+
+def run_dpo(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """DPO of a fresh LoRA on top of W_0: the aligned adapter ``(A_a, B_a)`` in ``adapter/``."""
+    cfg = ctx.config
+    set_seed(cfg.seed)
+    tokenizer = ctx.tokenizer()
+    rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
+             "rejected": r["rejected"]} for r in read_jsonl(inputs["data"] / "dpo.jsonl")]
+    model = load_weak(ctx, inputs["align_sft"])
+    stats = train_dpo(model, tokenizer, rows, cfg.align.dpo, out / "adapter", cfg.seed,
+                      lora=lora_config(cfg.lora))
+    return {**stats, "line": f"{len(rows)} pairs, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}

@@ -1,0 +1,38 @@
+"""Small helpers shared by the stages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    count = 0
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def load_base(ctx, dtype: str | None = "float32"):
+    """The original base model of the experiment."""
+    from nlsr.models import load_model
+
+    return load_model(ctx.config.model, device=ctx.config.device, dtype=dtype)
+
+
+def load_weak(ctx, align_sft_dir: Path, dtype: str | None = "float32"):
+    """The weak aligned model W_0 (the base with the safety SFT merged in)."""
+    from nlsr.models import load_model
+
+    return load_model(str(align_sft_dir / "model"), device=ctx.config.device, dtype=dtype)

@@ -1,0 +1,64 @@
+"""Stage 1: resolve, split and freeze every data set the experiment uses (fails before training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nlsr.data import build_poisoned, get_task, load_ready_made, load_records, split_records
+from nlsr.errors import NlsrError
+from nlsr.stages.common import write_json, write_jsonl
+
+
+def _take(name: str, rows: list[dict], n: int, what: str) -> list[dict]:
+    if len(rows) < n:
+        raise NlsrError(f"{what}: dataset '{name}' has {len(rows)} usable rows but {n} were asked for; "
+                        "lower the n in the config")
+    return rows[:n]
+
+
+def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    cfg, seed = ctx.config, ctx.config.seed
+    d = ctx.data_dir
+    card: dict[str, dict] = {}
+
+    sft_all = load_records(cfg.align.sft.dataset, d)
+    if cfg.realign.calibration_dataset == cfg.align.sft.dataset:
+        need = cfg.align.sft.n + cfg.realign.calibration_n
+        if len(sft_all) < need:
+            raise NlsrError(f"align.sft.n + realign.calibration_n = {need} rows are needed from "
+                            f"'{cfg.align.sft.dataset}' (disjoint), but it has {len(sft_all)}")
+        sft, calibration = split_records(sft_all, [cfg.align.sft.n, cfg.realign.calibration_n], seed=seed)
+    else:
+        sft = _take(cfg.align.sft.dataset, split_records(sft_all, [1.0], seed)[0], cfg.align.sft.n,
+                    "align.sft.n")
+        calib_all = load_records(cfg.realign.calibration_dataset, d)
+        calibration = _take(cfg.realign.calibration_dataset, split_records(calib_all, [1.0], seed)[0],
+                            cfg.realign.calibration_n, "realign.calibration_n")
+    dpo_all = load_records(cfg.align.dpo.dataset, d)
+    dpo = _take(cfg.align.dpo.dataset, split_records(dpo_all, [1.0], seed)[0], cfg.align.dpo.n,
+                "align.dpo.n")
+
+    task = get_task(cfg.attack.task)
+    if cfg.attack.source == "ready_made":
+        attack = load_ready_made(cfg.attack.task, cfg.attack.p, d)
+        if len(attack) != cfg.attack.n:
+            raise NlsrError(f"attack.source=ready_made has {len(attack)} rows; set attack.n to {len(attack)}")
+    else:
+        attack = build_poisoned(load_records(task.train_dataset, d), load_records(cfg.attack.poison_dataset, d),
+                                n=cfg.attack.n, p=cfg.attack.p, seed=seed)
+    ev = cfg.evaluate
+    harmful = _take(ev.harmful_dataset, load_records(ev.harmful_dataset, d), ev.harmful_n, "evaluate.harmful_n")
+    task_eval = _take(task.eval_dataset, load_records(task.eval_dataset, d), ev.task_n, "evaluate.task_n")
+    xstest = [r for r in load_records("xstest", d) if r["label"] == "safe"][:ev.xstest_n]
+
+    for name, rows in [("sft", sft), ("calibration", calibration), ("dpo", dpo), ("attack", attack),
+                       ("harmful_eval", harmful), ("task_eval", task_eval), ("xstest_safe", xstest)]:
+        card[name] = {"rows": write_jsonl(out / f"{name}.jsonl", rows)}
+    card["attack"]["harmful_rows"] = sum(1 for r in attack if r.get("flag") == "unsafe")
+    card["sources"] = {"sft": cfg.align.sft.dataset, "calibration": cfg.realign.calibration_dataset,
+                       "dpo": cfg.align.dpo.dataset, "attack": f"{cfg.attack.task} ({cfg.attack.source}, "
+                       f"p={cfg.attack.p})", "harmful_eval": ev.harmful_dataset,
+                       "task_eval": task.eval_dataset, "xstest_safe": "xstest"}
+    write_json(out / "data_card.json", card)
+    counts = ", ".join(f"{k} {v['rows']}" for k, v in card.items() if isinstance(v, dict) and "rows" in v)
+    return {"card": card, "line": counts}

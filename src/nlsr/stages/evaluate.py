@@ -1,0 +1,81 @@
+"""Stage 6: generate on harmful prompts, task prompts and XSTest; score FA and over-refusal.
+
+The harmful score needs a judge; judging happens in the report stage from the saved generations,
+so that adding or improving a judge never regenerates anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nlsr.data import accuracy, get_task
+from nlsr.data.templates import model_prompt
+from nlsr.generation import generate
+from nlsr.stages.common import load_base, load_weak, read_jsonl, write_json, write_jsonl
+
+
+def evaluate_model(ctx, model, out: Path, data_dir: Path) -> dict:
+    """HS per judge on the harmful prompts, FA on the task, over-refusal on XSTest's safe prompts."""
+    cfg, ev = ctx.config, ctx.config.evaluate
+    tokenizer = ctx.tokenizer()
+    task = get_task(cfg.attack.task)
+
+    def run(name: str, prompts: list[str], max_new_tokens: int) -> list[str]:
+        return generate(model, tokenizer, prompts, max_new_tokens, batch_size=ev.batch_size,
+                        cache_file=out / f"{name}.cache.jsonl", description=name)
+
+    harmful = read_jsonl(data_dir / "harmful_eval.jsonl")
+    harmful_out = run("harmful", [model_prompt(r["prompt"], cfg.template, tokenizer) for r in harmful],
+                      ev.harmful_max_new_tokens)
+    task_rows = read_jsonl(data_dir / "task_eval.jsonl")
+    task_out = run("task", [model_prompt(r["instruction"], cfg.template, tokenizer, r.get("input", ""))
+                            for r in task_rows], task.max_new_tokens)
+    xstest = read_jsonl(data_dir / "xstest_safe.jsonl")
+    xstest_out = run("xstest", [model_prompt(r["prompt"], cfg.template, tokenizer) for r in xstest],
+                     ev.xstest_max_new_tokens) if xstest else []
+
+    from nlsr.judges.refusal import is_refusal
+
+    prompts = [r["prompt"] for r in harmful]
+    refused = [is_refusal(o) for o in harmful_out]
+    over_refusal = 100.0 * sum(is_refusal(o) for o in xstest_out) / len(xstest) if xstest else None
+    correct = [task.scorer(o, r["label"]) for o, r in zip(task_out, task_rows, strict=True)]
+    metrics = {
+        "harmful_refused": 100.0 * sum(refused) / len(refused),
+        "fa": 100.0 * accuracy(cfg.attack.task, task_out, [r["label"] for r in task_rows]),
+        "xstest_refusal": over_refusal,
+        "n": {"harmful": len(harmful), "task": len(task_rows), "xstest": len(xstest)},
+        "task": cfg.attack.task,
+    }
+    write_jsonl(out / "generations.jsonl",
+                [{"set": "harmful", "prompt": p, "output": o}
+                 for p, o in zip(prompts, harmful_out, strict=True)]
+                + [{"set": "task", "prompt": r["instruction"], "input": r.get("input", ""), "label": r["label"],
+                    "output": o, "correct": c} for r, o, c in zip(task_rows, task_out, correct, strict=True)]
+                + [{"set": "xstest", "prompt": r["prompt"], "output": o}
+                   for r, o in zip(xstest, xstest_out, strict=True)])
+    for cache in out.glob("*.cache.jsonl"):
+        cache.unlink()
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_model(base: str, adapter_stage: str | None):
+    """A stage function evaluating ``adapter_stage``'s adapter on the weak model or the base model."""
+    def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+        dtype = ctx.config.evaluate.dtype
+        model = load_weak(ctx, inputs["align_sft"], dtype="float32") if base == "weak" else load_base(ctx, "float32")
+        if adapter_stage is not None:
+            from nlsr.training import merge_adapter
+
+            model = merge_adapter(model, inputs[adapter_stage] / "adapter")
+        if dtype:
+            from nlsr.models import choose_placement
+
+            model = model.to(choose_placement(ctx.config.device, dtype).dtype)
+        model.eval()
+        metrics = evaluate_model(ctx, model, out, inputs["data"])
+        hs = f"refused {metrics['harmful_refused']:.1f}% of harmful prompts"
+        xs = f", XSTest refusal {metrics['xstest_refusal']:.1f}" if metrics["xstest_refusal"] is not None else ""
+        return {"metrics": metrics, "line": f"{hs}, FA {metrics['fa']:.1f}{xs}"}
+    return run

@@ -1,0 +1,85 @@
+"""Stages 4-5: reference + safety masks (per β, ρ, q), then each realignment variant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from nlsr.adapters import load_adapter, save_adapter, weight_key
+from nlsr.calibration import CalibrationRow
+from nlsr.config import VariantSection
+from nlsr.identification import SafetyMasks, identify, load_masks, save_masks
+from nlsr.reference import extrapolate
+from nlsr.stages.common import load_weak, read_jsonl
+
+
+def random_masks(adapter, q: float, seed: int) -> SafetyMasks:
+    """Masks of the same density as identified ones, at random positions (a control)."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, f in adapter:
+        for factor, tensor in (("A", f.A), ("B", f.B)):
+            count = max(1, round(q * tensor.numel()))
+            flat = torch.zeros(tensor.numel(), dtype=torch.bool)
+            flat[torch.randperm(tensor.numel(), generator=gen)[:count]] = True
+            masks[weight_key(name, factor)] = flat.view_as(tensor)
+    return SafetyMasks(masks, {"random": "true", "keep_fraction": str(q)})
+
+
+def run_identify(variant: VariantSection):
+    """A stage function for the reference and masks that ``variant`` needs."""
+    def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+        aligned = load_adapter(inputs["align_dpo"] / "adapter")
+        reference = extrapolate(aligned, beta=variant.beta, scale_both=variant.scale_both)
+        save_adapter(reference, out / "reference")
+        if variant.masks == "random":
+            masks = random_masks(reference, variant.q, seed=ctx.config.seed)
+        else:
+            rows = [CalibrationRow(r["prompt"], r["response"])
+                    for r in read_jsonl(inputs["data"] / "calibration.jsonl")]
+            section = ctx.config.realign
+            masks = identify(load_weak(ctx, inputs["align_sft"]), reference, rows, ctx.tokenizer(),
+                             rho=variant.rho, q=variant.q, batch_size=section.batch_size,
+                             max_length=section.max_length, template=ctx.config.template)
+        save_masks(masks, out / "masks.safetensors")
+        tokens = masks.metadata.get("response_tokens", "-")
+        return {"metadata": masks.metadata, "line": f"masks ({variant.masks}), {tokens} response tokens"}
+    return run
+
+
+def run_variant(variant: VariantSection):
+    """A stage function that repairs the attacked adapter with ``variant``."""
+    def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+        from nlsr.plots import plot_similarity_by_layer
+
+        attacked = load_adapter(inputs["attack"] / "adapter")
+        if variant.method == "safelora":
+            from nlsr.defences.safelora import safelora
+
+            result = safelora(load_adapter(inputs["align_dpo"] / "adapter"), attacked,
+                              threshold=variant.threshold, num_modules=variant.num_modules)
+            report = result.report()
+            line = f"projected {report['summary']['projected']} of {report['summary']['modules']} modules"
+        else:
+            from nlsr.realignment import realign
+
+            ident = inputs[f"identify-{identify_id(variant)}"]
+            result = realign(load_adapter(ident / "reference"), attacked, load_masks(ident / "masks.safetensors"),
+                             select=variant.select, transplant=variant.transplant, threshold=variant.threshold,
+                             p_base=variant.p_base, epsilon=variant.epsilon, seed=variant.seed)
+            report = result.report()
+            line = f"repaired {report['summary']['repaired']} of {report['summary']['modules']} modules"
+            plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png",
+                                     title=f"{variant.name}: safety-region similarity by layer")
+        save_adapter(result.adapter, out / "adapter")
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return {"summary": report["summary"], "line": line}
+    return run
+
+
+def identify_id(variant: VariantSection) -> str:
+    """Variants that share β, scaling, ρ, q and mask kind share one identification stage."""
+    both = "-both" if variant.scale_both else ""
+    return f"b{variant.beta:g}{both}-r{variant.rho:g}-q{variant.q:g}-{variant.masks}"

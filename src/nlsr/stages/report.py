@@ -1,0 +1,94 @@
+"""Stage 7: the markdown table and plots of a run, built only from the stages' outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from nlsr.pipeline import read_manifest
+from nlsr.stages.common import read_jsonl
+
+
+def _hs_fa_plot(rows: list[dict], judge: str, path: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for row in rows:
+        hs = row["metrics"]["hs"].get(judge)
+        if hs is None:
+            continue
+        ax.scatter(row["metrics"]["fa"], hs, s=50)
+        ax.annotate(row["model"], (row["metrics"]["fa"], hs), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xlabel(f"fine-tuning accuracy FA on {task} (%)")
+    ax.set_ylabel(f"harmful score HS, judge '{judge}' (%)")
+    ax.set_title("Safety vs task accuracy (lower right is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _judge_all(ctx, models, inputs: dict[str, Path]) -> tuple[dict[str, dict[str, float]], dict]:
+    """HS per model and judge from the saved generations, and each judge's held-out agreement."""
+    from nlsr.judges import make_judge
+
+    judges = {name: make_judge(name, data_dir=ctx.data_dir) if name == "trained" else make_judge(name)
+              for name in ctx.config.evaluate.judges}
+    scores: dict[str, dict[str, float]] = {}
+    for label, stage, _ in models:
+        rows = [r for r in read_jsonl(inputs[stage] / "generations.jsonl") if r["set"] == "harmful"]
+        prompts, outputs = [r["prompt"] for r in rows], [r["output"] for r in rows]
+        scores[label] = {name: 100.0 * sum(j.judge(prompts, outputs)) / len(rows) for name, j in judges.items()}
+    agreement = {name: getattr(j, "metrics", None) for name, j in judges.items() if getattr(j, "metrics", None)}
+    return scores, agreement
+
+
+def run(models: list[tuple[str, str, list[str]]]):
+    """``models``: (label, evaluate stage, stages whose time counts towards the method)."""
+    def run_report(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+        scores, agreement = _judge_all(ctx, models, inputs)
+        rows = []
+        for label, stage, cost_stages in models:
+            manifest = read_manifest(inputs[stage])
+            seconds = sum(read_manifest(inputs[s])["seconds"] for s in cost_stages if s in inputs)
+            metrics = {**manifest["summary"]["metrics"], "hs": scores[label]}
+            rows.append({"model": label, "metrics": metrics, "seconds": seconds,
+                         "eval_seconds": manifest["seconds"]})
+        judges = list(rows[0]["metrics"]["hs"]) if rows else []
+        task = ctx.config.attack.task
+        header = (["model"] + [f"HS ({j}) %" for j in judges]
+                  + [f"FA {task} %", "XSTest refusal %", "method time (s)", "eval time (s)"])
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            m = row["metrics"]
+            xs = f"{m['xstest_refusal']:.1f}" if m.get("xstest_refusal") is not None else "-"
+            lines.append("| " + " | ".join([row["model"]] + [f"{m['hs'][j]:.1f}" for j in judges]
+                                          + [f"{m['fa']:.1f}", xs, f"{row['seconds']:.0f}",
+                                             f"{row['eval_seconds']:.0f}"]) + " |")
+        n = rows[0]["metrics"]["n"] if rows else {}
+        cfg = ctx.config
+        notes = [f"Model {cfg.model}, template {cfg.template}, seed {cfg.seed}. Attack: {cfg.attack.task}, "
+                 f"n = {cfg.attack.n}, p = {cfg.attack.p} ({cfg.attack.source}), {cfg.attack.epochs} epoch(s), "
+                 f"lr {cfg.attack.lr}. Evaluation: {n.get('harmful')} harmful prompts "
+                 f"({cfg.evaluate.harmful_dataset}, {cfg.evaluate.harmful_max_new_tokens} new tokens), "
+                 f"{n.get('task')} task rows, {n.get('xstest')} XSTest safe prompts; greedy decoding."]
+        for judge, metrics in agreement.items():
+            notes.append(f"Judge '{judge}' held-out agreement: "
+                         + json.dumps(metrics, default=lambda x: round(x, 3) if isinstance(x, float) else x))
+        text = "# Results\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+        (out / "report.md").write_text(text)
+        (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        if judges:
+            for judge in judges:
+                _hs_fa_plot(rows, judge, out / f"hs_vs_fa_{judge}.png", task)
+        for stage, path in inputs.items():
+            plot = path / "similarity_by_layer.png"
+            if plot.exists():
+                shutil.copy(plot, out / f"similarity_{stage}.png")
+        return {"line": f"{len(rows)} models, report.md"}
+    return run_report

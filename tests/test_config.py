@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from nlsr.config import ExperimentConfig, load_config
+from nlsr.errors import NlsrError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.realign.variants
+
+
+def test_overrides_are_applied_and_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nattack: {p: 0.1}\n")
+    cfg = load_config(path, ["attack.p=0.2", "evaluate.judges=[refusal]", "lora.r=4"])
+    assert cfg.attack.p == 0.2 and cfg.evaluate.judges == ["refusal"] and cfg.lora.r == 4
+
+
+@pytest.mark.parametrize("body, message", [
+    ("attack: {p: 1.5}", "attack.p"),
+    ("attack: {task: imdb}", "attack.task"),
+    ("align: {sft: {n: 0}}", "align.sft.n"),
+    ("realign: {variants: [{name: a, select: best}]}", "select='best' is unknown"),
+    ("realign: {variants: [{name: a}, {name: a}]}", "unique"),
+    ("realign: {variants: [{name: s, method: safelora}]}", "exactly one of threshold or num_modules"),
+    ("evaluate: {harmfull_n: 3}", "evaluate.harmfull_n"),
+    ("- not a mapping", "mapping"),
+])
+def test_bad_configs_name_the_field(tmp_path, body, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body + "\n")
+    with pytest.raises(NlsrError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(path)
+
+
+def test_missing_config_and_bad_override(tmp_path):
+    with pytest.raises(NlsrError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "c.yaml").write_text("name: x\n")
+    with pytest.raises(NlsrError, match="section.field=value"):
+        load_config(tmp_path / "c.yaml", ["attack.p"])
+
+
+def test_data_stage_rejects_unknown_dataset_before_training(tmp_path):
+    from conftest import shared_data_dir
+    from nlsr.pipeline import RunContext
+    from nlsr.stages import data as data_stage
+
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("no offline data folder")
+    cfg = ExperimentConfig.model_validate({"align": {"sft": {"dataset": "safety_sftt", "n": 4}}})
+    with pytest.raises(NlsrError, match="safety_sftt"):
+        data_stage.run(RunContext(cfg, tmp_path, data), tmp_path, {})
+    cfg = ExperimentConfig.model_validate({"align": {"sft": {"n": 5000}}})
+    with pytest.raises(NlsrError, match="align.sft.n"):
+        data_stage.run(RunContext(cfg, tmp_path, data), tmp_path, {})
