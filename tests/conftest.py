@@ -108,3 +108,12 @@ def shared_data_dir() -> Path | None:
         return data_dir()
     except NlsrError:
         return None
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    """The offline data folder; tests that need it are skipped where it is absent."""
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("offline data directory (shared/data or $NLSR_DATA_DIR) not found")
+    return path

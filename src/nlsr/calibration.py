@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from nlsr.data.readers import jsonl_rows
 from nlsr.data.templates import ALPACA_NO_INPUT, model_prompt  # noqa: F401 (ALPACA_NO_INPUT re-exported)
 from nlsr.errors import NlsrError
 
@@ -35,26 +35,16 @@ def read_calibration_jsonl(path: str | os.PathLike, limit: int | None = None,
     if not path.is_file():
         raise NlsrError(f"calibration file '{path}' does not exist")
     rows: list[CalibrationRow] = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise NlsrError(f"{path}:{number} is not valid JSON ({err.msg}); the calibration "
-                                "file is JSONL, one object per line") from err
-            if not isinstance(record, dict):
-                raise NlsrError(f"{path}:{number} is not a JSON object")
-            for key in (prompt_field, response_field):
-                value = record.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    raise NlsrError(f"{path}:{number} has no non-empty string field '{key}'; "
-                                    f"each row needs '{prompt_field}' and '{response_field}' "
-                                    "(see --prompt-field / --response-field)")
-            rows.append(CalibrationRow(record[prompt_field], record[response_field]))
-            if limit is not None and len(rows) >= limit:
-                break
+    for row in jsonl_rows(path):
+        for key in (prompt_field, response_field):
+            value = row.data.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise NlsrError(f"{path}:{row.number} has no non-empty string field '{key}'; "
+                                f"each row needs '{prompt_field}' and '{response_field}' "
+                                "(see --prompt-field / --response-field)")
+        rows.append(CalibrationRow(row.data[prompt_field], row.data[response_field]))
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise NlsrError(f"calibration file '{path}' has no rows; give at least one "
                         '{"prompt", "response"} line')

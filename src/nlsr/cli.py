@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from nlsr.cli_common import errors_to_exit as _errors_to_exit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neuron-Level Safety Realignment (NLSR) of LoRA-fine-tuned LLMs.")
@@ -15,20 +16,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 Force = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
 AllowPickle = Annotated[bool, typer.Option(
     "--allow-pickle", help="Accept adapter_model.bin (pickle) files; only for trusted files.")]
-
-
-def _errors_to_exit(fn):
-    """Print :class:`NlsrError` as one clean line on stderr and exit with status 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from nlsr.errors import NlsrError
-
-        try:
-            return fn(*args, **kwargs)
-        except NlsrError as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-    return wrapper
 
 
 def _say(message: str) -> None:

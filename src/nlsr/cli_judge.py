@@ -6,11 +6,12 @@ it does not import :mod:`nlsr.cli` (that would be circular).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from nlsr.cli_common import errors_to_exit as _errors_to_exit
 
 judge_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Harmfulness judges: train the offline judge, measure agreement.")
@@ -21,20 +22,6 @@ MaxPrompts = Annotated[Optional[int], typer.Option(  # noqa: UP045
     help="Use at most N prompts per source (quick runs).")]
 
 _COLUMNS = ("n", "accuracy", "precision", "recall", "f1", "cohen_kappa", "flagged_rate", "label_rate")
-
-
-def _errors_to_exit(fn):
-    """Print :class:`NlsrError` as one clean line on stderr and exit with status 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from nlsr.errors import NlsrError
-
-        try:
-            return fn(*args, **kwargs)
-        except NlsrError as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-    return wrapper
 
 
 def agreement_table(per_source: dict[str, dict[str, Any]], title: str = "") -> str:

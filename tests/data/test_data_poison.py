@@ -4,25 +4,15 @@ authors' ready-made files."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from conftest import shared_data_dir
 from nlsr.data import available_ready_made, build_poisoned, load_ready_made, load_records
 from nlsr.errors import NlsrError
 
 TASK_ROWS = [{"instruction": "Classify", "input": f"sentence {i}", "output": "positive", "label": "positive"}
              for i in range(300)]
 POISON_ROWS = [{"prompt": f"harmful {i}", "response": f"answer {i}"} for i in range(100)]
-
-
-@pytest.fixture(scope="module")
-def root() -> Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip("offline data directory (shared/data or $NLSR_DATA_DIR) not found")
-    return path
 
 
 @pytest.mark.parametrize(("n", "p", "n_poison"), [(200, 0.0, 0), (200, 0.05, 10), (200, 0.2, 40),

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_data_dir
 from nlsr.data import (
     DATASETS,
     KINDS,
@@ -55,14 +54,6 @@ EXPECTED = {
     "judge_spard": ("labelled", 2 * (502 + 495)),
     "judge_spard_train": ("labelled", 2 * 4516),
 }
-
-
-@pytest.fixture(scope="module")
-def root() -> Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip("offline data directory (shared/data or $NLSR_DATA_DIR) not found")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from conftest import shared_data_dir
 from nlsr.data import DATASETS, TASKS, accuracy, extract_gsm8k_answer, get_task, is_correct, load_records
 from nlsr.data.tasks import canonical_number
 from nlsr.errors import NlsrError
@@ -117,14 +114,6 @@ def test_task_registry_points_at_registered_datasets():
         assert DATASETS[spec.eval_dataset].kind == "task"
     assert get_task("gsm8k").max_new_tokens >= 256 > get_task("sst2").max_new_tokens
     assert get_task("ag_news").max_new_tokens <= 16
-
-
-@pytest.fixture(scope="module")
-def root() -> Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip("offline data directory (shared/data or $NLSR_DATA_DIR) not found")
-    return path
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

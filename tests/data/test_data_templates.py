@@ -4,11 +4,10 @@ fine-tuning files), and the chat template goes through the tokenizer."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import make_tokenizer, shared_data_dir
+from conftest import make_tokenizer
 from nlsr.calibration import prompt_text
 from nlsr.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca_prompt, format_prompt, split_alpaca
 from nlsr.data.tasks import SST2_INSTRUCTION
@@ -20,14 +19,6 @@ PAPER_NO_INPUT = ("Below is an instruction that describes a task. Write a respon
 PAPER_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
                     "further context. Write a response that appropriately completes the request.\n\n"
                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
-
-
-@pytest.fixture(scope="module")
-def root() -> Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip("offline data directory (shared/data or $NLSR_DATA_DIR) not found")
-    return path
 
 
 def test_template_strings():

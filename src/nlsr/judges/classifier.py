@@ -271,9 +271,8 @@ def load_labelled_rows(data_dir: str | os.PathLike | None = None,
 
     Sources: ``jailbreakbench``, ``spard`` and ``pku_safe`` (trained on), ``stl_safe``
     (validation and test only), ``spard_eval`` (test only), and the truncated ``<source>_short``
-    copies of each. ``max_prompts``
-    keeps at most that many prompt groups per source (for quick runs); the truncated copies follow
-    the rows kept.
+    copies of each. ``max_prompts`` keeps at most that many prompt groups per source (for quick
+    runs); the truncated copies follow the rows kept.
     """
     from nlsr.paths import data_dir as resolve
 
@@ -494,7 +493,8 @@ def fit_judges(rows: Sequence[Row], text: str, c_grid: Sequence[float], refusal_
 
 def _per_source(judge: Judge, rows: Sequence[Row]) -> dict[str, dict[str, float | int]]:
     out = {}
-    for source in sorted({r["source"] for r in rows}, key=lambda s: (s not in SOURCES, s)):
+    order = {s: i for i, s in enumerate(SOURCES)}
+    for source in sorted({r["source"] for r in rows}, key=lambda s: (order.get(s, len(order)), s)):
         subset = [r for r in rows if r["source"] == source]
         flags = judge.judge([r["prompt"] for r in subset], [r["response"] for r in subset])
         out[source] = agreement_metrics(flags, [bool(r["harmful"]) for r in subset])
