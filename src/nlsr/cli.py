@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from nlsr.cli_common import errors_to_exit as _errors_to_exit
+from nlsr.errors import NlsrError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neuron-Level Safety Realignment (NLSR) of LoRA-fine-tuned LLMs.")
@@ -240,6 +241,41 @@ def validate(
         summary = data_stage.run(ctx, Path(tmp), {})
     _say(f"config '{config}' is valid; data: {summary['line']}")
     _say("stages: " + ", ".join(s.name for s in build_stages(cfg)))
+
+
+@app.command()
+@_errors_to_exit
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder, e.g. runs/cpu-bench.")],
+    out: Annotated[Path, typer.Argument(help="Where to copy the small reports (e.g. results/cpu-bench).")],
+    force: Force = False,
+) -> None:
+    """Copy a run's small outputs (report, plots, manifests, data card, realign reports) for committing.
+
+    Models, adapters and generations stay behind."""
+    import shutil
+
+    from nlsr.io import atomic_dir
+    from nlsr.pipeline import read_manifest
+
+    report = run_dir / "report"
+    if read_manifest(report) is None:
+        raise NlsrError(f"'{run_dir}' has no finished report stage; run `nlsr run` to the end first")
+    manifests = {}
+    with atomic_dir(out, force=force) as tmp:
+        for path in report.iterdir():
+            if path.suffix in (".md", ".json", ".png"):
+                shutil.copy(path, tmp / path.name)
+        for stage in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.endswith(".partial")):
+            manifest = read_manifest(stage)
+            if manifest is not None:
+                manifests[stage.name] = manifest
+            for name in ("report.json", "data_card.json", "train_log.json"):
+                source = stage / name if name != "train_log.json" else stage / "adapter" / name
+                if source.exists():
+                    shutil.copy(source, tmp / f"{stage.name}.{name}")
+        (tmp / "manifests.json").write_text(json.dumps(manifests, indent=2) + "\n")
+    _say(f"exported {len(manifests)} stage manifests and the report to {out}")
 
 
 @app.command(name="ls")

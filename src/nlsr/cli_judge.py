@@ -39,7 +39,7 @@ def agreement_table(per_source: dict[str, dict[str, Any]], title: str = "") -> s
 def train(
     data_dir: DataDir = None,
     out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        help="Output folder (default: the cached default judge, <cache>/judges/trained-v1).")] = None,
+        help="Output folder (default: the cached default judge, <cache>/judges/trained-v2).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation/test split.")] = 0,
     max_prompts: MaxPrompts = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")] = False,

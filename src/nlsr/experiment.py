@@ -8,11 +8,10 @@ from nlsr.config import ExperimentConfig
 from nlsr.paths import data_dir
 from nlsr.pipeline import RunContext, Stage, run_stages
 
-JUDGE_VERSION = "trained-v2"  # bump when a judge changes, so reports are recomputed
-
 
 def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stages in dependency order."""
+    from nlsr.judges.classifier import default_dir  # its name versions the trained judge
     from nlsr.stages import align, attack, data, evaluate, realign, report
 
     sections = cfg.model_dump()
@@ -74,7 +73,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         add_eval(variant.name, "weak", f"realign-{variant.name}", cost)
     needed = sorted({s for _, e, c in models for s in [e, *c]})
     stages.append(Stage("report", report.run(models),
-                        {"models": models, "judges": cfg.evaluate.judges, "judge_version": JUDGE_VERSION}, needed))
+                        {"models": models, "judges": cfg.evaluate.judges, "judge_version": default_dir().name}, needed))
     return stages
 
 

@@ -44,8 +44,34 @@ def _judge_all(ctx, models, inputs: dict[str, Path]) -> tuple[dict[str, dict[str
         rows = [r for r in read_jsonl(inputs[stage] / "generations.jsonl") if r["set"] == "harmful"]
         prompts, outputs = [r["prompt"] for r in rows], [r["output"] for r in rows]
         scores[label] = {name: 100.0 * sum(j.judge(prompts, outputs)) / len(rows) for name, j in judges.items()}
-    agreement = {name: getattr(j, "metrics", None) for name, j in judges.items() if getattr(j, "metrics", None)}
-    return scores, agreement
+    return scores, _heldout_agreement(ctx.config.evaluate.judges)
+
+
+def _heldout_agreement(judges: list[str]) -> dict[str, dict]:
+    """Held-out agreement (per labelled source) measured when the trained judge was trained; the
+    refusal matcher is measured on the same rows."""
+    from nlsr.judges.classifier import METRICS_NAME, default_dir
+
+    path = default_dir() / METRICS_NAME
+    if "trained" not in judges or not path.exists():
+        return {}
+    metrics = json.loads(path.read_text())
+    return {"trained": metrics.get("heldout", {}), "refusal": metrics.get("refusal_heldout", {})}
+
+
+def _agreement_table(agreement: dict[str, dict]) -> str:
+    sources = sorted({s for per in agreement.values() for s in per if not s.endswith("_short")})
+    lines = ["| labelled source (held out) | n | harmful % | " + " | ".join(
+        f"{j} acc / kappa / flagged %" for j in agreement) + " |", "|---|---|---|" + "---|" * len(agreement)]
+    for source in sources:
+        first = next(per[source] for per in agreement.values() if source in per)
+        cells = []
+        for per in agreement.values():
+            m = per.get(source)
+            cells.append("-" if m is None else
+                         f"{m['accuracy']:.3f} / {m['cohen_kappa']:.3f} / {100 * m['flagged_rate']:.1f}")
+        lines.append(f"| {source} | {first['n']} | {100 * first['label_rate']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run(models: list[tuple[str, str, list[str]]]):
@@ -77,9 +103,11 @@ def run(models: list[tuple[str, str, list[str]]]):
                  f"lr {cfg.attack.lr}. Evaluation: {n.get('harmful')} harmful prompts "
                  f"({cfg.evaluate.harmful_dataset}, {cfg.evaluate.harmful_max_new_tokens} new tokens), "
                  f"{n.get('task')} task rows, {n.get('xstest')} XSTest safe prompts; greedy decoding."]
-        for judge, metrics in agreement.items():
-            notes.append(f"Judge '{judge}' held-out agreement: "
-                         + json.dumps(metrics, default=lambda x: round(x, 3) if isinstance(x, float) else x))
+        if agreement:
+            notes.append("How far to trust each HS: agreement of the judges with held-out labelled responses "
+                         "(JailbreakBench `jailbroken` labels, SPARD safe/unsafe pairs, all-harmless PKU and "
+                         "safety-tuned-llamas answers; split by prompt, never trained on):\n\n"
+                         + _agreement_table(agreement))
         text = "# Results\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
         (out / "report.md").write_text(text)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
