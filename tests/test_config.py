@@ -61,3 +61,39 @@ def test_data_stage_rejects_unknown_dataset_before_training(tmp_path):
     cfg = ExperimentConfig.model_validate({"align": {"sft": {"n": 5000}}})
     with pytest.raises(NlsrError, match="align.sft.n"):
         data_stage.run(RunContext(cfg, tmp_path, data), tmp_path, {})
+
+
+def test_stage_graph_of_the_comparison_config():
+    from nlsr.experiment import build_stages
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "compare.yaml")
+    stages = build_stages(cfg)
+    names = [s.name for s in stages]
+    for name in ("align_dpo-vaccine", "attack-vaccine", "attack-lisa", "attack-vlguard-mix",
+                 "attack-constrained-sft", "evaluate-safelora-k10", "data-defences", "report"):
+        assert name in names
+    seen = set()
+    for stage in stages:                                    # inputs always come first
+        assert set(stage.inputs) <= seen, stage.name
+        seen.add(stage.name)
+    assert "align_dpo-vaccine" in next(s for s in stages if s.name == "attack-vaccine").inputs
+
+
+def test_data_key_ignores_learning_rates(tmp_path):
+    from nlsr.experiment import build_stages
+    from nlsr.pipeline import stage_key
+
+    base = ExperimentConfig()
+    changed = ExperimentConfig.model_validate({"align": {"dpo": {"lr": 1e-3}}, "attack": {"epochs": 3}})
+    more = ExperimentConfig.model_validate({"attack": {"p": 0.2}})
+
+    def key(cfg):
+        return stage_key(build_stages(cfg)[0], {})
+    assert key(base) == key(changed) != key(more)
+
+
+def test_reserved_and_duplicate_model_names():
+    with pytest.raises(ValueError, match="clashing"):
+        ExperimentConfig.model_validate({"defences": [{"name": "nlsr", "method": "lisa"}]})
+    with pytest.raises(ValueError, match="clashing"):
+        ExperimentConfig.model_validate({"realign": {"variants": [{"name": "attacked"}]}})

@@ -142,6 +142,20 @@ class EvaluateSection(_Section):
     evaluate_aligned: bool = Field(True, description="Also evaluate the aligned model before the attack.")
 
 
+class DefenceSection(_Section):
+    """A baseline defence run through the same attack and evaluation (the paper's comparison)."""
+
+    name: str
+    method: Literal["vaccine", "lisa", "mixing", "constrained_sft"]
+    rho: float | None = Field(None, ge=0, description="Vaccine: perturbation norm (default 2); "
+                                                     "Lisa: proximal strength (default 1).")
+    fraction: float = Field(0.1, ge=0, lt=1, description="Mixing: share of safety rows in the fine-tuning set.")
+    k_align: int = Field(4, gt=0, description="Lisa: optimizer steps on safety data per cycle.")
+    k_finetune: int = Field(36, gt=0, description="Lisa: optimizer steps on task data per cycle.")
+    beta_schedule: list[float] = Field(default_factory=lambda: [0.5, 2.0, 2.0, 2.0, 2.0, 0.1],
+                                       description="ConstrainedSFT: β per response position, last repeats.")
+
+
 class ExperimentConfig(_Section):
     """The whole experiment, one section per stage."""
 
@@ -157,6 +171,19 @@ class ExperimentConfig(_Section):
     attack: AttackSection = AttackSection()
     realign: RealignSection = RealignSection()
     evaluate: EvaluateSection = EvaluateSection()
+    defences: list[DefenceSection] = Field(default_factory=list, description="Baselines to compare.")
+    defence_safety_n: int = Field(200, gt=0, description="Safety rows (disjoint from SFT and calibration) "
+                                                          "for Lisa and mixing.")
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> ExperimentConfig:
+        names = [v.name for v in self.realign.variants] + [d.name for d in self.defences]
+        reserved = {"aligned", "attacked", "nonaligned"}
+        clashes = sorted({n for n in names if names.count(n) > 1} | (set(names) & reserved))
+        if clashes:
+            raise ValueError(f"variant and defence names must be unique and not {sorted(reserved)}; "
+                             f"clashing: {clashes}")
+        return self
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

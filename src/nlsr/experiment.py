@@ -9,6 +9,16 @@ from nlsr.paths import data_dir
 from nlsr.pipeline import RunContext, Stage, run_stages
 
 
+def data_params(sections: dict) -> dict:
+    """Only the settings that change the data stage's output (not learning rates, say)."""
+    attack, ev = sections["attack"], sections["evaluate"]
+    return {"sft": {k: sections["align"]["sft"][k] for k in ("dataset", "n")},
+            "dpo": {k: sections["align"]["dpo"][k] for k in ("dataset", "n")},
+            "attack": {k: attack[k] for k in ("task", "n", "p", "source", "poison_dataset")},
+            "calibration": {k: sections["realign"][k] for k in ("calibration_dataset", "calibration_n")},
+            "evaluate": {k: ev[k] for k in ("harmful_dataset", "harmful_n", "task_n", "xstest_n")}}
+
+
 def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stages in dependency order."""
     from nlsr.judges.classifier import default_dir  # its name versions the trained judge
@@ -17,10 +27,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     sections = cfg.model_dump()
     common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
     stages = [
-        Stage("data", data.run, {**common, "align": sections["align"], "attack": sections["attack"],
-                                 "realign": {k: sections["realign"][k] for k in ("calibration_dataset",
-                                                                                  "calibration_n")},
-                                 "evaluate": sections["evaluate"]}),
+        Stage("data", data.run, {**common, **data_params(sections)}),
         Stage("align_sft", align.run_sft, {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
               ["data"]),
         Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
@@ -71,6 +78,25 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         if variant.method == "nlsr":
             cost.insert(0, f"identify-{realign.identify_id(variant)}")
         add_eval(variant.name, "weak", f"realign-{variant.name}", cost)
+    if cfg.defences:
+        stages.insert(1, Stage("data-defences", data.run_defence_rows,
+                               {**common, "sft": sections["align"]["sft"], "realign": realign_section,
+                                "defence_safety_n": cfg.defence_safety_n}))
+    for defence in cfg.defences:
+        params = {**common, "defence": defence.model_dump()}
+        aligned_stage = "align_dpo"
+        if defence.method == "vaccine":
+            aligned_stage = f"align_dpo-{defence.name}"
+            stages.append(Stage(aligned_stage, align.run_dpo_vaccine(2.0 if defence.rho is None else defence.rho),
+                                {**params, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
+                                ["data", "align_sft"]))
+            run = attack.run_attack_from(aligned_stage)
+        else:
+            run = attack.run_attack_from("align_dpo", defence)
+        stages.append(Stage(f"attack-{defence.name}", run, {**params, "attack": sections["attack"]},
+                            ["data", "data-defences", "align_sft", aligned_stage]))
+        cost = [aligned_stage, f"attack-{defence.name}"] if defence.method == "vaccine" else [f"attack-{defence.name}"]
+        add_eval(defence.name, "weak", f"attack-{defence.name}", cost)
     needed = sorted({s for _, e, c in models for s in [e, *c]})
     stages.append(Stage("report", report.run(models),
                         {"models": models, "judges": cfg.evaluate.judges, "judge_version": default_dir().name}, needed))

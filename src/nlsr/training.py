@@ -34,7 +34,10 @@ def _common_args(section: TrainSection, out_dir: Path, seed: int, use_cpu: bool)
                 lr_scheduler_type="linear", bf16=True, logging_steps=1, save_strategy="steps",
                 save_steps=25, save_total_limit=1, report_to=[], seed=seed, data_seed=seed,
                 use_cpu=use_cpu, disable_tqdm=False, max_length=section.max_length,
-                dataloader_num_workers=0, remove_unused_columns=True)
+                dataloader_num_workers=0, remove_unused_columns=True,
+                # TRL turns activation checkpointing on by default; these models fit without it, and it
+                # costs about a third more compute.
+                gradient_checkpointing=False)
 
 
 def _last_checkpoint(out_dir: Path) -> str | None:
@@ -57,11 +60,13 @@ def _finish(trainer, output, out_dir: Path, started: float) -> dict:
 
 
 def train_sft(model, tokenizer, rows: Sequence[dict], section: TrainSection, out_dir: Path,
-              seed: int, lora=None) -> dict:
+              seed: int, lora=None, trainer_cls=None, **trainer_kwargs) -> dict:
     """LoRA SFT on ``{"prompt", "completion"}`` rows (loss on the completion and its eos only).
 
     ``model`` is either a plain model (a fresh LoRA from ``lora`` is added) or a trainable
     ``PeftModel`` whose adapter is continued. The adapter is saved in ``out_dir``.
+    ``trainer_cls`` (an ``SFTTrainer`` subclass, e.g. a defence) and its extra keyword arguments
+    replace the plain trainer.
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -69,16 +74,18 @@ def train_sft(model, tokenizer, rows: Sequence[dict], section: TrainSection, out
     started = time.perf_counter()
     use_cpu = next(model.parameters()).device.type == "cpu"
     args = SFTConfig(**_common_args(section, out_dir, seed, use_cpu), completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
-                         processing_class=tokenizer, peft_config=lora)
+    trainer = (trainer_cls or SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
+                                          processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
     output = trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
     trainer.model.save_pretrained(out_dir)
     return _finish(trainer, output, out_dir, started)
 
 
 def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, seed: int,
-              lora) -> dict:
-    """DPO of a fresh LoRA on ``{"prompt", "chosen", "rejected"}`` rows; saved in ``out_dir``."""
+              lora, trainer_cls=None, **trainer_kwargs) -> dict:
+    """DPO of a fresh LoRA on ``{"prompt", "chosen", "rejected"}`` rows; saved in ``out_dir``.
+
+    ``trainer_cls`` (a ``DPOTrainer`` subclass such as Vaccine's) replaces the plain trainer."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -86,8 +93,8 @@ def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, se
     use_cpu = next(model.parameters()).device.type == "cpu"
     common = _common_args(section, out_dir, seed, use_cpu)
     args = DPOConfig(**common, beta=section.beta)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
-                         processing_class=tokenizer, peft_config=lora)
+    trainer = (trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
+                                          processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
     output = trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
     trainer.model.save_pretrained(out_dir)
     return _finish(trainer, output, out_dir, started)

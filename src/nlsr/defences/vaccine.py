@@ -9,16 +9,21 @@ fine-tuning causes by training under the worst-case bounded perturbation of ever
    (no parameter gradient is accumulated in this pass);
 2. ``ε_l = ρ g_l / ||g||`` with ONE norm over all layers' gradients concatenated, ``||g||² = Σ_l ||g_l||²``
    (ρ = 2 by default);
-3. perturbed pass: forward hooks replace each layer output ``e_l`` by ``e_l + ε_l`` (the perturbation of
-   layer l propagates into the later layers, as in the paper), and the optimiser steps on the gradient of
-   this perturbed loss w.r.t. the trainable weights: ``w ← w - η ∇_w L(w; e + ε)``.
+3. perturbed pass: forward hooks replace each layer output ``e_l`` by ``e_l + ε_l`` during one forward (so
+   ``ε_l`` also flows into the later layers), and the optimiser steps on the gradient of this perturbed
+   loss w.r.t. the trainable weights: ``w ← w - η ∇_w L(w; e + ε)``.
 
 :class:`VaccineSFTTrainer` and :class:`VaccineDPOTrainer` apply this inside ``compute_loss`` of
 :class:`trl.SFTTrainer` / :class:`trl.DPOTrainer` (training only; evaluation is unperturbed). For DPO only the
 policy forward passes are hooked: TRL 1.16 computes the reference log-probs inside ``torch.no_grad()``
 (with a PEFT adapter: the same model with the adapter disabled, or the "ref" adapter), and the hooks act
-only when gradients are enabled, so the reference pass is neither captured nor perturbed. Gradient
-checkpointing is not supported (checkpointed layers would re-run the hooks during backward).
+only when gradients are enabled, so the reference pass is neither captured nor perturbed.
+
+Gradient checkpointing (on by default in TRL configs) is supported in its non-reentrant form (the
+transformers 5 default; a test checks that the step's gradients equal those without checkpointing):
+transformers 5 checkpoints a layer's ``forward``, not its ``__call__``, so the hooks run outside the
+checkpoint, once, and the backward's recomputation does not involve them. Reentrant checkpointing is refused
+(older transformers versions run the hooks inside a reentrant checkpoint, under ``no_grad``).
 """
 
 from __future__ import annotations
@@ -131,8 +136,13 @@ class VaccineMixin:
         if vaccine_rho < 0:
             raise NlsrError(f"vaccine_rho must be >= 0, got {vaccine_rho}")
         super().__init__(*args, **kwargs)
-        if getattr(self.args, "gradient_checkpointing", False):
-            raise NlsrError("Vaccine does not support gradient checkpointing; set gradient_checkpointing=False")
+        checkpointing = getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing
+        checkpoint_kwargs = (getattr(self.args, "activation_checkpointing_kwargs", None)
+                             or self.args.gradient_checkpointing_kwargs or {})
+        if checkpointing and checkpoint_kwargs.get("use_reentrant"):
+            raise NlsrError("Vaccine needs non-reentrant gradient checkpointing (reentrant checkpoints run the "
+                            "forward without gradients, so the hooks cannot act); set "
+                            "gradient_checkpointing_kwargs={'use_reentrant': False} or turn checkpointing off")
         self.vaccine_rho = float(vaccine_rho)
         self._vaccine_layers: list[nn.Module] | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from nlsr.data.templates import model_prompt
@@ -27,14 +28,26 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
 
 
-def run_dpo(ctx, out: Path, inputs: dict[str, Path]) -> dict:
-    """DPO of a fresh LoRA on top of W_0: the aligned adapter ``(A_a, B_a)`` in ``adapter/``."""
+def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None = None) -> dict:
+    """DPO of a fresh LoRA on top of W_0: the aligned adapter ``(A_a, B_a)`` in ``adapter/``.
+
+    With ``vaccine_rho`` the DPO is perturbation-aware (Vaccine) with that perturbation norm."""
     cfg = ctx.config
     set_seed(cfg.seed)
     tokenizer = ctx.tokenizer()
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in read_jsonl(inputs["data"] / "dpo.jsonl")]
     model = load_weak(ctx, inputs["align_sft"])
+    extra: dict = {}
+    if vaccine_rho is not None:
+        from nlsr.defences.vaccine import VaccineDPOTrainer
+
+        extra = {"trainer_cls": VaccineDPOTrainer, "vaccine_rho": vaccine_rho}
     stats = train_dpo(model, tokenizer, rows, cfg.align.dpo, out / "adapter", cfg.seed,
-                      lora=lora_config(cfg.lora))
+                      lora=lora_config(cfg.lora), **extra)
     return {**stats, "line": f"{len(rows)} pairs, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+
+
+def run_dpo_vaccine(rho: float):
+    """The DPO stage under Vaccine (perturbation-aware alignment, ρ = ``rho``)."""
+    return functools.partial(run_dpo, vaccine_rho=rho)

@@ -1,38 +1,76 @@
-"""Stage 3: the harmful fine-tuning attack, and the non-aligned control."""
+"""Stage 3: the harmful fine-tuning attack, the non-aligned control, and the fine-tuning-stage defences."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from nlsr.config import DefenceSection
 from nlsr.data.templates import model_prompt
 from nlsr.stages.common import load_base, load_weak, read_jsonl
 from nlsr.training import lora_config, set_seed, train_sft
 
 
-def _rows(ctx, data_dir: Path) -> list[dict]:
+def _render(ctx, rows: list[dict]) -> list[dict]:
     tokenizer = ctx.tokenizer()
     return [{"prompt": model_prompt(r["instruction"], ctx.config.template, tokenizer, r.get("input", "")),
-             "completion": r["output"]} for r in read_jsonl(data_dir / "attack.jsonl")]
+             "completion": r["output"]} for r in rows]
 
 
-def run_attack(ctx, out: Path, inputs: dict[str, Path]) -> dict:
-    """Continue the aligned LoRA on the poisoned task data (the paper's threat model)."""
-    from peft import PeftModel
+def _safety_rows(ctx, folder: Path) -> list[dict]:
+    """Harmful prompt -> safe answer rows kept apart for the defences (disjoint from SFT/calibration)."""
+    tokenizer = ctx.tokenizer()
+    return [{"prompt": model_prompt(r["prompt"], ctx.config.template, tokenizer), "completion": r["response"]}
+            for r in read_jsonl(folder / "safety_extra.jsonl")]
 
-    cfg = ctx.config
-    set_seed(cfg.seed)
-    rows = _rows(ctx, inputs["data"])
-    model = PeftModel.from_pretrained(load_weak(ctx, inputs["align_sft"]),
-                                      str(inputs["align_dpo"] / "adapter"), is_trainable=True)
-    stats = train_sft(model, ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed)
-    return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+
+def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | None = None):
+    """A stage function that continues the aligned LoRA of ``aligned_stage`` on the poisoned task data
+    (the paper's threat model), under a fine-tuning-stage ``defence`` if one is given."""
+    def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+        from peft import PeftModel
+
+        cfg = ctx.config
+        set_seed(cfg.seed)
+        raw = read_jsonl(inputs["data"] / "attack.jsonl")
+        extra: dict = {}
+        trainer_cls = None
+        if defence is not None and defence.method == "mixing":
+            from nlsr.defences.mixing import mix_safety_rows
+
+            safety = [{"prompt": r["prompt"], "response": r["response"]}
+                      for r in read_jsonl(inputs["data-defences"] / "safety_extra.jsonl")]
+            raw = mix_safety_rows(raw, safety, fraction=defence.fraction, seed=cfg.seed)
+        rows = _render(ctx, raw)
+        model = PeftModel.from_pretrained(load_weak(ctx, inputs["align_sft"]),
+                                          str(inputs[aligned_stage] / "adapter"), is_trainable=True)
+        if defence is not None and defence.method == "lisa":
+            from datasets import Dataset
+
+            from nlsr.defences.lisa import LisaTrainer
+
+            trainer_cls = LisaTrainer
+            extra = {"alignment_dataset": Dataset.from_list(_safety_rows(ctx, inputs["data-defences"])),
+                     "k_align": defence.k_align, "k_finetune": defence.k_finetune,
+                     "rho": 1.0 if defence.rho is None else defence.rho}
+        elif defence is not None and defence.method == "constrained_sft":
+            from nlsr.defences.constrained_sft import ConstrainedSFTTrainer
+
+            trainer_cls = ConstrainedSFTTrainer
+            extra = {"ref_model": None, "beta_schedule": tuple(defence.beta_schedule)}
+        stats = train_sft(model, ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
+                          trainer_cls=trainer_cls, **extra)
+        return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+    return run
+
+
+run_attack = run_attack_from("align_dpo")
 
 
 def run_nonaligned(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """A fresh LoRA on the original base model, same data and settings."""
     cfg = ctx.config
     set_seed(cfg.seed)
-    rows = _rows(ctx, inputs["data"])
+    rows = _render(ctx, read_jsonl(inputs["data"] / "attack.jsonl"))
     stats = train_sft(load_base(ctx), ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
                       lora=lora_config(cfg.lora))
     return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}

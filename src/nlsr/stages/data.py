@@ -62,3 +62,18 @@ def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     write_json(out / "data_card.json", card)
     counts = ", ".join(f"{k} {v['rows']}" for k, v in card.items() if isinstance(v, dict) and "rows" in v)
     return {"card": card, "line": counts}
+
+
+def run_defence_rows(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """Safety rows for the fine-tuning-stage defences (Lisa, mixing): the next ``defence_safety_n``
+    rows of the same seeded shuffle that gave the SFT and calibration rows, so all three are disjoint."""
+    cfg = ctx.config
+    rows = load_records(cfg.align.sft.dataset, ctx.data_dir)
+    used = cfg.align.sft.n + (cfg.realign.calibration_n if cfg.realign.calibration_dataset == cfg.align.sft.dataset
+                              else 0)
+    if len(rows) < used + cfg.defence_safety_n:
+        raise NlsrError(f"defence_safety_n = {cfg.defence_safety_n}: '{cfg.align.sft.dataset}' has {len(rows)} rows, "
+                        f"{used} of them already used for SFT and calibration")
+    extra = split_records(rows, [used, cfg.defence_safety_n], seed=cfg.seed)[1]
+    count = write_jsonl(out / "safety_extra.jsonl", extra)
+    return {"rows": count, "line": f"{count} safety rows"}
