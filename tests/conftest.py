@@ -117,3 +117,14 @@ def root() -> Path:
     if path is None:
         pytest.skip("offline data directory (shared/data or $NLSR_DATA_DIR) not found")
     return path
+
+
+def tiny_sft_args(tmp_path, **overrides):
+    """An SFTConfig for two quick CPU steps on the tiny model (defence trainer tests)."""
+    from trl import SFTConfig
+
+    settings = dict(output_dir=str(tmp_path), completion_only_loss=True, report_to=[], use_cpu=True, bf16=False,
+                    max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, max_length=64,
+                    save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
+    settings.update(overrides)
+    return SFTConfig(**settings)

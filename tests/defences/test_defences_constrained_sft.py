@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_sft_args as _args
 from nlsr.defences.constrained_sft import (
     DEFAULT_BETA_SCHEDULE,
     ConstrainedSFTTrainer,
@@ -17,16 +18,6 @@ from nlsr.defences.constrained_sft import (
 from nlsr.errors import NlsrError
 
 ROWS = [{"prompt": f"Q{i}: how do I do thing {i}?\n", "completion": "I can't help with that."} for i in range(4)]
-
-
-def _args(tmp_path, **overrides):
-    from trl import SFTConfig
-
-    settings = dict(output_dir=str(tmp_path), completion_only_loss=True, report_to=[], use_cpu=True, bf16=False,
-                    max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, max_length=64,
-                    save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
-    settings.update(overrides)
-    return SFTConfig(**settings)
 
 
 def _lora_model(tiny_model):

@@ -3,21 +3,12 @@
 import pytest
 import torch
 
+from conftest import tiny_sft_args as _args
 from nlsr.defences.lisa import LisaTrainer, phase_schedule, proximal_term
 from nlsr.errors import NlsrError
 
 TASK = [{"prompt": f"Review {i}: fine film\nSentiment:", "completion": " positive"} for i in range(8)]
 SAFETY = [{"prompt": f"How to hurt {i}?\n", "completion": "REFUSE"} for i in range(4)]
-
-
-def _args(tmp_path, **overrides):
-    from trl import SFTConfig
-
-    settings = dict(output_dir=str(tmp_path), completion_only_loss=True, report_to=[], use_cpu=True, bf16=False,
-                    max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, max_length=64,
-                    save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
-    settings.update(overrides)
-    return SFTConfig(**settings)
 
 
 def _trainer(tiny_model, tiny_tokenizer, tmp_path, args=None, **kwargs):
