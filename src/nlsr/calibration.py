@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from nlsr.data.readers import jsonl_rows
-from nlsr.data.templates import ALPACA_NO_INPUT, model_prompt  # noqa: F401 (ALPACA_NO_INPUT re-exported)
+from nlsr.data.templates import model_prompt
 from nlsr.errors import NlsrError
 
 

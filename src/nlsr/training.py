@@ -14,8 +14,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from nlsr.config import LoraSection, TrainSection
 
 
@@ -111,4 +109,3 @@ def set_seed(seed: int) -> None:
     from transformers import set_seed as hf_set_seed
 
     hf_set_seed(seed)
-    torch.use_deterministic_algorithms(False)

@@ -20,10 +20,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
 def load_base(ctx, dtype: str | None = "float32"):
     """The original base model of the experiment."""
     from nlsr.models import load_model

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from nlsr.data import build_poisoned, get_task, load_ready_made, load_records, split_records
 from nlsr.errors import NlsrError
-from nlsr.stages.common import write_json, write_jsonl
+from nlsr.io import write_json
+from nlsr.stages.common import write_jsonl
 
 
 def _take(name: str, rows: list[dict], n: int, what: str) -> list[dict]:

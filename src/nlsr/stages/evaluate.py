@@ -11,7 +11,8 @@ from pathlib import Path
 from nlsr.data import accuracy, get_task
 from nlsr.data.templates import model_prompt
 from nlsr.generation import generate
-from nlsr.stages.common import load_base, load_weak, read_jsonl, write_json, write_jsonl
+from nlsr.io import write_json
+from nlsr.stages.common import load_base, load_weak, read_jsonl, write_jsonl
 
 
 def evaluate_model(ctx, model, out: Path, data_dir: Path) -> dict:
