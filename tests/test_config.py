@@ -57,10 +57,13 @@ def test_data_stage_rejects_unknown_dataset_before_training(tmp_path):
         pytest.skip("no offline data folder")
     cfg = ExperimentConfig.model_validate({"align": {"sft": {"dataset": "safety_sftt", "n": 4}}})
     with pytest.raises(NlsrError, match="safety_sftt"):
-        data_stage.run(RunContext(cfg, tmp_path, data), tmp_path, {})
+        data_stage.run_align(RunContext(cfg, tmp_path, data), tmp_path, {})
     cfg = ExperimentConfig.model_validate({"align": {"sft": {"n": 5000}}})
     with pytest.raises(NlsrError, match="align.sft.n"):
-        data_stage.run(RunContext(cfg, tmp_path, data), tmp_path, {})
+        data_stage.run_align(RunContext(cfg, tmp_path, data), tmp_path, {})
+    cfg = ExperimentConfig.model_validate({"evaluate": {"task_n": 10 ** 6}})
+    with pytest.raises(NlsrError, match="evaluate.task_n"):
+        data_stage.run_task(RunContext(cfg, tmp_path, data), tmp_path, {})
 
 
 def test_stage_graph_of_the_comparison_config():
@@ -79,17 +82,27 @@ def test_stage_graph_of_the_comparison_config():
     assert "align_dpo-vaccine" in next(s for s in stages if s.name == "attack-vaccine").inputs
 
 
-def test_data_key_ignores_learning_rates(tmp_path):
+def test_data_keys_ignore_learning_rates_and_alignment_ignores_the_attack(tmp_path):
     from nlsr.experiment import build_stages
     from nlsr.pipeline import stage_key
 
-    base = ExperimentConfig()
-    changed = ExperimentConfig.model_validate({"align": {"dpo": {"lr": 1e-3}}, "attack": {"epochs": 3}})
-    more = ExperimentConfig.model_validate({"attack": {"p": 0.2}})
+    def keys(cfg):
+        """Every stage's key, computed the way run_stages chains them."""
+        out: dict[str, str] = {}
+        for stage in build_stages(cfg):
+            out[stage.name] = stage_key(stage, {i: out[i] for i in stage.inputs})
+        return out
 
-    def key(cfg):
-        return stage_key(build_stages(cfg)[0], {})
-    assert key(base) == key(changed) != key(more)
+    base = keys(ExperimentConfig())
+    changed = keys(ExperimentConfig.model_validate({"align": {"dpo": {"lr": 1e-3}}, "attack": {"epochs": 3}}))
+    other_attack = keys(ExperimentConfig.model_validate({"attack": {"p": 0.2, "task": "ag_news"},
+                                                         "evaluate": {"task_n": 100}}))
+    assert base["data"] == changed["data"] and base["data-align"] == changed["data-align"]
+    assert base["align_dpo"] != changed["align_dpo"]
+    assert base["data"] != other_attack["data"]
+    for name in ("data-align", "align_sft", "align_dpo", "identify-b0.9-r0.8-q0.2-identified"):
+        assert base[name] == other_attack[name], name          # one aligned model serves every attack
+    assert base["attack"] != other_attack["attack"]
 
 
 def test_reserved_and_duplicate_model_names():

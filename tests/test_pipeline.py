@@ -93,3 +93,21 @@ def test_unknown_force_stage(ctx):
 
     with pytest.raises(NlsrError, match="unknown stages"):
         run_stages(ctx, _graph([]), force={"zz"}, log=lambda m: None)
+
+
+def test_stages_done_elsewhere_with_the_same_key_are_reused(tmp_path):
+    calls = []
+    other = RunContext(ExperimentConfig(), tmp_path / "other", tmp_path)
+    run_stages(other, _graph(calls), log=lambda m: None)
+    source_manifest = (other.run_dir / "b" / "manifest.json").read_text()
+    here = RunContext(ExperimentConfig(), tmp_path / "here", tmp_path)
+    logs: list[str] = []
+    manifests = run_stages(here, _graph(calls, b_param=2), log=logs.append, reuse_from=[other.run_dir])
+    assert calls == ["a", "b", "c", "b", "c"]                # "a" copied; "b" changed, so it and "c" rerun
+    assert manifests["a"]["reused_from"] == str(other.run_dir / "a")
+    assert (here.run_dir / "a" / "value.txt").read_text() == "a|"
+    assert any(m.startswith("[reuse] a") for m in logs)
+    assert (other.run_dir / "b" / "manifest.json").read_text() == source_manifest   # source untouched
+    assert "reused_from" not in json.loads((other.run_dir / "a" / "manifest.json").read_text())
+    run_stages(here, _graph(calls, b_param=2), force={"a"}, reuse_from=[other.run_dir], log=lambda m: None)
+    assert calls[5:] == ["a"]                                # --force reruns instead of copying

@@ -39,6 +39,12 @@ def test_smoke_pipeline_runs_end_to_end_and_resumes(tmp_path: Path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[run]" not in again.stdout and again.stdout.count("[skip]") == len(stages)
 
+    copy = _nlsr("run", "configs/smoke.yaml", "--set", f"runs_dir={runs}", "--set", "name=smoke-copy",
+                 "--set", f"reuse_from=[{run_dir}]")
+    assert copy.returncode == 0, copy.stderr[-3000:]
+    assert "[run]" not in copy.stdout and copy.stdout.count("[reuse]") == len(stages)
+    assert (runs / "smoke-copy" / "report" / "report.md").read_text() == report
+
 
 def test_bad_config_fails_before_training(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
@@ -50,3 +56,4 @@ def test_bad_config_fails_before_training(tmp_path: Path):
                    "--set", f"runs_dir={tmp_path / 'runs2'}")
     assert result.returncode == 2 and "nope" in result.stderr
     assert not list((tmp_path / "runs2").glob("*/align_sft"))
+

@@ -238,8 +238,8 @@ def validate(
     cfg = load_config(config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = RunContext(cfg, Path(tmp), resolve_data_dir(data_dir if data_dir else cfg.data_dir))
-        summary = data_stage.run(ctx, Path(tmp), {})
-    _say(f"config '{config}' is valid; data: {summary['line']}")
+        lines = [step(ctx, Path(tmp), {})["line"] for step in (data_stage.run_align, data_stage.run_task)]
+    _say(f"config '{config}' is valid; data: {', '.join(lines)}")
     _say("stages: " + ", ".join(s.name for s in build_stages(cfg)))
 
 
@@ -276,6 +276,22 @@ def export(
                     shutil.copy(source, tmp / f"{stage.name}.{name}")
         (tmp / "manifests.json").write_text(json.dumps(manifests, indent=2) + "\n")
     _say(f"exported {len(manifests)} stage manifests and the report to {out}")
+
+
+@app.command()
+@_errors_to_exit
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Finished run folders or their exports, one per setting.")],
+    out: Annotated[Path, typer.Option(help="Output folder for comparison.md/.json and the HS-vs-FA plots.")],
+    judge: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        help="Judge(s) to tabulate (default: every judge in the runs).")] = None,
+    force: Force = False,
+) -> None:
+    """One table across settings in the paper's layout (rows = methods, HS / FA), with the paper's numbers."""
+    from nlsr.comparison import write_comparison
+
+    settings = write_comparison(runs, out, judge, force=force)
+    _say(f"compared {len(settings)} settings ({', '.join(s.title for s in settings)}) -> {out}")
 
 
 @app.command(name="ls")

@@ -164,6 +164,8 @@ class ExperimentConfig(_Section):
     model: str = Field("smollm2", description="Base model: 'smollm2', a directory or a hub id.")
     data_dir: str | None = Field(None, description="Offline data folder (default: NLSR_DATA_DIR / shared/data).")
     runs_dir: str = "runs"
+    reuse_from: list[str] = Field(default_factory=list, description="Other run folders whose finished stages "
+                                  "are copied in when their key matches (e.g. one aligned model, many attacks).")
     template: Literal["alpaca", "chat"] = Field("alpaca", description="Prompt template of every stage.")
     device: str | None = None
     lora: LoraSection = LoraSection()

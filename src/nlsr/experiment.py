@@ -5,17 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from nlsr.config import ExperimentConfig
+from nlsr.errors import NlsrError
 from nlsr.paths import data_dir
 from nlsr.pipeline import RunContext, Stage, run_stages
 
 
-def data_params(sections: dict) -> dict:
-    """Only the settings that change the data stage's output (not learning rates, say)."""
-    attack, ev = sections["attack"], sections["evaluate"]
+def align_data_params(sections: dict) -> dict:
+    """Only the settings that change the alignment data (not learning rates, say)."""
     return {"sft": {k: sections["align"]["sft"][k] for k in ("dataset", "n")},
             "dpo": {k: sections["align"]["dpo"][k] for k in ("dataset", "n")},
-            "attack": {k: attack[k] for k in ("task", "n", "p", "source", "poison_dataset")},
-            "calibration": {k: sections["realign"][k] for k in ("calibration_dataset", "calibration_n")},
+            "calibration": {k: sections["realign"][k] for k in ("calibration_dataset", "calibration_n")}}
+
+
+def task_data_params(sections: dict) -> dict:
+    """Only the settings that change the fine-tuning and evaluation data."""
+    attack, ev = sections["attack"], sections["evaluate"]
+    return {"attack": {k: attack[k] for k in ("task", "n", "p", "source", "poison_dataset")},
             "evaluate": {k: ev[k] for k in ("harmful_dataset", "harmful_n", "task_n", "xstest_n")}}
 
 
@@ -27,11 +32,12 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     sections = cfg.model_dump()
     common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
     stages = [
-        Stage("data", data.run, {**common, **data_params(sections)}),
+        Stage("data-align", data.run_align, {**common, **align_data_params(sections)}),
+        Stage("data", data.run_task, {**common, **task_data_params(sections)}),
         Stage("align_sft", align.run_sft, {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
-              ["data"]),
+              ["data-align"]),
         Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
-              ["data", "align_sft"]),
+              ["data-align", "align_sft"]),
         Stage("attack", attack.run_attack, {**common, "attack": sections["attack"]},
               ["data", "align_sft", "align_dpo"]),
     ]
@@ -50,7 +56,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         stages.append(Stage(f"identify-{ident}", realign.run_identify(variant),
                             {**common, "realign": realign_section, "beta": variant.beta,
                              "scale_both": variant.scale_both, "rho": variant.rho, "q": variant.q,
-                             "masks": variant.masks}, ["data", "align_sft", "align_dpo"]))
+                             "masks": variant.masks}, ["data-align", "align_sft", "align_dpo"]))
     for variant in cfg.realign.variants:
         inputs = ["data", "align_sft", "align_dpo", "attack"]
         if variant.method == "nlsr":
@@ -79,7 +85,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
             cost.insert(0, f"identify-{realign.identify_id(variant)}")
         add_eval(variant.name, "weak", f"realign-{variant.name}", cost)
     if cfg.defences:
-        stages.insert(1, Stage("data-defences", data.run_defence_rows,
+        stages.insert(2, Stage("data-defences", data.run_defence_rows,
                                {**common, "sft": sections["align"]["sft"], "realign": realign_section,
                                 "defence_safety_n": cfg.defence_safety_n}))
     for defence in cfg.defences:
@@ -89,7 +95,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
             aligned_stage = f"align_dpo-{defence.name}"
             stages.append(Stage(aligned_stage, align.run_dpo_vaccine(2.0 if defence.rho is None else defence.rho),
                                 {**params, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
-                                ["data", "align_sft"]))
+                                ["data-align", "align_sft"]))
             run = attack.run_attack_from(aligned_stage)
         else:
             run = attack.run_attack_from("align_dpo", defence)
@@ -108,5 +114,9 @@ def run_experiment(cfg: ExperimentConfig, force: set[str] | None = None,
     """Run (or resume) every stage of ``cfg``; returns the run directory."""
     ctx = RunContext(config=cfg, run_dir=Path(cfg.runs_dir) / cfg.name,
                      data_dir=data_dir(data if data is not None else cfg.data_dir))
-    run_stages(ctx, build_stages(cfg), force=force, log=log)
+    reuse = [Path(r) for r in cfg.reuse_from]
+    missing = [str(r) for r in reuse if not r.is_dir()]
+    if missing:
+        raise NlsrError(f"reuse_from names run folders that do not exist: {missing}; fix the paths or drop them")
+    run_stages(ctx, build_stages(cfg), force=force, log=log, reuse_from=reuse)
     return ctx.run_dir

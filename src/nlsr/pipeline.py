@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -76,9 +77,42 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def find_reusable(stage_name: str, key: str, reuse_from: list[Path]) -> Path | None:
+    """A finished ``stage_name`` with this exact key in one of the ``reuse_from`` run folders."""
+    for run_dir in reuse_from:
+        manifest = read_manifest(run_dir / stage_name)
+        if manifest and manifest.get("key") == key:
+            return run_dir / stage_name
+    return None
+
+
+def _copy_stage(source: Path, partial: Path, final: Path) -> dict:
+    """Copy a finished stage (hard links where the file system allows) and install it atomically."""
+    if partial.exists():
+        shutil.rmtree(partial)
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, partial, copy_function=link_or_copy)
+    manifest = json.loads((partial / MANIFEST).read_text())
+    manifest["reused_from"] = str(source)
+    (partial / MANIFEST).unlink()          # a hard link: rewrite a new file, never the source's
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return manifest
+
+
 def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = None,
-               log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run ``stages`` in order (inputs must come first); returns each stage's manifest."""
+               log: Callable[[str], None] = print, reuse_from: list[Path] | None = None) -> dict[str, dict]:
+    """Run ``stages`` in order (inputs must come first); returns each stage's manifest.
+
+    A stage not done here but done with the same key in one of ``reuse_from`` is copied, not rerun."""
     force = force or set()
     names = [s.name for s in stages]
     unknown = sorted(force - set(names) - {"all"})
@@ -97,6 +131,11 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
             manifests[stage.name] = existing
             continue
         partial = ctx.run_dir / f"{stage.name}.partial"
+        source = None if force & {stage.name, "all"} else find_reusable(stage.name, key, reuse_from or [])
+        if source is not None:
+            manifests[stage.name] = _copy_stage(source, partial, final)
+            log(f"[reuse] {stage.name}: copied from {source.parent} ({manifests[stage.name]['summary_line']})")
+            continue
         if partial.exists():
             marker = partial / ".key"
             if not marker.exists() or marker.read_text() != key or stage.name in force:

@@ -16,7 +16,7 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     set_seed(cfg.seed)
     tokenizer = ctx.tokenizer()
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "completion": r["response"]}
-            for r in read_jsonl(inputs["data"] / "sft.jsonl")]
+            for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
     model = load_base(ctx)
     stats = train_sft(model, tokenizer, rows, cfg.align.sft, out / "adapter", cfg.seed,
                       lora=lora_config(cfg.lora))
@@ -36,7 +36,7 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     set_seed(cfg.seed)
     tokenizer = ctx.tokenizer()
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
-             "rejected": r["rejected"]} for r in read_jsonl(inputs["data"] / "dpo.jsonl")]
+             "rejected": r["rejected"]} for r in read_jsonl(inputs["data-align"] / "dpo.jsonl")]
     model = load_weak(ctx, inputs["align_sft"])
     extra: dict = {}
     if vaccine_rho is not None:

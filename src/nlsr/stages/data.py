@@ -1,4 +1,4 @@
-"""Stage 1: resolve, split and freeze every data set the experiment uses (fails before training)."""
+"""Stage 1: resolve, split and freeze every data set (two stages, alignment and task; both fail before training)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,25 @@ def _take(name: str, rows: list[dict], n: int, what: str) -> list[dict]:
     return rows[:n]
 
 
-def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+def _write(out: Path, parts: list[tuple[str, list[dict]]], sources: dict[str, str]) -> dict:
+    card: dict = {name: {"rows": write_jsonl(out / f"{name}.jsonl", rows)} for name, rows in parts}
+    card["sources"] = sources
+    return card
+
+
+def _finish(out: Path, card: dict) -> dict:
+    write_json(out / "data_card.json", card)
+    counts = ", ".join(f"{k} {v['rows']}" for k, v in card.items() if isinstance(v, dict) and "rows" in v)
+    return {"card": card, "line": counts}
+
+
+def run_align(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """The alignment data (SFT, DPO) and the calibration rows for identification.
+
+    A stage of its own so that runs which differ only in the attack or the evaluation share one
+    aligned model (its key does not change with them)."""
     cfg, seed = ctx.config, ctx.config.seed
     d = ctx.data_dir
-    card: dict[str, dict] = {}
-
     sft_all = load_records(cfg.align.sft.dataset, d)
     if cfg.realign.calibration_dataset == cfg.align.sft.dataset:
         need = cfg.align.sft.n + cfg.realign.calibration_n
@@ -38,7 +52,16 @@ def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     dpo_all = load_records(cfg.align.dpo.dataset, d)
     dpo = _take(cfg.align.dpo.dataset, split_records(dpo_all, [1.0], seed)[0], cfg.align.dpo.n,
                 "align.dpo.n")
+    card = _write(out, [("sft", sft), ("calibration", calibration), ("dpo", dpo)],
+                  {"sft": cfg.align.sft.dataset, "calibration": cfg.realign.calibration_dataset,
+                   "dpo": cfg.align.dpo.dataset})
+    return _finish(out, card)
 
+
+def run_task(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """The (poisoned) fine-tuning data and the evaluation sets: harmful prompts, task test set, XSTest."""
+    cfg, seed = ctx.config, ctx.config.seed
+    d = ctx.data_dir
     task = get_task(cfg.attack.task)
     if cfg.attack.source == "ready_made":
         attack = load_ready_made(cfg.attack.task, cfg.attack.p, d)
@@ -51,18 +74,12 @@ def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     harmful = _take(ev.harmful_dataset, load_records(ev.harmful_dataset, d), ev.harmful_n, "evaluate.harmful_n")
     task_eval = _take(task.eval_dataset, load_records(task.eval_dataset, d), ev.task_n, "evaluate.task_n")
     xstest = [r for r in load_records("xstest", d) if r["label"] == "safe"][:ev.xstest_n]
-
-    for name, rows in [("sft", sft), ("calibration", calibration), ("dpo", dpo), ("attack", attack),
-                       ("harmful_eval", harmful), ("task_eval", task_eval), ("xstest_safe", xstest)]:
-        card[name] = {"rows": write_jsonl(out / f"{name}.jsonl", rows)}
+    card = _write(out, [("attack", attack), ("harmful_eval", harmful), ("task_eval", task_eval),
+                        ("xstest_safe", xstest)],
+                  {"attack": f"{cfg.attack.task} ({cfg.attack.source}, p={cfg.attack.p})",
+                   "harmful_eval": ev.harmful_dataset, "task_eval": task.eval_dataset, "xstest_safe": "xstest"})
     card["attack"]["harmful_rows"] = sum(1 for r in attack if r.get("flag") == "unsafe")
-    card["sources"] = {"sft": cfg.align.sft.dataset, "calibration": cfg.realign.calibration_dataset,
-                       "dpo": cfg.align.dpo.dataset, "attack": f"{cfg.attack.task} ({cfg.attack.source}, "
-                       f"p={cfg.attack.p})", "harmful_eval": ev.harmful_dataset,
-                       "task_eval": task.eval_dataset, "xstest_safe": "xstest"}
-    write_json(out / "data_card.json", card)
-    counts = ", ".join(f"{k} {v['rows']}" for k, v in card.items() if isinstance(v, dict) and "rows" in v)
-    return {"card": card, "line": counts}
+    return _finish(out, card)
 
 
 def run_defence_rows(ctx, out: Path, inputs: dict[str, Path]) -> dict:

@@ -38,7 +38,7 @@ def run_identify(variant: VariantSection):
             masks = random_masks(reference, variant.q, seed=ctx.config.seed)
         else:
             rows = [CalibrationRow(r["prompt"], r["response"])
-                    for r in read_jsonl(inputs["data"] / "calibration.jsonl")]
+                    for r in read_jsonl(inputs["data-align"] / "calibration.jsonl")]
             section = ctx.config.realign
             masks = identify(load_weak(ctx, inputs["align_sft"]), reference, rows, ctx.tokenizer(),
                              rho=variant.rho, q=variant.q, batch_size=section.batch_size,

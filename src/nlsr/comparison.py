@@ -1,0 +1,202 @@
+"""One table across runs, in the paper's layout: rows = methods, columns = settings (HS / FA).
+
+Each run (a run folder or its ``nlsr export``) is one setting: a task and a poison ratio p. The
+table puts the methods in the paper's order, shows the paper's numbers for the same setting where
+it has them, and compares the two HS rankings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlsr.errors import NlsrError
+
+# Row order and display names; labels not listed here (other variants) follow, in run order.
+METHODS: dict[str, str] = {
+    "nonaligned": "Non-aligned",
+    "aligned": "Aligned, before fine-tuning",
+    "attacked": "Aligned (no defence)",
+    "vlguard-mix": "VLGuard mix",
+    "vaccine": "Vaccine",
+    "lisa": "Lisa",
+    "constrained-sft": "ConstrainedSFT",
+    "safelora": "SafeLoRA",
+    "safelora-k10": "SafeLoRA (10 least similar)",
+    "nlsr": "NLSR",
+}
+
+# The paper's HS / FA (Llama-3-8B, method.md "Reference numbers"); FA is missing where the paper's
+# table gives only HS for that column.
+PAPER: dict[tuple[str, float], dict[str, tuple[float, float | None]]] = {
+    ("sst2", 0.05): {"nonaligned": (77.4, 94.7), "attacked": (56.6, 94.8), "vlguard-mix": (53.2, None),
+                     "vaccine": (58.8, None), "lisa": (45.0, None), "constrained-sft": (50.7, None),
+                     "safelora": (52.1, None), "nlsr": (20.4, 95.2)},
+    ("sst2", 0.2): {"nonaligned": (77.2, 94.8), "attacked": (72.9, 95.1), "vlguard-mix": (66.6, None),
+                    "vaccine": (72.5, None), "lisa": (56.3, None), "constrained-sft": (58.2, None),
+                    "safelora": (59.0, None), "nlsr": (30.5, 95.5)},
+    ("ag_news", 0.05): {"attacked": (55.7, 88.8), "safelora": (48.5, 75.7), "nlsr": (19.7, 87.8)},
+    ("gsm8k", 0.05): {"attacked": (53.2, 51.0), "safelora": (45.0, 27.2), "nlsr": (15.4, 55.6)},
+}
+
+
+@dataclass
+class Setting:
+    """One run: its attack and evaluation settings and its per-model results."""
+
+    source: Path
+    task: str
+    p: float
+    n: int
+    eval_sizes: dict[str, int]
+    rows: dict[str, dict]
+
+    @property
+    def title(self) -> str:
+        return f"{self.task} p={self.p:g}"
+
+
+def load_setting(path: str | Path) -> Setting:
+    """Read a finished run folder (``runs/<name>``) or an exported one (``results/<name>``)."""
+    path = Path(path)
+    if (path / "report" / "results.json").exists():
+        results = json.loads((path / "report" / "results.json").read_text())
+        data = json.loads((path / "data" / "manifest.json").read_text())
+    elif (path / "results.json").exists() and (path / "manifests.json").exists():
+        results = json.loads((path / "results.json").read_text())
+        data = json.loads((path / "manifests.json").read_text())["data"]
+    else:
+        raise NlsrError(f"'{path}' is neither a finished run folder (report/results.json) nor an "
+                        "`nlsr export` of one (results.json + manifests.json); finish the run or export it")
+    attack = data["params"]["attack"]
+    sizes = results[0]["metrics"]["n"] if results else {}
+    return Setting(path, attack["task"], float(attack["p"]), int(attack["n"]), sizes,
+                   {row["model"]: row for row in results})
+
+
+def method_order(settings: list[Setting]) -> list[str]:
+    labels = list(dict.fromkeys(label for s in settings for label in s.rows))
+    known = [m for m in METHODS if m in labels]
+    return known + [label for label in labels if label not in METHODS]
+
+
+def hs_ranking(scores: dict[str, float]) -> list[str]:
+    """Methods from lowest to highest HS (the safest first)."""
+    return sorted(scores, key=lambda m: scores[m])
+
+
+def _cell(row: dict | None, judge: str) -> str:
+    if row is None:
+        return "-"
+    hs = row["metrics"]["hs"].get(judge)
+    return f"{'-' if hs is None else f'{hs:.1f}'} / {row['metrics']['fa']:.1f}"
+
+
+def _paper_cell(setting: Setting, method: str) -> str:
+    ref = PAPER.get((setting.task, setting.p), {}).get(method)
+    if ref is None:
+        return "-"
+    return f"{ref[0]:.1f}" + ("" if ref[1] is None else f" / {ref[1]:.1f}")
+
+
+def comparison_markdown(settings: list[Setting], judges: list[str]) -> str:
+    """The tables (one per judge), the time per method, and the HS rankings against the paper's."""
+    methods = method_order(settings)
+    parts = []
+    for judge in judges:
+        header = ["method"] + [f"{s.title}: {who}" for s in settings for who in ("ours", "paper")]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for m in methods:
+            cells = [cell for s in settings for cell in (_cell(s.rows.get(m), judge), _paper_cell(s, m))]
+            lines.append("| " + " | ".join([METHODS.get(m, m)] + cells) + " |")
+        parts.append(f"### HS judged by '{judge}' (%), FA (%)\n\n" + "\n".join(lines))
+    header = ["method"] + [f"{s.title}: method / eval (s)" for s in settings]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in methods:
+        cells = [f"{s.rows[m]['seconds']:.0f} / {s.rows[m]['eval_seconds']:.0f}" if m in s.rows else "-"
+                 for s in settings]
+        lines.append("| " + " | ".join([METHODS.get(m, m)] + cells) + " |")
+    parts.append("### Time per method (seconds; method = the stages that make its model, eval = its "
+                 "evaluation)\n\n" + "\n".join(lines))
+    parts.append("### HS rankings, safest first\n\n" + ranking_markdown(settings, judges))
+    sizes = "; ".join(f"{s.title}: n = {s.n} fine-tuning rows, {s.eval_sizes.get('harmful')} harmful prompts, "
+                      f"{s.eval_sizes.get('task')} task rows ({s.source})" for s in settings)
+    return ("# NLSR against the baselines\n\nCells: harmful score HS % / fine-tuning accuracy FA %. "
+            f"Evaluation sets: {sizes}.\n\n" + "\n\n".join(parts) + "\n")
+
+
+def ranking_markdown(settings: list[Setting], judges: list[str]) -> str:
+    lines = []
+    for s in settings:
+        paper = PAPER.get((s.task, s.p), {})
+        for judge in judges:
+            ours = {m: r["metrics"]["hs"][judge] for m, r in s.rows.items()
+                    if m in paper and r["metrics"]["hs"].get(judge) is not None}
+            if len(ours) < 2:
+                continue
+            ref = {m: paper[m][0] for m in ours}
+            lines.append(f"- {s.title}, judge '{judge}': ours " + " < ".join(
+                METHODS.get(m, m) for m in hs_ranking(ours)) + "; paper " + " < ".join(
+                METHODS.get(m, m) for m in hs_ranking(ref)))
+    return "\n".join(lines) if lines else "(no setting with the paper's numbers)"
+
+
+def plot_hs_vs_fa(settings: list[Setting], judge: str, path: Path) -> None:
+    """One panel per setting; each method one point, with the same colour and marker in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = method_order(settings)
+    cmap = plt.get_cmap("tab20")
+    style = {m: (cmap(i % 20), "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings) + 2.8, 4.6), squeeze=False,
+                             layout="constrained")
+    for ax, s in zip(axes[0], settings, strict=True):
+        for m in methods:
+            row = s.rows.get(m)
+            if row is None or row["metrics"]["hs"].get(judge) is None:
+                continue
+            colour, marker = style[m]
+            ax.scatter(row["metrics"]["fa"], row["metrics"]["hs"][judge], color=colour, marker=marker, s=60,
+                       label=METHODS.get(m, m))
+        ax.set_title(s.title)
+        ax.set_xlabel(f"FA on {s.task} (%)")
+        ax.set_ylabel(f"HS, judge '{judge}' (%)")
+        ax.grid(alpha=0.3)
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.suptitle("Harmful score against fine-tuning accuracy (lower right is better)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_comparison(runs: list[str | Path], out: Path, judges: list[str] | None = None,
+                     force: bool = False) -> list[Setting]:
+    """Write ``comparison.md``, ``comparison.json`` and one ``hs_vs_fa_<judge>.png`` per judge to ``out``."""
+    from nlsr.io import atomic_dir
+
+    if not runs:
+        raise NlsrError("name at least one run folder to compare")
+    settings = [load_setting(r) for r in runs]
+    available = sorted({j for s in settings for r in s.rows.values() for j in r["metrics"]["hs"]})
+    judges = judges or available
+    unknown = [j for j in judges if j not in available]
+    if unknown:
+        raise NlsrError(f"judges {unknown} are not in these runs' results; they have {available}")
+    with atomic_dir(out, force=force) as tmp:
+        (tmp / "comparison.md").write_text(comparison_markdown(settings, judges))
+        (tmp / "comparison.json").write_text(json.dumps(
+            [{"source": str(s.source), "task": s.task, "p": s.p, "n": s.n, "eval_sizes": s.eval_sizes,
+              "rows": s.rows, "paper": {m: list(v) for m, v in PAPER.get((s.task, s.p), {}).items()}}
+             for s in settings], indent=2) + "\n")
+        for judge in judges:
+            plot_hs_vs_fa(settings, judge, tmp / f"hs_vs_fa_{judge}.png")
+    return settings

@@ -1,0 +1,53 @@
+"""The cross-setting comparison table: layout, the paper's numbers, rankings, plots, bad input."""
+
+import json
+
+import pytest
+
+from nlsr.comparison import hs_ranking, load_setting, write_comparison
+from nlsr.errors import NlsrError
+
+
+def _row(model: str, hs: float, fa: float, seconds: float = 10.0) -> dict:
+    return {"model": model, "seconds": seconds, "eval_seconds": 5.0,
+            "metrics": {"hs": {"trained": hs, "refusal": hs + 1}, "fa": fa,
+                        "n": {"harmful": 20, "task": 30, "xstest": 4}}}
+
+
+def _export(path, task: str, p: float, rows: list[dict]):
+    path.mkdir()
+    (path / "results.json").write_text(json.dumps(rows))
+    (path / "manifests.json").write_text(json.dumps(
+        {"data": {"params": {"attack": {"task": task, "p": p, "n": 100}}}}))
+    return path
+
+
+def test_table_in_the_papers_layout_with_its_numbers(tmp_path):
+    first = _export(tmp_path / "a", "sst2", 0.05, [_row("nlsr", 30.0, 90.0), _row("attacked", 60.0, 91.0),
+                                                    _row("lisa", 20.0, 50.0), _row("my-variant", 40.0, 89.0)])
+    second = _export(tmp_path / "b", "gsm8k", 0.05, [_row("attacked", 50.0, 20.0), _row("nlsr", 10.0, 21.0)])
+    write_comparison([first, second], tmp_path / "out", ["trained"])
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| method | sst2 p=0.05: ours | sst2 p=0.05: paper | gsm8k p=0.05: ours | gsm8k p=0.05: paper |"
+    names = [r.split(" | ")[0][2:] for r in rows[1:5]]
+    assert names == ["Aligned (no defence)", "Lisa", "NLSR", "my-variant"]     # paper order, then the rest
+    assert rows[3] == "| NLSR | 30.0 / 90.0 | 20.4 / 95.2 | 10.0 / 21.0 | 15.4 / 55.6 |"
+    assert rows[2] == "| Lisa | 20.0 / 50.0 | 45.0 | - | - |"                  # the paper gives only HS
+    assert "ours Lisa < NLSR < Aligned (no defence); paper NLSR < Lisa < Aligned (no defence)" in text
+    assert (tmp_path / "out" / "hs_vs_fa_trained.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert saved[1]["paper"]["nlsr"] == [15.4, 55.6]
+
+
+def test_ranking_is_safest_first():
+    assert hs_ranking({"a": 3.0, "b": 1.0, "c": 2.0}) == ["b", "c", "a"]
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(NlsrError, match="neither a finished run folder"):
+        load_setting(tmp_path)
+    run = _export(tmp_path / "a", "sst2", 0.2, [_row("nlsr", 1.0, 2.0)])
+    with pytest.raises(NlsrError, match="judges \\['beaverdam'\\]"):
+        write_comparison([run], tmp_path / "out", ["beaverdam"])
+    assert not (tmp_path / "out").exists()
