@@ -10,7 +10,7 @@ from nlsr.errors import NlsrError
 
 def _row(model: str, hs: float, fa: float, seconds: float = 10.0) -> dict:
     return {"model": model, "seconds": seconds, "eval_seconds": 5.0,
-            "metrics": {"hs": {"trained": hs, "refusal": hs + 1}, "fa": fa,
+            "metrics": {"hs": {"trained": hs, "refusal": hs + 1}, "fa": fa, "xstest_refusal": hs / 2,
                         "n": {"harmful": 20, "task": 30, "xstest": 4}}}
 
 
@@ -34,6 +34,8 @@ def test_table_in_the_papers_layout_with_its_numbers(tmp_path):
     assert names == ["Aligned (no defence)", "Lisa", "NLSR", "my-variant"]     # paper order, then the rest
     assert rows[3] == "| NLSR | 30.0 / 90.0 | 20.4 / 95.2 | 10.0 / 21.0 | 15.4 / 55.6 |"
     assert rows[2] == "| Lisa | 20.0 / 50.0 | 45.0 | - | - |"                  # the paper gives only HS
+    over_refusal = text[text.index("### Over-refusal"):]
+    assert "| Lisa | 10.0 | - |" in over_refusal
     assert "ours Lisa < NLSR < Aligned (no defence); paper NLSR < Lisa < Aligned (no defence)" in text
     assert (tmp_path / "out" / "hs_vs_fa_trained.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())

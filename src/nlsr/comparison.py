@@ -93,6 +93,11 @@ def _cell(row: dict | None, judge: str) -> str:
     return f"{'-' if hs is None else f'{hs:.1f}'} / {row['metrics']['fa']:.1f}"
 
 
+def _xstest_cell(row: dict | None) -> str:
+    value = None if row is None else row["metrics"].get("xstest_refusal")
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _paper_cell(setting: Setting, method: str) -> str:
     ref = PAPER.get((setting.task, setting.p), {}).get(method)
     if ref is None:
@@ -111,6 +116,13 @@ def comparison_markdown(settings: list[Setting], judges: list[str]) -> str:
             cells = [cell for s in settings for cell in (_cell(s.rows.get(m), judge), _paper_cell(s, m))]
             lines.append("| " + " | ".join([METHODS.get(m, m)] + cells) + " |")
         parts.append(f"### HS judged by '{judge}' (%), FA (%)\n\n" + "\n".join(lines))
+    header = ["method"] + [s.title for s in settings]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in methods:
+        cells = [_xstest_cell(s.rows.get(m)) for s in settings]
+        lines.append("| " + " | ".join([METHODS.get(m, m)] + cells) + " |")
+    parts.append("### Over-refusal: XSTest safe prompts refused (%, refusal matcher; the paper does not "
+                 "report it)\n\n" + "\n".join(lines))
     header = ["method"] + [f"{s.title}: method / eval (s)" for s in settings]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:
