@@ -105,32 +105,30 @@ def _paper_cell(setting: Setting, method: str) -> str:
     return f"{ref[0]:.1f}" + ("" if ref[1] is None else f" / {ref[1]:.1f}")
 
 
+def _table(header: list[str], methods: list[str], cells) -> str:
+    """A markdown table: one row per method, ``cells(method)`` giving the cells after its name."""
+    lines = ["| " + " | ".join(["method", *header]) + " |", "|" + "---|" * (len(header) + 1)]
+    lines += ["| " + " | ".join([METHODS.get(m, m), *cells(m)]) + " |" for m in methods]
+    return "\n".join(lines)
+
+
 def comparison_markdown(settings: list[Setting], judges: list[str]) -> str:
-    """The tables (one per judge), the time per method, and the HS rankings against the paper's."""
+    """The tables (one per judge), the over-refusal, the time per method, and the HS rankings."""
     methods = method_order(settings)
     parts = []
     for judge in judges:
-        header = ["method"] + [f"{s.title}: {who}" for s in settings for who in ("ours", "paper")]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for m in methods:
-            cells = [cell for s in settings for cell in (_cell(s.rows.get(m), judge), _paper_cell(s, m))]
-            lines.append("| " + " | ".join([METHODS.get(m, m)] + cells) + " |")
-        parts.append(f"### HS judged by '{judge}' (%), FA (%)\n\n" + "\n".join(lines))
-    header = ["method"] + [s.title for s in settings]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for m in methods:
-        cells = [_xstest_cell(s.rows.get(m)) for s in settings]
-        lines.append("| " + " | ".join([METHODS.get(m, m)] + cells) + " |")
+        table = _table([f"{s.title}: {who}" for s in settings for who in ("ours", "paper")], methods,
+                       lambda m, judge=judge: [c for s in settings
+                                               for c in (_cell(s.rows.get(m), judge), _paper_cell(s, m))])
+        parts.append(f"### HS judged by '{judge}' (%), FA (%)\n\n{table}")
+    table = _table([s.title for s in settings], methods, lambda m: [_xstest_cell(s.rows.get(m)) for s in settings])
     parts.append("### Over-refusal: XSTest safe prompts refused (%, refusal matcher; the paper does not "
-                 "report it)\n\n" + "\n".join(lines))
-    header = ["method"] + [f"{s.title}: method / eval (s)" for s in settings]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for m in methods:
-        cells = [f"{s.rows[m]['seconds']:.0f} / {s.rows[m]['eval_seconds']:.0f}" if m in s.rows else "-"
-                 for s in settings]
-        lines.append("| " + " | ".join([METHODS.get(m, m)] + cells) + " |")
+                 f"report it)\n\n{table}")
+    table = _table([f"{s.title}: method / eval (s)" for s in settings], methods,
+                   lambda m: [f"{s.rows[m]['seconds']:.0f} / {s.rows[m]['eval_seconds']:.0f}" if m in s.rows
+                              else "-" for s in settings])
     parts.append("### Time per method (seconds; method = the stages that make its model, eval = its "
-                 "evaluation)\n\n" + "\n".join(lines))
+                 f"evaluation)\n\n{table}")
     parts.append("### HS rankings, safest first\n\n" + ranking_markdown(settings, judges))
     sizes = "; ".join(f"{s.title}: n = {s.n} fine-tuning rows, {s.eval_sizes.get('harmful')} harmful prompts, "
                       f"{s.eval_sizes.get('task')} task rows ({s.source})" for s in settings)
@@ -193,7 +191,7 @@ def plot_hs_vs_fa(settings: list[Setting], judge: str, path: Path) -> None:
 def write_comparison(runs: list[str | Path], out: Path, judges: list[str] | None = None,
                      force: bool = False) -> list[Setting]:
     """Write ``comparison.md``, ``comparison.json`` and one ``hs_vs_fa_<judge>.png`` per judge to ``out``."""
-    from nlsr.io import atomic_dir
+    from nlsr.io import atomic_dir, write_json
 
     if not runs:
         raise NlsrError("name at least one run folder to compare")
@@ -205,10 +203,10 @@ def write_comparison(runs: list[str | Path], out: Path, judges: list[str] | None
         raise NlsrError(f"judges {unknown} are not in these runs' results; they have {available}")
     with atomic_dir(out, force=force) as tmp:
         (tmp / "comparison.md").write_text(comparison_markdown(settings, judges))
-        (tmp / "comparison.json").write_text(json.dumps(
-            [{"source": str(s.source), "task": s.task, "p": s.p, "n": s.n, "eval_sizes": s.eval_sizes,
-              "rows": s.rows, "paper": {m: list(v) for m, v in PAPER.get((s.task, s.p), {}).items()}}
-             for s in settings], indent=2) + "\n")
+        write_json(tmp / "comparison.json",
+                   [{"source": str(s.source), "task": s.task, "p": s.p, "n": s.n, "eval_sizes": s.eval_sizes,
+                     "rows": s.rows, "paper": {m: list(v) for m, v in PAPER.get((s.task, s.p), {}).items()}}
+                    for s in settings])
         for judge in judges:
             plot_hs_vs_fa(settings, judge, tmp / f"hs_vs_fa_{judge}.png")
     return settings

@@ -101,11 +101,16 @@ def _copy_stage(source: Path, partial: Path, final: Path) -> dict:
     manifest = json.loads((partial / MANIFEST).read_text())
     manifest["reused_from"] = str(source)
     (partial / MANIFEST).unlink()          # a hard link: rewrite a new file, never the source's
+    _install(partial, final, manifest)
+    return manifest
+
+
+def _install(partial: Path, final: Path, manifest: dict) -> None:
+    """Write the manifest last, then replace ``final`` by the finished ``partial`` folder."""
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
-    return manifest
 
 
 def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = None,
@@ -155,10 +160,7 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "versions": versions(), "summary": summary, "summary_line": line}
         (partial / ".key").unlink()
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        _install(partial, final, manifest)
         log(f"[done] {stage.name} in {seconds:.0f}s: {line}")
         manifests[stage.name] = manifest
     return manifests
