@@ -25,6 +25,9 @@ METHODS: dict[str, str] = {
     "safelora": "SafeLoRA",
     "safelora-k10": "SafeLoRA (10 least similar)",
     "nlsr": "NLSR",
+    "nlsr-reverse": "NLSR, reversed selection rule",
+    "nlsr-factor": "NLSR, factor-wise transplant",
+    "nlsr-random-masks": "NLSR, random neuron masks",
 }
 
 # The paper's HS / FA (Llama-3-8B, method.md "Reference numbers"); FA is missing where the paper's
@@ -162,9 +165,14 @@ def plot_hs_vs_fa(settings: list[Setting], judge: str, path: Path) -> None:
     methods = method_order(settings)
     cmap = plt.get_cmap("tab20")
     style = {m: (cmap(i % 20), "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings) + 2.8, 4.6), squeeze=False,
+    ncols = min(len(settings), 2)
+    nrows = -(-len(settings) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 2.8, 4.2 * nrows), squeeze=False,
                              layout="constrained")
-    for ax, s in zip(axes[0], settings, strict=True):
+    panels = list(axes.flat)
+    for ax in panels[len(settings):]:
+        ax.set_visible(False)
+    for ax, s in zip(panels, settings, strict=False):
         for m in methods:
             row = s.rows.get(m)
             if row is None or row["metrics"]["hs"].get(judge) is None:
@@ -172,12 +180,13 @@ def plot_hs_vs_fa(settings: list[Setting], judge: str, path: Path) -> None:
             colour, marker = style[m]
             ax.scatter(row["metrics"]["fa"], row["metrics"]["hs"][judge], color=colour, marker=marker, s=60,
                        label=METHODS.get(m, m))
+        ax.set_ylim(bottom=0)
         ax.set_title(s.title)
         ax.set_xlabel(f"FA on {s.task} (%)")
         ax.set_ylabel(f"HS, judge '{judge}' (%)")
         ax.grid(alpha=0.3)
     handles, labels = [], []
-    for ax in axes[0]:
+    for ax in panels:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             if label not in labels:
                 handles.append(h)
