@@ -8,6 +8,7 @@ it has them, and compares the two HS rankings.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,13 +167,13 @@ def plot_hs_vs_fa(settings: list[Setting], judge: str, path: Path) -> None:
     cmap = plt.get_cmap("tab20")
     style = {m: (cmap(i % 20), "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
     ncols = min(len(settings), 2)
-    nrows = -(-len(settings) // ncols)
+    nrows = math.ceil(len(settings) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 2.8, 4.2 * nrows), squeeze=False,
                              layout="constrained")
     panels = list(axes.flat)
     for ax in panels[len(settings):]:
         ax.set_visible(False)
-    for ax, s in zip(panels, settings, strict=False):
+    for ax, s in zip(panels, settings, strict=False):        # spare panels were hidden above
         for m in methods:
             row = s.rows.get(m)
             if row is None or row["metrics"]["hs"].get(judge) is None:
