@@ -14,6 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+# When the benchmark started (this module is imported first thing), and how busy the machine was:
+# on a shared machine the load average says how much of the CPUs the timings could use.
+START = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+         "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def rss_bytes() -> int:
@@ -47,27 +51,25 @@ def measure(fn: Callable[[], object], interval: float = 0.002) -> tuple[object, 
 
 
 def machine() -> dict:
-    """What ran the benchmark."""
+    """What ran the benchmark: CPU model, precision policy, load average at start and end, command."""
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from nlsr.precision import resolve_precision
+
+    precision = resolve_precision()
+    cpu = precision.cpu.model
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=False).stdout.strip()
     except OSError:
         commit = ""
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"date": START["date"], "loadavg_start": START["loadavg"],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "precision": precision.record(), "precision_line": precision.line(),
             "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "commit": commit, "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "commit": commit, "command": " ".join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]])}
 
 
 def write_results(name: str, payload: dict, table: str) -> Path:
@@ -79,6 +81,13 @@ def write_results(name: str, payload: dict, table: str) -> Path:
     (RESULTS / f"{name}.md").write_text(
         f"# {name}\n\nCommand: `{info['command']}`  \nMachine: {info['cpu']}, {info['cores']} cores, "
         f"torch {info['torch']} ({info['torch_threads']} threads)"
-        f"{', GPU ' + info['cuda'] if info['cuda'] else ''}  \nDate: {info['date']}  \n"
+        f"{', GPU ' + info['cuda'] if info['cuda'] else ''}  \n"
+        f"Precision: {info['precision_line']}  \n"
+        f"Load average (1/5/15 min) at start: {_load(info['loadavg_start'])}, at end: "
+        f"{_load(info['loadavg_end'])}  \nDate: {info['date']}  \n"
         f"Commit: {info['commit']}\n\n{table}\n")
     return json_path
+
+
+def _load(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,7 @@ def float64_similarity(reference: LoraAdapter, finetuned: LoraAdapter, masks: Sa
 
 def run_one(implementation: str, layers: int, rank: int, repeats: int) -> dict:
     """Build the inputs and time one implementation (called in a fresh process)."""
+    load = [round(x, 2) for x in os.getloadavg()]
     reference, finetuned, masks = make_inputs(layers, rank)
     gc.collect()
     if implementation == "nlsr":
@@ -106,7 +108,7 @@ def run_one(implementation: str, layers: int, rank: int, repeats: int) -> dict:
     return {"implementation": implementation, "seconds": min(times), "seconds_all": times,
             "peak_extra_gib": max(mems) / 2**30, "similarity": sims, "repaired": repaired,
             "layer0_max_error_vs_float64": max(errors), "modules": len(reference),
-            "parameters": reference.num_parameters()}
+            "parameters": reference.num_parameters(), "loadavg_at_start": load}
 
 
 def main() -> None:
@@ -145,7 +147,10 @@ def main() -> None:
              f"runs in its own process; nlsr time is the best of {args.repeats} runs. The dense "
              "implementation forms both masked d_out x d_in products per module in float32 for the "
              "similarity and then transplants factor-wise like nlsr. Peak extra memory is resident "
-             "memory growth during the call, including the repaired adapter it returns.")
+             "memory growth during the call, including the repaired adapter it returns. Load average "
+             "(1/5/15 min) when each implementation's process started: "
+             + "; ".join(f"{r['implementation']} {' / '.join(f'{v:.2f}' for v in r['loadavg_at_start'])}"
+                         for r in rows) + ".")
     if len(rows) > 1:
         diff = max(abs(a - b) for a, b in zip(ours["similarity"], rows[-1]["similarity"], strict=True))
         notes += f" Largest similarity difference between the two: {diff:.1e}."

@@ -119,7 +119,45 @@ def test_bad_settings_and_masks(setting, shapes):
         realign(reference, finetuned, masks, select="threshold")
     key = next(iter(masks.masks))
     partial = SafetyMasks({k: v for k, v in masks.masks.items() if k != key})
-    with pytest.raises(NlsrError, match=f"no mask '{key}'"):
+    module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    with pytest.raises(NlsrError, match=rf"1 of the reference adapter's \d+ modules have no masks \('{module}'\)"):
         realign(reference, finetuned, partial)
     with pytest.raises(NlsrError, match="has rank 4 in the reference adapter but 2"):
         realign(reference, random_adapter(shapes, rank=2), masks)
+
+
+def _old_similarity(e, t, M_A, M_B) -> float:
+    """The previous per-module implementation (three pairs of r x r products of masked copies)."""
+    def inner(A1, B1, A2, B2):
+        return torch.sum((B1.T @ B2).double() * (A1 @ A2.T).double())
+    A1, B1, A2, B2 = e.A * M_A, e.B * M_B, t.A * M_A, t.B * M_B
+    norm1, norm2 = inner(A1, B1, A1, B1).clamp_min(0).sqrt(), inner(A2, B2, A2, B2).clamp_min(0).sqrt()
+    return float(inner(A1, B1, A2, B2) / (norm1 * norm2).clamp_min(1e-30))
+
+
+@pytest.mark.parametrize(("select", "seed"), [("paper", 0), ("paper", 3), ("reverse", 1), ("threshold", 0)])
+def test_similarities_are_exact_and_decisions_unchanged(setting, select, seed):
+    """The batched similarity equals the float64 dense cosine and the previous implementation's
+    similarities closely enough that every decision is the same."""
+    from nlsr.ops.layers import SELECTION_RULES
+
+    reference, finetuned, masks = setting
+    names = list(finetuned.modules)
+    old = torch.tensor([_old_similarity(reference.modules[n], finetuned.modules[n], *masks.pair(n))
+                        for n in names], dtype=torch.float64)
+    middle = old.sort().values[len(names) // 2 - 1: len(names) // 2 + 1]
+    threshold = float(middle.mean()) if select == "threshold" else None     # between two modules
+    result = realign(reference, finetuned, masks, select=select, seed=seed, threshold=threshold)
+    got = torch.tensor([d.similarity for d in result.decisions], dtype=torch.float64)
+    dense = []
+    for n in names:
+        e, t = reference.modules[n], finetuned.modules[n]
+        M_A, M_B = masks.pair(n)
+        pe = ((M_B * e.B).double() @ (M_A * e.A).double()).flatten()
+        pt = ((M_B * t.B).double() @ (M_A * t.A).double()).flatten()
+        dense.append(float(pe @ pt / (pe.norm() * pt.norm())))
+    assert (got - torch.tensor(dense, dtype=torch.float64)).abs().max() < 1e-6
+    assert (got - old).abs().max() < 1e-6
+    old_prob, old_repaired = SELECTION_RULES[select](old, seed=seed, threshold=threshold)
+    assert [d.repaired for d in result.decisions] == old_repaired.tolist()
+    assert [d.repair_probability for d in result.decisions] == old_prob.tolist()

@@ -44,3 +44,41 @@ def test_sft_collator_keeps_the_eos_as_a_target(tiny_model_dir, tiny_tokenizer, 
     targets = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert targets[-1] == tiny_tokenizer.eos_token_id
     assert tiny_tokenizer.decode(targets[:-1]) == "hi there"
+
+
+UNEVEN = [{"prompt": f"Q{i}: " + "word " * (3 * i) + "\n", "completion": "answer " * (1 + i % 3)} for i in range(8)]
+
+
+def test_padding_free_batches_train_like_padded_ones(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """The padding-free path (rows concatenated, each attending to itself only) reaches the same
+    weights as padded batches of the same rows: no cross-row attention, same loss normalisation."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    section = TrainSection(epochs=1, lr=1e-2, batch_size=4, max_length=24)
+    lora = lora_config(LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj"]))
+    weights, tokens = {}, {}
+    for name, cls in (("free", None), ("padded", SFTTrainer)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        stats = train_sft(model, tiny_tokenizer, UNEVEN, section, tmp_path / name, seed=3, lora=lora,
+                          trainer_cls=cls)
+        weights[name], tokens[name] = load_file(tmp_path / name / "adapter_model.safetensors"), stats["tokens"]
+    assert tokens["free"] == tokens["padded"] > 0
+    for key, value in weights["padded"].items():
+        torch.testing.assert_close(weights["free"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert any(v.abs().sum() > 0 for k, v in weights["free"].items() if "lora_B" in k)
+
+
+def test_tokenize_completions_masks_the_prompt_and_truncates(tiny_tokenizer):
+    from nlsr.training import tokenize_completions
+
+    rows = tokenize_completions(tiny_tokenizer, [{"prompt": "say hi\n", "completion": "hi there"}], 64)
+    ids, mask = rows[0]["input_ids"], rows[0]["completion_mask"]
+    assert ids[-1] == tiny_tokenizer.eos_token_id and mask[-1] == 1
+    assert tiny_tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m][:-1]) == "hi there"
+    assert tiny_tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m]) == "say hi\n"
+    prompt_len = mask.index(1)
+    assert tokenize_completions(tiny_tokenizer, [{"prompt": "say hi\n", "completion": "x"}], prompt_len) == []
+    cut = tokenize_completions(tiny_tokenizer, [{"prompt": "say hi\n", "completion": "hi there"}], prompt_len + 1)
+    assert len(cut[0]["input_ids"]) == prompt_len + 1 and sum(cut[0]["completion_mask"]) == 1

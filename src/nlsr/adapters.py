@@ -10,10 +10,12 @@ per-module ranks and scales are expressed with ``rank_pattern`` / ``alpha_patter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import struct
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ class LoraAdapter:
 
     config: dict
     modules: dict[str, LoraFactors] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)  # the directory it was loaded from
 
     def __iter__(self) -> Iterator[tuple[str, LoraFactors]]:
         return iter(self.modules.items())
@@ -112,9 +115,15 @@ def _read_config(path: Path) -> dict:
         raise NlsrError(f"'{path}' has no {CONFIG_NAME}; an adapter is a PEFT directory with "
                         f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise NlsrError(f"'{config_file}' is not valid JSON: {err}") from err
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NlsrError(f"'{config_file}' is not valid JSON ({err}); restore the {CONFIG_NAME} that "
+                        "PEFT wrote with the adapter") from err
+    except OSError as err:
+        raise NlsrError(f"cannot read '{config_file}': {err.strerror or err}") from err
+    if not isinstance(config, dict):
+        raise NlsrError(f"'{config_file}' holds a JSON {type(config).__name__}, not the object of a "
+                        "PEFT adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise NlsrError(f"'{path}' is a {config.get('peft_type')} adapter; nlsr works on LoRA "
                         "adapters only")
@@ -129,14 +138,37 @@ def _read_config(path: Path) -> dict:
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     weights = path / WEIGHTS_NAME
     if weights.exists():
-        return load_file(weights)
+        return read_safetensors(weights, "adapter weights file",
+                                "re-save the adapter or copy the file again")
     pickled = path / PICKLE_WEIGHTS_NAME
     if pickled.exists():
         if not allow_pickle:
             raise NlsrError(f"'{pickled}' is a pickle file, which can run code when loaded; "
                             "convert it to safetensors, or pass --allow-pickle if you trust it")
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or foreign pickles raise many kinds of errors
+            detail = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+            raise NlsrError(f"'{pickled}' could not be read as a torch state dict "
+                            f"({type(err).__name__}: {detail[:200]}): it is truncated or not a "
+                            "state dict; re-save the adapter as safetensors") from err
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise NlsrError(f"'{pickled}' is not a state dict of tensors")
+        return tensors
     raise NlsrError(f"'{path}' has no {WEIGHTS_NAME}")
+
+
+def read_safetensors(file: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or foreign file is an :class:`NlsrError`
+    naming ``file``, ``what`` it should be and the ``fix``."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise NlsrError(f"'{file}' is not a readable safetensors {what} ({detail}): it is truncated "
+                        f"or not a safetensors file; {fix}") from err
 
 
 def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:
@@ -178,7 +210,33 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAda
                 raise NlsrError(f"'{path}': {weight_key(name, factor)} contains NaN or Inf")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         modules[name] = LoraFactors(A=a.float(), B=b.float(), scale=_scale(alpha, rank, rslora))
-    return LoraAdapter(config=config, modules=modules)
+    return LoraAdapter(config=config, modules=modules, source=str(path))
+
+
+def fingerprint(adapter: LoraAdapter) -> dict:
+    """A JSON-ready identity of an adapter, recorded in the masks made from it.
+
+    ``modules``: how many; ``rank``: the rank (a sorted list when ranks differ); ``layout``: a hash
+    of the module names and factor shapes; ``content``: a hash of the names, shapes, scales and
+    float32 factor values. Equal adapters have equal fingerprints, whatever their file or order.
+    """
+    layout, content = hashlib.sha256(), hashlib.sha256()
+    for name in sorted(adapter.modules, key=natural_key):
+        f = adapter.modules[name]
+        entry = f"{name}:{tuple(f.A.shape)}:{tuple(f.B.shape)}\n".encode()
+        layout.update(entry)
+        content.update(entry + struct.pack("<d", float(f.scale)))
+        for tensor in (f.A, f.B):
+            content.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    ranks = sorted({f.rank for f in adapter.modules.values()})
+    return {"modules": len(adapter), "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "layout": layout.hexdigest()[:16], "content": content.hexdigest()[:16]}
+
+
+def describe_fingerprint(fp: Mapping) -> str:
+    """``'210 modules, rank 16, layout 1a2b.., content 3c4d..'`` for messages."""
+    return (f"{fp.get('modules', '?')} modules, rank {fp.get('rank', '?')}, layout "
+            f"{str(fp.get('layout', '?'))[:8]}, content {str(fp.get('content', '?'))[:8]}")
 
 
 def adapter_config_for(adapter: LoraAdapter) -> dict:
@@ -262,6 +320,30 @@ def _normalize_base(base: str) -> str:
     return str(path.resolve()) if path.exists() else base.rstrip("/")
 
 
+def same_base(recorded: str, given: str) -> bool:
+    """Whether the base model an adapter records names the model spec ``given``.
+
+    Equal after resolving paths; the embedded ``smollm2`` equals its hub id and its cached copy;
+    a relative path recorded from another working directory equals a path ending in it.
+    """
+    a, b = _normalize_base(recorded), _normalize_base(given)
+    if a == b:
+        return True
+    from nlsr.models import EMBEDDED_HUB_ID, EMBEDDED_NAME
+
+    for x, y in ((recorded, given), (given, recorded)):
+        if x == EMBEDDED_NAME:
+            y_path = Path(y)
+            if y.rstrip("/") == EMBEDDED_HUB_ID or (y_path.exists() and (y_path / "config.json").is_file()
+                                                   and EMBEDDED_HUB_ID in (y_path / "config.json").read_text()):
+                return True
+    rel = Path(recorded)
+    if not rel.is_absolute() and not rel.exists() and Path(given).exists():
+        parts = Path(given).resolve().parts
+        return len(rel.parts) <= len(parts) and parts[-len(rel.parts):] == rel.parts
+    return False
+
+
 def attach_adapter(model, adapter: LoraAdapter, adapter_name: str = "default"):
     """Wrap a transformers model with ``adapter`` as a PEFT model (inference mode).
 
@@ -273,6 +355,10 @@ def attach_adapter(model, adapter: LoraAdapter, adapter_name: str = "default"):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     config = adapter_config_for(adapter)
+    # The caller has checked the adapter against this model (the CLI compares the base names);
+    # naming the model here keeps PEFT from warning that the base was "renamed".
+    if getattr(model, "name_or_path", None):
+        config["base_model_name_or_path"] = model.name_or_path
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     lora_config = LoraConfig(**{k: v for k, v in config.items() if k in known})
     lora_config.inference_mode = True

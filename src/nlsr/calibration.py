@@ -34,6 +34,8 @@ def read_calibration_jsonl(path: str | os.PathLike, limit: int | None = None,
     path = Path(path)
     if not path.is_file():
         raise NlsrError(f"calibration file '{path}' does not exist")
+    if limit is not None and limit < 1:
+        raise NlsrError(f"--limit must be >= 1 (got {limit}); leave it out to use every row")
     rows: list[CalibrationRow] = []
     for row in jsonl_rows(path):
         for key in (prompt_field, response_field):
@@ -51,12 +53,17 @@ def read_calibration_jsonl(path: str | os.PathLike, limit: int | None = None,
     return rows
 
 
+def resolve_template(tokenizer, template: str | None = None) -> str:
+    """``template``, or by default "chat" when the tokenizer has a chat template, else "alpaca"."""
+    if template is None:
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    return template
+
+
 def prompt_text(tokenizer, prompt: str, template: str | None = None) -> str:
     """The prompt as the model sees it before its answer, in ``template`` ("alpaca" or "chat");
     by default the chat template when the tokenizer has one, else the paper's Alpaca template."""
-    if template is None:
-        template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
-    return model_prompt(prompt, template, tokenizer)
+    return model_prompt(prompt, resolve_template(tokenizer, template), tokenizer)
 
 
 def encode_row(tokenizer, row: CalibrationRow, max_length: int,

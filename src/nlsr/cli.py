@@ -2,25 +2,100 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from nlsr.choices import SELECTION_RULE_NAMES, TEMPLATE_NAMES, TRANSPLANT_NAMES, check_choice
+from nlsr.cli_common import (
+    at_least,
+    check_model_spec,
+    in_unit_interval,
+    require_adapter_dir,
+    require_dir,
+    require_file,
+    set_debug,
+)
 from nlsr.cli_common import errors_to_exit as _errors_to_exit
 from nlsr.errors import NlsrError
+from nlsr.io import check_output_path
 
+# Commands check their arguments and input paths first and import torch, transformers, peft and
+# TRL only after that (inside the command), so that `nlsr --help` and a typo answer at once.
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neuron-Level Safety Realignment (NLSR) of LoRA-fine-tuned LLMs.")
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the full traceback of an error instead of one line (or set NLSR_DEBUG=1).")]
+          = False) -> None:
+    set_debug(debug)
+
 
 Force = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
 AllowPickle = Annotated[bool, typer.Option(
     "--allow-pickle", help="Accept adapter_model.bin (pickle) files; only for trusted files.")]
+Precision = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="auto, float32 or bfloat16. auto (default) = bfloat16 where the GPU or CPU computes it "
+         "natively (AVX512-BF16/AMX), else float32.")]
+
+
+def _check_precision(precision: str | None) -> None:
+    from nlsr.precision import PRECISIONS  # a light module: torch is imported only to resolve
+
+    check_choice("--precision", precision.strip().lower() if precision else None,
+                 (*PRECISIONS, "fp32", "bf16"))
+
+
+def _check_device(device: str | None) -> None:
+    """After torch is imported: a device string torch understands."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise NlsrError(f"--device '{device}' is not a device ({err}); use cpu, cuda or cuda:N") from None
 
 
 def _say(message: str) -> None:
     typer.echo(message)
+
+
+@contextlib.contextmanager
+def _model_errors(base: str):
+    """Loading errors of a model or tokenizer (malformed config.json, truncated weights, missing
+    tokenizer files, an unknown hub id offline) as one line naming the model."""
+    try:
+        yield
+    except NlsrError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        detail = " ".join(str(err).split())[:300].rstrip(".") or type(err).__name__
+        raise NlsrError(f"cannot load the model '{base}': {detail}; give a complete transformers "
+                        "model directory (config.json, tokenizer files and weights), a hub id, or "
+                        "'smollm2'") from err
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise NlsrError(f"cannot load the model '{base}': a weights file is not readable safetensors "
+                        f"({err}); it is truncated, copy or download it again") from err
+
+
+REFERENCE_INFO = "nlsr_reference.json"  # written by `extrapolate` beside the reference adapter
+
+
+def _reference_beta(reference: Path) -> float | None:
+    """β of a reference adapter written by `nlsr extrapolate`, when it says."""
+    try:
+        return float(json.loads((reference / REFERENCE_INFO).read_text())["beta"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @app.command()
@@ -35,13 +110,17 @@ def extrapolate(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Step 1: the super-aligned reference adapter by ExPO extrapolation."""
+    at_least("--beta", beta, 0)
+    require_adapter_dir(aligned, "--aligned")
+    check_output_path(out, force)
     from nlsr.adapters import load_adapter, save_adapter
-    from nlsr.io import check_output_path
     from nlsr.reference import extrapolate as run
 
-    check_output_path(out, force)
     reference = run(load_adapter(aligned, allow_pickle), beta=beta, scale_both=scale_both)
-    save_adapter(reference, out, force=force)
+    # what made it, for the masks identified on it (`nlsr identify` records beta)
+    made = {"beta": beta, "scale_both": scale_both, "aligned": str(aligned)}
+    save_adapter(reference, out, force=force,
+                 extra_files={REFERENCE_INFO: (json.dumps(made, indent=2) + "\n").encode()})
     _say(f"reference adapter (beta={beta}, {len(reference)} modules) -> {out}")
 
 
@@ -64,32 +143,65 @@ def identify(
     template: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Prompt template: chat or alpaca (default: chat when the tokenizer has one).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (auto).")] = None,  # noqa: UP045
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 ... (auto).")] = None,  # noqa: UP045
+    precision: Precision = None,
+    device_map: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="'auto': spread a model too large for one device over the GPUs, then CPU memory, then "
+             "--offload-folder (accelerate's big-model loading).")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Memory caps for --device-map, e.g. '0=70GiB,1=70GiB,cpu=200GiB' (implies --device-map auto).")] = None,
+    offload_folder: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Folder for the layers that fit nowhere else (implies --device-map auto).")] = None,
     force: Force = False,
     allow_pickle: AllowPickle = False,
+    allow_base_mismatch: Annotated[bool, typer.Option(
+        "--allow-base-mismatch", help="Accept a --base other than the reference adapter's base model "
+                                      "(e.g. the same model under another name).")] = False,
 ) -> None:
     """Step 2: safety-critical neuron masks from one streaming calibration pass."""
-    from nlsr.adapters import load_adapter
+    at_least("--batch-size", batch_size, 1)
+    at_least("--limit", limit, 1)
+    at_least("--max-length", max_length, 1)
+    in_unit_interval("--rank-ratio", rank_ratio)
+    in_unit_interval("--keep", keep)
+    check_choice("--template", template, TEMPLATE_NAMES)
+    _check_precision(precision)
+    require_adapter_dir(reference, "--reference")
+    require_file(calibration, "calibration file", 'give a JSONL file of {"prompt", "response"} rows')
+    check_model_spec(base)
+    check_output_path(out, force)
+    from nlsr.adapters import load_adapter, same_base
     from nlsr.calibration import read_calibration_jsonl
     from nlsr.identification import identify as run
     from nlsr.identification import save_masks
-    from nlsr.io import check_output_path
+    from nlsr.io import file_sha256
     from nlsr.models import load_model, load_tokenizer
 
-    check_output_path(out, force)
+    _check_device(device)
     ref = load_adapter(reference, allow_pickle)
+    if ref.base_model and not allow_base_mismatch and not same_base(ref.base_model, base):
+        raise NlsrError(f"the reference adapter '{reference}' was trained on base model "
+                        f"'{ref.base_model}' but --base is '{base}'; identify on the model the adapter "
+                        "belongs to (the weak aligned model W_0), or pass --allow-base-mismatch if they "
+                        "are the same model under two names")
     rows = read_calibration_jsonl(calibration, limit=limit, prompt_field=prompt_field,
                                   response_field=response_field)
-    tokenizer = load_tokenizer(base)
-    model = load_model(base, device=device, dtype=dtype)
+    with _model_errors(base):
+        tokenizer = load_tokenizer(base)
+    from nlsr.precision import resolve_precision
+
+    chosen = resolve_precision(precision, device)
+    _say(chosen.line())
+    with _model_errors(base):
+        model = load_model(base, device=device, precision=chosen.dtype, device_map=device_map,
+                           max_memory=max_memory, offload_folder=offload_folder)
+    made_from = {"reference": str(reference), "base": base, "beta": _reference_beta(reference),
+                 "calibration": str(calibration), "calibration_sha256": file_sha256(calibration)}
     masks = run(model, ref, rows, tokenizer, rho=rank_ratio, q=keep, batch_size=batch_size,
-                max_length=max_length, template=template)
-    masks.metadata.update({"reference": str(reference), "calibration": str(calibration),
-                           "base": base})
+                max_length=max_length, template=template, metadata=made_from)
     save_masks(masks, out, force=force)
     _say(f"masks for {len(ref)} modules from {len(rows)} rows "
-         f"({masks.metadata['response_tokens']} response tokens), density "
-         f"{masks.density():.3f} -> {out}")
+         f"({masks.metadata['response_tokens']} response tokens, {masks.metadata['template']} "
+         f"template), density {masks.density():.3f} -> {out}")
 
 
 @app.command()
@@ -112,21 +224,34 @@ def realign(
         help="Refuse when the median cosine of A_e and A_t is below this (0 disables).")] = 0.5,
     allow_base_mismatch: Annotated[bool, typer.Option(
         "--allow-base-mismatch", help="Accept adapters that name different base models.")] = False,
+    allow_mask_mismatch: Annotated[bool, typer.Option(
+        "--allow-mask-mismatch", help="Experts: accept masks recorded for another reference adapter, "
+                                      "an older masks file without a record, or masks of extra modules.")] = False,
     force: Force = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Steps 3-4: pick the drifted modules and transplant the reference's safety neurons."""
+    check_choice("--select", select, SELECTION_RULE_NAMES)
+    check_choice("--transplant", transplant, TRANSPLANT_NAMES)
+    if select == "threshold" and threshold is None:
+        raise NlsrError("the 'threshold' rule needs --threshold T (repair modules with S < T)")
+    if not (p_base - epsilon >= 0 and p_base + epsilon <= 1):
+        raise NlsrError(f"--p-base ± --epsilon must stay in [0, 1] (got {p_base} ± {epsilon})")
+    if not min_origin_cosine <= 1:
+        raise NlsrError(f"--min-origin-cosine is a cosine, at most 1 (got {min_origin_cosine}); 0 disables it")
+    require_adapter_dir(reference, "--reference")
+    require_adapter_dir(finetuned, "--finetuned")
+    require_file(masks, "mask file", "make one with `nlsr identify`")
+    check_output_path(out, force)
     from nlsr.adapters import load_adapter, save_adapter
     from nlsr.identification import load_masks
-    from nlsr.io import check_output_path
     from nlsr.plots import plot_similarity_by_layer
     from nlsr.realignment import realign as run
 
-    check_output_path(out, force)
     result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle),
                  load_masks(masks), select=select, transplant=transplant, threshold=threshold,
                  p_base=p_base, epsilon=epsilon, seed=seed, min_origin_cosine=min_origin_cosine,
-                 check_base=not allow_base_mismatch)
+                 check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch)
     report = result.report()
     report["settings"].update({"reference": str(reference), "finetuned": str(finetuned),
                                "masks": str(masks)})
@@ -154,11 +279,18 @@ def safelora(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Baseline: SafeLoRA projection of the least aligned modules."""
+    if (threshold is None) == (num_modules is None):
+        raise NlsrError("give exactly one of --threshold T (project modules with cosine < T) or "
+                        "--num-modules K (project the K least similar modules)")
+    at_least("--num-modules", num_modules, 1)
+    require_adapter_dir(aligned, "--aligned")
+    require_adapter_dir(finetuned, "--finetuned")
+    if unaligned is not None:
+        require_adapter_dir(unaligned, "--unaligned")
+    check_output_path(out, force)
     from nlsr.adapters import load_adapter, save_adapter
     from nlsr.defences.safelora import safelora as run
-    from nlsr.io import check_output_path
 
-    check_output_path(out, force)
     result = run(load_adapter(aligned, allow_pickle), load_adapter(finetuned, allow_pickle),
                  unaligned=load_adapter(unaligned, allow_pickle) if unaligned else None,
                  threshold=threshold, num_modules=num_modules)
@@ -176,6 +308,7 @@ def inspect(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Print an adapter's modules, ranks, scales and factor norms."""
+    require_adapter_dir(adapter, "ADAPTER")
     from rich.console import Console
     from rich.table import Table
 
@@ -184,11 +317,15 @@ def inspect(
     loaded = load_adapter(adapter, allow_pickle)
     table = Table(title=f"{adapter} (base: {loaded.base_model})")
     for column in ("module", "rank", "scale", "A shape", "B shape", "|A|", "|B|"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for name, f in loaded:
         table.add_row(name, str(f.rank), f"{f.scale:g}", str(tuple(f.A.shape)),
                       str(tuple(f.B.shape)), f"{f.A.norm():.3g}", f"{f.B.norm():.3g}")
-    Console().print(table)
+    # never cut module names: as wide as the table needs, even past the terminal (or 80 in a pipe)
+    console = Console()
+    needed = console.measure(table, options=console.options.update_width(100_000)).maximum
+    console = Console(width=max(console.width, needed))
+    console.print(table)
     _say(f"{len(loaded)} modules, {loaded.num_parameters():,} parameters")
 
 
@@ -205,14 +342,19 @@ def run(
         help="Rerun this stage even if it is done ('all' for every stage); repeatable.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Offline data folder (default: NLSR_DATA_DIR or shared/data).")] = None,
+    precision: Precision = None,
 ) -> None:
     """Run the whole experiment: data, align, attack, identify, realign, evaluate, report.
 
     Finished stages whose inputs did not change are skipped; an interrupted run resumes."""
+    _check_precision(precision)
+    if data_dir is not None:
+        require_dir(data_dir, "data directory")
     from nlsr.config import load_config
+
+    cfg = load_config(config, [*(overrides or []), *([f"precision={precision}"] if precision else [])])
     from nlsr.experiment import run_experiment
 
-    cfg = load_config(config, overrides)
     run_dir = run_experiment(cfg, force=set(force or []), data=data_dir)
     report = run_dir / "report" / "report.md"
     _say(report.read_text())
@@ -229,6 +371,8 @@ def validate(
     """Check a config and its data sets without training anything; list the stages it would run."""
     import tempfile
 
+    if data_dir is not None:
+        require_dir(data_dir, "data directory")
     from nlsr.config import load_config
     from nlsr.experiment import build_stages
     from nlsr.paths import data_dir as resolve_data_dir
@@ -258,6 +402,8 @@ def export(
     from nlsr.io import atomic_dir
     from nlsr.pipeline import read_manifest
 
+    require_dir(run_dir, "run folder")
+    check_output_path(out, force)
     report = run_dir / "report"
     if read_manifest(report) is None:
         raise NlsrError(f"'{run_dir}' has no finished report stage; run `nlsr run` to the end first")
@@ -288,6 +434,9 @@ def compare(
     force: Force = False,
 ) -> None:
     """One table across settings in the paper's layout (rows = methods, HS / FA), with the paper's numbers."""
+    for run_dir in runs:
+        require_dir(run_dir, "run folder")
+    check_output_path(out, force)
     from nlsr.comparison import write_comparison
 
     settings = write_comparison(runs, out, judge, force=force)

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from nlsr.choices import JUDGE_NAMES, check_choice
+from nlsr.cli_common import at_least, require_dir
 from nlsr.cli_common import errors_to_exit as _errors_to_exit
 
 judge_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -45,6 +47,13 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")] = False,
 ) -> None:
     """Train the TF-IDF + logistic-regression judge; print its held-out agreement."""
+    at_least("--max-prompts", max_prompts, 1)
+    if data_dir is not None:
+        require_dir(data_dir, "data directory")
+    if out is not None:
+        from nlsr.io import check_output_path
+
+        check_output_path(out, force)
     from nlsr.judges.classifier import default_dir, train_judge
 
     target = out if out is not None else default_dir()
@@ -66,10 +75,14 @@ def validate(
     max_prompts: MaxPrompts = None,
     device: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Moderation models: cpu, cuda, cuda:1 ... (auto).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="Moderation models: float32, bfloat16 ... (auto).")] = None,
+    precision: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Moderation models: auto, float32 or bfloat16 (auto = bf16 where the hardware has it).")] = None,
 ) -> None:
     """Print a judge's agreement with the held-out labelled responses, per source."""
+    check_choice("judge", judge, JUDGE_NAMES)
+    at_least("--max-prompts", max_prompts, 1)
+    if data_dir is not None:
+        require_dir(data_dir, "data directory")
     from nlsr.judges import agreement, heldout_rows, make_judge
 
     params: dict[str, Any] = {}
@@ -78,7 +91,7 @@ def validate(
     if judge == "trained" and model is None and data_dir is not None:
         params["data_dir"] = data_dir
     if judge in ("beaverdam", "llamaguard"):
-        params.update(device=device, dtype=dtype)
+        params.update(device=device, precision=precision)
     built = make_judge(judge, **params)
     if seed is None:
         seed = int(getattr(built, "meta", {}).get("seed", 0))

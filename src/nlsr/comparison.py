@@ -64,12 +64,22 @@ class Setting:
 def load_setting(path: str | Path) -> Setting:
     """Read a finished run folder (``runs/<name>``) or an exported one (``results/<name>``)."""
     path = Path(path)
+
+    def read(file: Path):
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise NlsrError(f"'{file}' is missing; is '{path}' a complete run folder or export?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise NlsrError(f"'{file}' is not valid JSON ({err}); rerun the report stage or export the "
+                            "run again") from err
+
     if (path / "report" / "results.json").exists():
-        results = json.loads((path / "report" / "results.json").read_text())
-        data = json.loads((path / "data" / "manifest.json").read_text())
+        results = read(path / "report" / "results.json")
+        data = read(path / "data" / "manifest.json")
     elif (path / "results.json").exists() and (path / "manifests.json").exists():
-        results = json.loads((path / "results.json").read_text())
-        data = json.loads((path / "manifests.json").read_text())["data"]
+        results = read(path / "results.json")
+        data = read(path / "manifests.json")["data"]
     else:
         raise NlsrError(f"'{path}' is neither a finished run folder (report/results.json) nor an "
                         "`nlsr export` of one (results.json + manifests.json); finish the run or export it")

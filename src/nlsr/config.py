@@ -16,6 +16,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def folder_name(value: str, what: str) -> str:
+    """``value`` if it can name one folder: no path separators, not '.' or '..', not empty."""
+    if (not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0")
+            or value != value.strip()):
+        raise ValueError(f"{what} '{value}' must be a single folder name (no '/', '\\', '..', "
+                         "surrounding spaces or empty name), since it names a folder of the run")
+    return value
+
+
 class LoraSection(_Section):
     """LoRA shape shared by alignment and attack (the attack continues the aligned adapter)."""
 
@@ -92,19 +101,24 @@ class VariantSection(_Section):
     p_base: float = 0.5
     epsilon: float = 0.2
     seed: int = 0
-    num_modules: int | None = Field(None, description="SafeLoRA: project the K least similar modules.")
+    num_modules: int | None = Field(None, gt=0, description="SafeLoRA: project the K least similar modules.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_folder(cls, value: str) -> str:
+        return folder_name(value, "variant name")
 
     @model_validator(mode="after")
     def _rules(self) -> VariantSection:
-        from nlsr.ops.layers import SELECTION_RULES
-        from nlsr.ops.transplant import TRANSPLANTS
+        # the names, not the registries: those import torch, and a config check must be instant
+        from nlsr.choices import SELECTION_RULE_NAMES, TRANSPLANT_NAMES
 
         if self.method == "nlsr":
-            if self.select not in SELECTION_RULES:
-                raise ValueError(f"select='{self.select}' is unknown; use one of {sorted(SELECTION_RULES)}")
-            if self.transplant not in TRANSPLANTS:
+            if self.select not in SELECTION_RULE_NAMES:
+                raise ValueError(f"select='{self.select}' is unknown; use one of {sorted(SELECTION_RULE_NAMES)}")
+            if self.transplant not in TRANSPLANT_NAMES:
                 raise ValueError(f"transplant='{self.transplant}' is unknown; use one of "
-                                 f"{sorted(TRANSPLANTS)}")
+                                 f"{sorted(TRANSPLANT_NAMES)}")
             if self.select == "threshold" and self.threshold is None:
                 raise ValueError("select='threshold' needs a threshold")
         elif (self.threshold is None) == (self.num_modules is None):
@@ -138,7 +152,9 @@ class EvaluateSection(_Section):
     xstest_max_new_tokens: int = Field(48, gt=0)
     judges: list[str] = Field(default_factory=lambda: ["refusal", "trained"])
     batch_size: int = Field(32, gt=0)
-    dtype: str | None = Field("bfloat16", description="Generation dtype (bfloat16 is fast on CPU and GPU).")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Generation backend: 'vllm' on a GPU where vLLM is installed, else 'hf'; "
+                            "'auto' picks vLLM when it can run.")
     evaluate_aligned: bool = Field(True, description="Also evaluate the aligned model before the attack.")
 
 
@@ -155,6 +171,11 @@ class DefenceSection(_Section):
     beta_schedule: list[float] = Field(default_factory=lambda: [0.5, 2.0, 2.0, 2.0, 2.0, 0.1],
                                        description="ConstrainedSFT: β per response position, last repeats.")
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_folder(cls, value: str) -> str:
+        return folder_name(value, "defence name")
+
 
 class ExperimentConfig(_Section):
     """The whole experiment, one section per stage."""
@@ -168,6 +189,12 @@ class ExperimentConfig(_Section):
                                   "are copied in when their key matches (e.g. one aligned model, many attacks).")
     template: Literal["alpaca", "chat"] = Field("alpaca", description="Prompt template of every stage.")
     device: str | None = None
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute precision of training, generation and identification: 'auto' = "
+                            "bfloat16 where the GPU or CPU computes it natively, else float32.")
+    num_processes: int = Field(
+        1, ge=1, description="Data-parallel processes per training stage (one per GPU), started with "
+                             "`accelerate launch`; batch sizes are summed over them (see nlsr.distributed).")
     lora: LoraSection = LoraSection()
     align: AlignSection = AlignSection()
     attack: AttackSection = AttackSection()
@@ -176,6 +203,11 @@ class ExperimentConfig(_Section):
     defences: list[DefenceSection] = Field(default_factory=list, description="Baselines to compare.")
     defence_safety_n: int = Field(200, gt=0, description="Safety rows (disjoint from SFT and calibration) "
                                                           "for Lisa and mixing.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_folder(cls, value: str) -> str:
+        return folder_name(value, "run name")
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> ExperimentConfig:
@@ -208,16 +240,23 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.is_file():
         raise NlsrError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise NlsrError(f"config file '{path}' is not valid YAML: {err}") from err
+        raise NlsrError(f"config file '{path}' is not valid YAML: {' '.join(str(err).split())}") from err
+    except UnicodeDecodeError as err:
+        raise NlsrError(f"config file '{path}' is not UTF-8 text ({err.reason}); give a YAML config "
+                        "such as configs/smoke.yaml") from err
     if not isinstance(data, dict):
         raise NlsrError(f"config file '{path}' must hold a mapping of sections")
     for item in overrides or []:
         if "=" not in item:
             raise NlsrError(f"override '{item}' must look like section.field=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise NlsrError(f"override '{item}': the value is not valid YAML ({' '.join(str(err).split())})") from err
+        _set_dotted(data, key.strip(), value)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:

@@ -27,13 +27,16 @@ def task_data_params(sections: dict) -> dict:
 def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stages in dependency order."""
     from nlsr.judges.classifier import default_dir  # its name versions the trained judge
+    from nlsr.precision import resolve_precision
     from nlsr.stages import align, attack, data, evaluate, realign, report
 
     sections = cfg.model_dump()
-    common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
+    data_common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
+    # Stages that run a model depend on the precision it ran in: a float32 run never reuses bf16 stages.
+    common = {**data_common, "precision": resolve_precision(cfg.precision, cfg.device).dtype}
     stages = [
-        Stage("data-align", data.run_align, {**common, **align_data_params(sections)}),
-        Stage("data", data.run_task, {**common, **task_data_params(sections)}),
+        Stage("data-align", data.run_align, {**data_common, **align_data_params(sections)}),
+        Stage("data", data.run_task, {**data_common, **task_data_params(sections)}),
         Stage("align_sft", align.run_sft, {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
               ["data-align"]),
         Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
@@ -62,9 +65,12 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         if variant.method == "nlsr":
             inputs.append(f"identify-{realign.identify_id(variant)}")
         stages.append(Stage(f"realign-{variant.name}", realign.run_variant(variant),
-                            {**common, "variant": variant.model_dump()}, inputs))
+                            {**data_common, "variant": variant.model_dump()}, inputs))
+
+    from nlsr.generation import resolve_backend
 
     generation = {k: v for k, v in sections["evaluate"].items() if k != "judges"}
+    generation["backend"] = resolve_backend(cfg.evaluate.backend)   # auto -> what runs here
     eval_params = {**common, "evaluate": generation, "task": cfg.attack.task}
     models: list[tuple[str, str, list[str]]] = []
 
@@ -86,7 +92,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         add_eval(variant.name, "weak", f"realign-{variant.name}", cost)
     if cfg.defences:
         stages.insert(2, Stage("data-defences", data.run_defence_rows,
-                               {**common, "sft": sections["align"]["sft"], "realign": realign_section,
+                               {**data_common, "sft": sections["align"]["sft"], "realign": realign_section,
                                 "defence_safety_n": cfg.defence_safety_n}))
     for defence in cfg.defences:
         params = {**common, "defence": defence.model_dump()}
@@ -118,5 +124,6 @@ def run_experiment(cfg: ExperimentConfig, force: set[str] | None = None,
     missing = [str(r) for r in reuse if not r.is_dir()]
     if missing:
         raise NlsrError(f"reuse_from names run folders that do not exist: {missing}; fix the paths or drop them")
+    log(f"[machine] {ctx.precision.line()}")
     run_stages(ctx, build_stages(cfg), force=force, log=log, reuse_from=reuse)
     return ctx.run_dir

@@ -1,7 +1,8 @@
 """Batched greedy generation: left padding, KV cache, length-sorted batches, resumable.
 
-The Hugging Face backend runs everywhere; the vLLM backend is used on a GPU machine where vLLM is
-installed (it needs the model merged on disk).
+The Hugging Face backend runs everywhere; the vLLM backend (:class:`VllmGenerator`) is what the
+evaluate stage uses on a GPU machine where vLLM is installed (``evaluate.backend: auto | hf | vllm``;
+it needs the model merged on disk). Both feed the same token ids and decode greedily.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from nlsr.errors import NlsrError
 
 
 def _progress(total: int, description: str):
@@ -39,7 +42,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    encoded = prompt_token_ids(tokenizer, prompts, max_prompt_tokens)
     todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -len(encoded[i]))
     with _progress(len(prompts), description) as bar:
         task = bar.add_task(description, total=len(prompts), completed=len(done))
@@ -74,10 +77,39 @@ def vllm_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
 
-def generate_vllm(model_dir: Path, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions with vLLM from a merged model directory (GPU only; untested on CPU)."""
-    from vllm import LLM, SamplingParams
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``vllm`` where it can run (CUDA and vLLM installed), else ``hf``."""
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if backend == "vllm" and not vllm_available():
+        raise NlsrError("evaluate.backend is 'vllm' but vLLM cannot run here (it needs a CUDA GPU and "
+                        "`pip install vllm`); use backend 'auto' or 'hf'")
+    if backend not in ("hf", "vllm"):
+        raise NlsrError(f"unknown generation backend '{backend}'; use auto, hf or vllm")
+    return backend
 
-    llm = LLM(model=str(model_dir), dtype="bfloat16", seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    return [o.outputs[0].text.strip() for o in llm.generate(list(prompts), params)]
+
+def prompt_token_ids(tokenizer, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
+    """The token ids both backends feed the model: no special tokens added (the template already
+    holds them), cut to the last ``max_prompt_tokens`` tokens."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
+
+
+class VllmGenerator:
+    """Greedy generation with vLLM from a merged model directory: the same token ids, stop token,
+    maximum new tokens and decoding as :func:`generate`; one engine serves several prompt sets."""
+
+    def __init__(self, model_dir: Path, tokenizer, dtype: str = "bfloat16", seed: int = 0):
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed)
+
+    def __call__(self, prompts: Sequence[str], max_new_tokens: int, max_prompt_tokens: int = 1024) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True,
+                                stop_token_ids=[self.tokenizer.eos_token_id])
+        requests = [{"prompt_token_ids": ids} for ids in prompt_token_ids(self.tokenizer, prompts, max_prompt_tokens)]
+        outputs = self.llm.generate(requests, params)
+        return [o.outputs[0].text.strip() for o in outputs]

@@ -23,7 +23,29 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     if not out.parent.exists():
         raise NlsrError(f"the folder '{out.parent}' for output '{out}' does not exist; create it "
                         "first")
+    if not out.parent.is_dir():
+        raise NlsrError(f"'{out.parent}' (the folder for output '{out}') is a file, not a folder")
+    check_writable(out.parent, out)
     return out
+
+
+def check_writable(folder: Path, out: Path | None = None) -> None:
+    """Refuse a folder where a file cannot be created (read-only file system, permissions), by
+    creating and removing a probe file there: nothing expensive should run before this fails."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".nlsr-write-probe-", dir=folder)
+    except OSError as err:
+        what = f"output '{out}'" if out is not None else "the output"
+        raise NlsrError(f"cannot write {what}: the folder '{folder}' is not writable "
+                        f"({err.strerror or err}); choose a writable location") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _write_error(out: Path, err: OSError) -> NlsrError:
+    where = f" ('{err.filename}')" if err.filename else ""
+    return NlsrError(f"writing '{out}' failed: {err.strerror or err}{where}; nothing was written. "
+                     "Check free space and permissions, or choose another output")
 
 
 @contextlib.contextmanager
@@ -37,6 +59,9 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(out, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -61,10 +86,24 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(out, err) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, out)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, data: Any) -> None:

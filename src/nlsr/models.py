@@ -97,20 +97,13 @@ class Placement:
     dtype: torch.dtype
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+def choose_placement(device: str | None = None, precision: str | None = None) -> Placement:
+    """Pick the device (cuda when present, else cpu) and the precision by :mod:`nlsr.precision`
+    (``auto``: bfloat16 where the hardware computes it natively, else float32); both can be given."""
+    from nlsr.precision import resolve_precision
 
-
-def choose_placement(device: str | None = None, dtype: str | None = None) -> Placement:
-    """Pick cuda/bf16 when a GPU is present, else cpu/float32; either can be overridden."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elif dtype in _DTYPES:
-        dt = _DTYPES[dtype]
-    else:
-        raise NlsrError(f"unknown dtype '{dtype}'; use one of {sorted(set(_DTYPES))}")
-    return Placement(dev, dt)
+    chosen = resolve_precision(precision, device)
+    return Placement(torch.device(device or chosen.device), chosen.torch_dtype)
 
 
 def load_tokenizer(spec: str | os.PathLike):
@@ -123,10 +116,57 @@ def load_tokenizer(spec: str | os.PathLike):
     return tokenizer
 
 
-def load_model(spec: str | os.PathLike, device: str | None = None, dtype: str | None = None):
-    """Load a causal LM from a model spec onto the chosen device and dtype, in eval mode."""
+def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (accelerate's
+    ``max_memory``: GPU indices, ``cpu``; values in bytes or with a unit such as ``GiB``/``GB``)."""
+    if text is None or not text.strip():
+        return None
+    out: dict[int | str, int | str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise NlsrError(f"max memory '{text}': each entry must look like DEVICE=SIZE, e.g. "
+                            "'0=70GiB,1=70GiB,cpu=200GiB'")
+        out[int(key) if key.isdigit() else key] = int(value) if value.isdigit() else value
+    return out
+
+
+def load_model(spec: str | os.PathLike, device: str | None = None, precision: str | None = None,
+               device_map: str | dict | None = None, max_memory: dict | str | None = None,
+               offload_folder: str | os.PathLike | None = None):
+    """Load a causal LM from a model spec onto the chosen device, in the chosen precision
+    (``auto``, ``float32`` or ``bfloat16``; see :mod:`nlsr.precision`), in eval mode.
+
+    For a model too large for one device, ``device_map`` (``"auto"``, or a module -> device dict)
+    loads it with accelerate's big-model loading: layers fill the GPUs, then CPU memory, then
+    ``offload_folder`` on disk, each capped by ``max_memory`` (a dict or ``"0=70GiB,cpu=200GiB"``).
+    Giving ``max_memory`` or ``offload_folder`` alone implies ``device_map="auto"``; ``device``
+    then only picks the precision. Such a model is not moved afterwards (``model.hf_device_map``
+    says where each part is); :func:`nlsr.identification.identify` runs on it as it is.
+    """
     from transformers import AutoModelForCausalLM
 
-    place = choose_placement(device, dtype)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=place.dtype)
-    return model.to(place.device).eval()
+    place = choose_placement(device, precision)
+    if isinstance(max_memory, str):
+        max_memory = parse_max_memory(max_memory)
+    if device_map is None and (max_memory or offload_folder):
+        device_map = "auto"
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=place.dtype)
+        return model.to(place.device).eval()
+    extra: dict = {}
+    if max_memory:
+        extra["max_memory"] = max_memory
+    if offload_folder is not None:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+        extra["offload_folder"] = str(offload_folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=place.dtype,
+                                                     device_map=device_map, **extra)
+    except ValueError as err:
+        if "offload" in str(err).lower() and offload_folder is None:
+            raise NlsrError(f"the model does not fit in the memory given ({err}); give an offload "
+                            "folder on a disk with room for the weights, or more memory") from err
+        raise
+    return model.eval()

@@ -3,7 +3,8 @@
 Each stage writes into ``runs/<name>/<stage>/``. It is built in ``<stage>.partial/`` (kept across
 a kill, so training resumes from its last checkpoint and evaluation from its last batch) and
 renamed when complete; ``manifest.json`` is written last and records the stage's key (a hash of
-its parameters and of its inputs' keys), the library versions, the seed and the wall time.
+its parameters and of its inputs' keys), the library versions, the seed, the machine and precision,
+the wall time, the tokens the stage processed and its peak resident memory.
 A rerun skips every stage whose manifest key matches, and reruns a stage (and everything
 downstream) whose parameters or inputs changed.
 """
@@ -47,6 +48,15 @@ class RunContext:
     data_dir: Path
     cache: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def precision(self):
+        """The resolved :class:`nlsr.precision.Precision` of this run (config ``precision``, device)."""
+        if "precision" not in self.cache:
+            from nlsr.precision import resolve_precision
+
+            self.cache["precision"] = resolve_precision(self.config.precision, self.config.device)
+        return self.cache["precision"]
+
     def tokenizer(self):
         if "tokenizer" not in self.cache:
             from nlsr.models import load_tokenizer
@@ -64,6 +74,28 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(md.PackageNotFoundError):
             out[package] = md.version(package)
     return out
+
+
+def _reset_peak_memory() -> None:
+    """Reset the process's peak resident set (Linux: ``clear_refs`` 5), so each stage gets its own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib() -> float | None:
+    """Peak resident memory of this process since the last reset, in MiB (None where unknown)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except (ImportError, OSError):
+        return None
 
 
 def stage_key(stage: Stage, input_keys: dict[str, str]) -> str:
@@ -150,14 +182,19 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
         partial.mkdir(exist_ok=True)
         (partial / ".key").write_text(key)
         log(f"[run] {stage.name}")
+        _reset_peak_memory()
         started = time.perf_counter()
         summary = stage.run(ctx, partial, {i: ctx.run_dir / i for i in stage.inputs})
         seconds = time.perf_counter() - started
         line = summary.pop("line", "") if isinstance(summary, dict) else ""
+        tokens = summary.get("tokens") if isinstance(summary, dict) else None
         manifest = {"stage": stage.name, "key": key, "params": stage.params,
                     "inputs": {i: manifests[i]["key"] for i in stage.inputs},
-                    "seed": ctx.config.seed, "seconds": round(seconds, 2),
+                    "seed": ctx.config.seed, "seconds": round(seconds, 2), "tokens": tokens,
+                    "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds > 0 else None,
+                    "peak_memory_mib": peak_memory_mib(),
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "machine": ctx.precision.record(),
                     "versions": versions(), "summary": summary, "summary_line": line}
         (partial / ".key").unlink()
         _install(partial, final, manifest)

@@ -6,12 +6,10 @@ import re
 import statistics
 from dataclasses import asdict, dataclass
 
-import torch
-
 from nlsr.adapters import LoraAdapter, LoraFactors, check_comparable, weight_key
 from nlsr.errors import NlsrError
 from nlsr.identification import SafetyMasks
-from nlsr.ops.layers import SELECTION_RULES, masked_similarity
+from nlsr.ops.layers import SELECTION_RULES, flat_cosines, masked_similarities
 from nlsr.ops.transplant import TRANSPLANTS
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -52,30 +50,89 @@ def layer_and_kind(module: str) -> tuple[int | None, str]:
     return (int(match.group(1)) if match else None), module.rsplit(".", 1)[-1]
 
 
-def check_masks(masks: SafetyMasks, reference: LoraAdapter) -> None:
-    """Every module of the reference needs bool masks of its factors' shapes."""
+def _few(names: list[str], count: int = 3) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:count])
+    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def check_masks(masks: SafetyMasks, reference: LoraAdapter, allow_mismatch: bool = False) -> None:
+    """Refuse masks that do not belong to ``reference``.
+
+    * Every module of the reference needs bool masks of its factors' shapes (always).
+    * Masks of modules the reference lacks are an error, not silently dropped (``allow_mismatch``:
+      the matching subset is used).
+    * The reference fingerprint recorded in the masks (see :func:`nlsr.identification.provenance`)
+      must equal the reference's (``allow_mismatch``: accepted anyway).
+    * A masks *file* that records no fingerprint (written before nlsr recorded one) is refused
+      unless ``allow_mismatch``; masks built in memory without metadata are taken as given.
+    """
+    from nlsr.adapters import describe_fingerprint, fingerprint, module_name
+    from nlsr.identification import masks_fingerprint
+
+    src = f"'{masks.source}'" if masks.source else "(in memory)"
+    ref_name = f"'{reference.source}'" if reference.source else "(in memory)"
+    regenerate = ("identify masks for this reference (`nlsr identify --reference "
+                  f"{reference.source or 'REFERENCE'} ...`)")
+    mask_modules: dict[str, None] = {}
+    for key in masks.masks:
+        try:
+            mask_modules[module_name(key)] = None
+        except AssertionError:
+            raise NlsrError(f"the masks {src} hold '{key}', which is not a LoRA factor mask; make "
+                            "the masks with `nlsr identify`") from None
+    missing = [n for n in reference.modules
+               if weight_key(n, "A") not in masks.masks or weight_key(n, "B") not in masks.masks]
+    extra = [n for n in mask_modules if n not in reference.modules]
+    if missing or (extra and not allow_mismatch):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the reference adapter's {len(reference)} modules have no "
+                         f"masks ({_few(missing)})")
+        if extra and not allow_mismatch:
+            parts.append(f"{len(extra)} masked modules are not in the reference adapter ({_few(extra)})")
+        escape = "" if missing else "; or pass --allow-mask-mismatch to use the matching subset"
+        raise NlsrError(f"the masks {src} ({len(mask_modules)} modules) do not match the reference "
+                        f"adapter {ref_name} ({len(reference)} modules): {'; '.join(parts)}. The "
+                        f"masks are never silently subset: {regenerate}{escape}")
     for name, f in reference:
         for factor, tensor in (("A", f.A), ("B", f.B)):
             key = weight_key(name, factor)
-            mask = masks.masks.get(key)
-            if mask is None:
-                raise NlsrError(f"the mask file has no mask '{key}'; were the masks identified "
-                                "on this reference adapter?")
+            mask = masks.masks[key]
             if mask.shape != tensor.shape:
-                raise NlsrError(f"mask '{key}' has shape {tuple(mask.shape)} but the factor has "
-                                f"{tuple(tensor.shape)}")
+                raise NlsrError(f"mask '{key}' in {src} has shape {tuple(mask.shape)} but the "
+                                f"factor of the reference adapter {ref_name} has {tuple(tensor.shape)}; "
+                                f"{regenerate}")
+    if allow_mismatch:
+        return
+    recorded = masks_fingerprint(masks)
+    if recorded is None:
+        if masks.source is not None:
+            raise NlsrError(f"the masks {src} do not record which reference adapter they were made "
+                            "from (an older masks file); make them again with `nlsr identify` (in a "
+                            "pipeline run: `nlsr run CONFIG --force identify-...`), or pass "
+                            "--allow-mask-mismatch if you are sure they belong to the reference "
+                            f"adapter {ref_name}")
+        return
+    actual = fingerprint(reference)
+    if any(recorded.get(k) != actual[k] for k in ("layout", "content")):
+        made_from = masks.metadata.get("reference")
+        same_layout = recorded.get("layout") == actual["layout"]
+        raise NlsrError(
+            f"the masks {src} were identified on "
+            f"{'reference adapter ' + repr(made_from) if made_from else 'another reference adapter'} "
+            f"({describe_fingerprint(recorded)}), "
+            f"but the given reference adapter {ref_name} is a different one ({describe_fingerprint(actual)}"
+            f"{': same modules and shapes, other weights' if same_layout else ''}); {regenerate}, "
+            "or pass --allow-mask-mismatch to use them anyway")
 
 
 def origin_cosines(reference: LoraAdapter, finetuned: LoraAdapter) -> dict[str, float]:
     """Entry-wise cosine of ``A_e`` and ``A_t`` per module: near 1 when the fine-tune continued
     the aligned adapter, near 0 for an independently initialised LoRA."""
-    out = {}
-    for name, f in reference:
-        a_e, a_t = f.A.flatten(), finetuned.modules[name].A.flatten()
-        # float32 dot products are accurate enough for a plausibility check and 10x faster.
-        out[name] = float(torch.dot(a_e, a_t) / (torch.dot(a_e, a_e) * torch.dot(a_t, a_t)).sqrt()
-                          .clamp_min(1e-30))
-    return out
+    # float32 dot products are accurate enough for a plausibility check and 10x faster.
+    names = list(reference.modules)
+    cosines = flat_cosines([(reference.modules[n].A, finetuned.modules[n].A) for n in names])
+    return dict(zip(names, cosines.tolist(), strict=True))
 
 
 def check_shared_origin(reference: LoraAdapter, finetuned: LoraAdapter,
@@ -98,7 +155,8 @@ def check_shared_origin(reference: LoraAdapter, finetuned: LoraAdapter,
 def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks,
             select: str = "paper", transplant: str = "exact", threshold: float | None = None,
             p_base: float = 0.5, epsilon: float = 0.2, seed: int = 0,
-            min_origin_cosine: float = 0.5, check_base: bool = True) -> RealignResult:
+            min_origin_cosine: float = 0.5, check_base: bool = True,
+            allow_mask_mismatch: bool = False) -> RealignResult:
     """Repair ``finetuned`` towards ``reference`` inside the safety ``masks`` (NLSR steps 3-4).
 
     Args:
@@ -110,6 +168,8 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks,
         threshold: τ for the ``threshold`` rule. p_base, epsilon: ``P_L`` and ε of the
             probabilistic rules. seed: seed of their draw.
         min_origin_cosine: refuse when the median cosine of ``A_e`` and ``A_t`` is below this.
+        allow_mask_mismatch: accept masks recorded for another reference, an older masks file
+            without a fingerprint, or masks of extra modules (see :func:`check_masks`).
 
     Returns:
         The repaired adapter, one decision per module, and the settings used.
@@ -123,14 +183,14 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks,
     if not (p_base - epsilon >= 0 and p_base + epsilon <= 1):
         raise NlsrError(f"p_base ± epsilon must stay in [0, 1] (got {p_base} ± {epsilon})")
     check_comparable(reference, finetuned, check_base=check_base)
-    check_masks(masks, reference)
+    check_masks(masks, reference, allow_mismatch=allow_mask_mismatch)
     origin = check_shared_origin(reference, finetuned, min_origin_cosine)
 
     names = list(finetuned.modules)
-    similarity = torch.tensor([
-        masked_similarity(reference.modules[n].A, reference.modules[n].B, finetuned.modules[n].A,
-                          finetuned.modules[n].B, *masks.pair(n)) for n in names],
-        dtype=torch.float64)
+    # All modules in one call: stacked Gram matrices, shared buffers, one module per worker thread.
+    similarity = masked_similarities([
+        (reference.modules[n].A, reference.modules[n].B, finetuned.modules[n].A,
+         finetuned.modules[n].B, *masks.pair(n)) for n in names])
     prob, repaired = SELECTION_RULES[select](similarity, p_base=p_base, epsilon=epsilon,
                                              seed=seed, threshold=threshold)
     form = TRANSPLANTS[transplant]

@@ -9,8 +9,11 @@ as a target, checkpoint into ``out_dir`` and resume from the last checkpoint the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,17 +28,26 @@ def lora_config(section: LoraSection):
                       target_modules=list(section.targets), task_type="CAUSAL_LM", bias="none")
 
 
-def _common_args(section: TrainSection, out_dir: Path, seed: int, use_cpu: bool) -> dict:
+def _save_steps(section: TrainSection, rows: int) -> int:
+    """Checkpoint about four times per stage (at least every 25 steps on long stages), so a killed
+    short stage loses minutes, not the whole stage."""
+    per_epoch = max(1, -(-rows // (section.batch_size * section.grad_accum)))
+    total = max(1, int(per_epoch * section.epochs + 0.999))
+    return max(1, min(25, -(-total // 4)))
+
+
+def _common_args(section: TrainSection, out_dir: Path, seed: int, use_cpu: bool, bf16: bool,
+                 rows: int) -> dict:
     return dict(output_dir=str(out_dir), num_train_epochs=section.epochs, learning_rate=section.lr,
                 per_device_train_batch_size=section.batch_size,
                 gradient_accumulation_steps=section.grad_accum, warmup_steps=section.warmup_ratio,
-                lr_scheduler_type="linear", bf16=True, logging_steps=1, save_strategy="steps",
-                save_steps=25, save_total_limit=1, report_to=[], seed=seed, data_seed=seed,
-                use_cpu=use_cpu, disable_tqdm=False, max_length=section.max_length,
+                lr_scheduler_type="linear", bf16=bf16, logging_steps=1, save_strategy="steps",
+                save_steps=_save_steps(section, rows), save_total_limit=1, report_to=[], seed=seed,
+                data_seed=seed, use_cpu=use_cpu, disable_tqdm=False, max_length=section.max_length,
                 dataloader_num_workers=0, remove_unused_columns=True,
                 # TRL turns activation checkpointing on by default; these models fit without it, and it
                 # costs about a third more compute.
-                gradient_checkpointing=False)
+                activation_checkpointing=False)
 
 
 def _last_checkpoint(out_dir: Path) -> str | None:
@@ -43,44 +55,91 @@ def _last_checkpoint(out_dir: Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
-def _finish(trainer, output, out_dir: Path, started: float) -> dict:
+def _dataset_tokens(dataset) -> int:
+    """Tokens one epoch feeds the model: every ``*input_ids`` column (DPO: prompt, chosen, rejected)."""
+    columns = [c for c in dataset.column_names if c.endswith("input_ids")]
+    return sum(len(ids) for c in columns for ids in dataset[c])
+
+
+def _train(trainer, out_dir: Path, section: TrainSection, started: float, log=print) -> dict:
+    """Train (resuming from the last checkpoint in ``out_dir``), save the adapter, return the stats."""
+    resume = _last_checkpoint(out_dir)
+    if resume is not None:
+        log(f"[resume] continuing training from {Path(resume).name} "
+            f"(step {resume.rsplit('-', 1)[-1]} of this stage)")
+    output = trainer.train(resume_from_checkpoint=resume)
+    # Under a multi-process launch (nlsr.distributed) every process gets here; only the main one writes.
+    trainer.accelerator.wait_for_everyone()
+    trainer.model.save_pretrained(out_dir, is_main_process=trainer.args.should_save)
     history = [h for h in trainer.state.log_history if "loss" in h]
+    epoch_tokens = _dataset_tokens(trainer.train_dataset)
     stats = {"seconds": time.perf_counter() - started, "steps": trainer.state.global_step,
              "first_loss": history[0]["loss"] if history else None,
              "last_loss": history[-1]["loss"] if history else None,
-             "mean_loss": output.training_loss}
-    for checkpoint in out_dir.glob("checkpoint-*"):
-        import shutil
-
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    (out_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+             "mean_loss": output.training_loss,
+             "tokens": int(round(epoch_tokens * section.epochs))}
+    if trainer.args.should_save:
+        for checkpoint in out_dir.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        (out_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
     return stats
 
 
+def tokenize_completions(tokenizer, rows: Sequence[dict], max_length: int) -> list[dict]:
+    """``{"prompt", "completion"}`` rows -> ``{"input_ids", "completion_mask"}``, as TRL tokenizes them.
+
+    The completion gets the eos appended (a training target: the model learns to stop), the
+    sequence is cut to its first ``max_length`` tokens, and rows left without a completion token
+    are dropped. Pre-tokenized rows let the trainer run padding-free batches.
+    """
+    eos = tokenizer.eos_token
+    out = []
+    for row in rows:
+        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        ids = tokenizer(row["prompt"] + completion)["input_ids"]
+        start = 0
+        while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
+            start += 1
+        mask = [0] * start + [1] * (len(ids) - start)
+        ids, mask = ids[:max_length], mask[:max_length]
+        if any(mask):
+            out.append({"input_ids": ids, "completion_mask": mask})
+    return out
+
+
 def train_sft(model, tokenizer, rows: Sequence[dict], section: TrainSection, out_dir: Path,
-              seed: int, lora=None, trainer_cls=None, **trainer_kwargs) -> dict:
+              seed: int, lora=None, trainer_cls=None, bf16: bool = False, **trainer_kwargs) -> dict:
     """LoRA SFT on ``{"prompt", "completion"}`` rows (loss on the completion and its eos only).
 
     ``model`` is either a plain model (a fresh LoRA from ``lora`` is added) or a trainable
     ``PeftModel`` whose adapter is continued. The adapter is saved in ``out_dir``.
-    ``trainer_cls`` (an ``SFTTrainer`` subclass, e.g. a defence) and its extra keyword arguments
-    replace the plain trainer.
+    ``bf16`` computes in bfloat16 autocast (see :mod:`nlsr.precision`). The plain trainer runs
+    padding-free batches (the rows of a batch concatenated, each attending only to itself), so no
+    compute goes to padding. ``trainer_cls`` (an ``SFTTrainer`` subclass, e.g. a defence) and its
+    extra keyword arguments replace the plain trainer; those keep padded batches.
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     started = time.perf_counter()
     use_cpu = next(model.parameters()).device.type == "cpu"
-    args = SFTConfig(**_common_args(section, out_dir, seed, use_cpu), completion_only_loss=True)
-    trainer = (trainer_cls or SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
-                                          processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
-    output = trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
-    trainer.model.save_pretrained(out_dir)
-    return _finish(trainer, output, out_dir, started)
+    common = _common_args(section, out_dir, seed, use_cpu, bf16, len(rows))
+    if trainer_cls is None:
+        # Truncation happens in tokenize_completions; padding-free needs max_length unset here.
+        dataset = Dataset.from_list(tokenize_completions(tokenizer, rows, section.max_length))
+        args = SFTConfig(**{**common, "max_length": None}, completion_only_loss=True, padding_free=True)
+    else:
+        dataset = Dataset.from_list(list(rows))
+        args = SFTConfig(**common, completion_only_loss=True)
+    with _quiet():
+        trainer = (trainer_cls or SFTTrainer)(model=model, args=args, train_dataset=dataset,
+                                              processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
+    return _train(trainer, out_dir, section, started)
 
 
 def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, seed: int,
-              lora, trainer_cls=None, **trainer_kwargs) -> dict:
+              lora, trainer_cls=None, bf16: bool = False, **trainer_kwargs) -> dict:
     """DPO of a fresh LoRA on ``{"prompt", "chosen", "rejected"}`` rows; saved in ``out_dir``.
 
     ``trainer_cls`` (a ``DPOTrainer`` subclass such as Vaccine's) replaces the plain trainer."""
@@ -89,13 +148,35 @@ def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, se
 
     started = time.perf_counter()
     use_cpu = next(model.parameters()).device.type == "cpu"
-    common = _common_args(section, out_dir, seed, use_cpu)
+    common = _common_args(section, out_dir, seed, use_cpu, bf16, len(rows))
     args = DPOConfig(**common, beta=section.beta)
-    trainer = (trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
-                                          processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
-    output = trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
-    trainer.model.save_pretrained(out_dir)
-    return _finish(trainer, output, out_dir, started)
+    with _quiet():
+        trainer = (trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
+                                              processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
+    return _train(trainer, out_dir, section, started)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep the libraries' set-up chatter (dataset-map bars, deprecation notices) off the console;
+    training progress still shows."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    bars = datasets.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"(trl|transformers|peft)\.")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def merge_adapter(model, adapter_dir: Path):

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from nlsr.ops.layers import SELECTION_RULES, masked_similarity, normalized_rank, product_cosine
+from nlsr.ops.layers import (
+    SELECTION_RULES,
+    flat_cosines,
+    masked_similarities,
+    masked_similarity,
+    normalized_rank,
+    product_cosine,
+)
 
 
 def _dense_cos(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -71,3 +78,94 @@ def test_threshold_and_all_rules():
     assert repaired.tolist() == [False, True, True]
     _, repaired = SELECTION_RULES["all"](sims)
     assert repaired.all()
+
+
+# ---- the batched similarity: stacked Gram matrices, shared buffers, worker threads ----
+
+def _old_masked_similarity(A_e, B_e, A_t, B_t, M_A, M_B) -> float:
+    """The previous implementation: three separate pairs of r x r products of masked copies."""
+    def inner(A1, B1, A2, B2):
+        return torch.sum((B1.T @ B2).double() * (A1 @ A2.T).double())
+    A1, B1, A2, B2 = A_e * M_A, B_e * M_B, A_t * M_A, B_t * M_B
+    norm1, norm2 = inner(A1, B1, A1, B1).clamp_min(0).sqrt(), inner(A2, B2, A2, B2).clamp_min(0).sqrt()
+    return float(inner(A1, B1, A2, B2) / (norm1 * norm2).clamp_min(1e-30))
+
+
+def _dense_masked(A_e, B_e, A_t, B_t, M_A, M_B) -> float:
+    """Float64 ground truth from the dense d_out x d_in masked products."""
+    d = torch.float64
+    return _dense_cos((M_B * B_e).to(d) @ (M_A * A_e).to(d), (M_B * B_t).to(d) @ (M_A * A_t).to(d))
+
+
+def _modules(seed=0, shapes=((40, 24, 6), (40, 24, 6), (17, 50, 3), (64, 8, 8), (40, 24, 6)),
+             q=0.3, dtype=torch.float32):
+    """Modules ``(A_e, B_e, A_t, B_t, M_A, M_B)``: repeated and distinct shapes, fine-tune ≈ reference."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for d_out, d_in, r in shapes:
+        A_e = torch.randn(r, d_in, generator=gen, dtype=dtype)
+        B_e = torch.randn(d_out, r, generator=gen, dtype=dtype)
+        A_t = A_e + 0.5 * torch.randn(r, d_in, generator=gen, dtype=dtype)
+        B_t = B_e + 0.5 * torch.randn(d_out, r, generator=gen, dtype=dtype)
+        out.append((A_e, B_e, A_t, B_t, torch.rand(r, d_in, generator=gen) < q,
+                    torch.rand(d_out, r, generator=gen) < q))
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_batched_similarities_equal_per_module(workers):
+    modules = _modules()
+    batched = masked_similarities(modules, workers=workers)
+    assert batched.dtype == torch.float64 and batched.shape == (len(modules),)
+    assert batched.tolist() == [masked_similarity(*m) for m in modules]     # bit for bit
+    assert torch.equal(batched, masked_similarities(modules, workers=1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_similarities_match_float64_dense_and_the_previous_implementation(seed):
+    modules = _modules(seed)
+    got = masked_similarities(modules)
+    dense = torch.tensor([_dense_masked(*m) for m in modules], dtype=torch.float64)
+    old = torch.tensor([_old_masked_similarity(*m) for m in modules], dtype=torch.float64)
+    assert (got - dense).abs().max() < 1e-6
+    assert (got - old).abs().max() < 1e-6
+    assert torch.equal(torch.argsort(got), torch.argsort(dense))             # same ranking
+    assert got.min() > 0.2 and got.max() < 1.0
+
+
+def test_float64_factors_give_float64_accuracy():
+    modules = _modules(3, dtype=torch.float64)
+    got = masked_similarities(modules)
+    dense = torch.tensor([_dense_masked(*m) for m in modules], dtype=torch.float64)
+    assert (got - dense).abs().max() < 1e-12
+
+
+def test_bf16_factors_are_widened_not_rounded():
+    modules = [tuple(t.bfloat16() if t.is_floating_point() else t for t in m) for m in _modules(4)]
+    got = masked_similarities(modules)
+    dense = torch.tensor([_dense_masked(*m) for m in modules], dtype=torch.float64)
+    assert (got - dense).abs().max() < 1e-6
+
+
+def test_similarity_edge_cases():
+    assert masked_similarities([]).shape == (0,)
+    A_e, B_e, A_t, B_t, M_A, M_B = _modules(5)[0]
+    assert masked_similarity(A_e, B_e, A_t, B_t, M_A, torch.zeros_like(M_B)) == 0.0   # empty region
+    assert masked_similarity(A_e, B_e, -A_e, B_e, M_A, M_B) == pytest.approx(-1.0)
+
+
+def test_product_cosine_of_different_ranks():
+    gen = torch.Generator().manual_seed(6)
+    A1, B1 = torch.randn(3, 30, generator=gen), torch.randn(20, 3, generator=gen)
+    A2 = torch.cat([A1, torch.randn(2, 30, generator=gen)])
+    B2 = torch.cat([B1, 0.3 * torch.randn(20, 2, generator=gen)], dim=1)
+    assert product_cosine(A1, B1, A2, B2) == pytest.approx(_dense_cos(B1 @ A1, B2 @ A2), abs=1e-6)
+
+
+def test_flat_cosines():
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(4, 50, generator=gen) for _ in range(3)]
+    pairs = [(x, x + 0.5 * torch.randn(x.shape, generator=gen)) for x in xs] + [(xs[0], -xs[0])]
+    got = flat_cosines(pairs)
+    assert got.tolist() == pytest.approx([_dense_cos(x, y) for x, y in pairs], abs=1e-6)
+    assert got[-1] == pytest.approx(-1.0)

@@ -85,7 +85,16 @@ def json_rows(path: Path, key: str | None = None) -> Iterator[Row]:
 def jsonl_rows(path: Path) -> Iterator[Row]:
     """The objects of a JSONL file, one per non-blank line (numbered by line)."""
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+        number = 0
+        while True:
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as err:
+                raise NlsrError(f"{path}, row {number + 1}: not UTF-8 text ({err.reason}); the file "
+                                "should be JSONL, one JSON object per line") from err
+            if not line:
+                return
+            number += 1
             if not line.strip():
                 continue
             try:

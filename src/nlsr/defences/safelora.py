@@ -65,8 +65,9 @@ def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, unaligned: LoraAdapte
             if (g.A.shape[1], g.B.shape[0]) != (f.A.shape[1], f.B.shape[0]):
                 raise NlsrError(f"module '{name}' is {g.B.shape[0]}x{g.A.shape[1]} in the {label} "
                                 f"adapter but {f.B.shape[0]}x{f.A.shape[1]} in the fine-tuned one")
-    if num_modules is not None and not 0 <= num_modules <= len(finetuned):
-        raise NlsrError(f"--num-modules must be between 0 and {len(finetuned)} (got {num_modules})")
+    if num_modules is not None and not 1 <= num_modules <= len(finetuned):
+        raise NlsrError(f"--num-modules must be between 1 and {len(finetuned)}, the fine-tuned "
+                        f"adapter's module count (got {num_modules}); 0 would return the input unchanged")
     names = list(finetuned.modules)
     cosines, projected_bs = [], []
     for name in names:

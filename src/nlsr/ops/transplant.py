@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 Transplant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -31,9 +32,18 @@ def register_transplant(name: str) -> Callable[[Transplant], Transplant]:
 @register_transplant("exact")
 def transplant_exact(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor,
                      M_A: torch.Tensor, M_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-2r factors ``(A'', B'')`` whose product is exactly the paper's transplant."""
-    A = torch.cat([A_e * M_A, A_t * ~M_A], dim=0)
-    B = torch.cat([B_e * M_B, B_t * ~M_B], dim=1)
+    """Rank-2r factors ``(A'', B'')`` whose product is exactly the paper's transplant.
+
+    Each masked factor is written once, straight into its half of the output (no temporary
+    copies).
+    """
+    r = A_e.shape[0]
+    A = torch.empty(2 * r, A_e.shape[1], dtype=torch.result_type(A_e, A_t), device=A_e.device)
+    B = torch.empty(B_e.shape[0], 2 * r, dtype=torch.result_type(B_e, B_t), device=B_e.device)
+    _masked_into(A[:r], A_e, M_A, inside=True)
+    _masked_into(A[r:], A_t, M_A, inside=False)
+    _masked_into(B[:, :r], B_e, M_B, inside=True)
+    _masked_into(B[:, r:], B_t, M_B, inside=False)
     return A, B
 
 
@@ -41,4 +51,27 @@ def transplant_exact(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_
 def transplant_factor(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor,
                       M_A: torch.Tensor, M_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors with the reference's entries swapped in inside the masks."""
+    if _numpy_ok(A_e, A_t, M_A, B_e, B_t, M_B):
+        return (torch.from_numpy(np.where(M_A.numpy(), A_e.detach().numpy(), A_t.detach().numpy())),
+                torch.from_numpy(np.where(M_B.numpy(), B_e.detach().numpy(), B_t.detach().numpy())))
     return torch.where(M_A, A_e, A_t), torch.where(M_B, B_e, B_t)
+
+
+def _numpy_ok(*tensors: torch.Tensor) -> bool:
+    """CPU tensors numpy can read (float32/float64 factors, bool masks), none needing grad.
+
+    numpy runs the elementwise work single-threaded, which on a shared machine is faster than a
+    multi-threaded torch kernel that waits for a core another process holds; the results are
+    bit-for-bit those of torch (one IEEE multiplication by 0 or 1, or a selection, per entry).
+    """
+    return all(t.device.type == "cpu" and not t.requires_grad
+               and t.dtype in (torch.float32, torch.float64, torch.bool) for t in tensors)
+
+
+def _masked_into(out: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor, inside: bool) -> None:
+    """``out = factor ⊙ M`` (``inside``) or ``factor ⊙ (1 - M)``, written in place."""
+    if _numpy_ok(out, factor, mask):
+        keep = mask.numpy() if inside else np.logical_not(mask.numpy())
+        np.multiply(factor.numpy(), keep, out=out.numpy())
+    else:
+        torch.mul(factor, mask if inside else ~mask, out=out)

@@ -17,9 +17,14 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     tokenizer = ctx.tokenizer()
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "completion": r["response"]}
             for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
-    model = load_base(ctx)
-    stats = train_sft(model, tokenizer, rows, cfg.align.sft, out / "adapter", cfg.seed,
-                      lora=lora_config(cfg.lora))
+    if cfg.num_processes > 1:
+        from nlsr.distributed import train_stage_job
+
+        stats = train_stage_job(ctx, "sft", cfg.model, rows, cfg.align.sft, out / "adapter", lora=cfg.lora)
+    else:
+        model = load_base(ctx)
+        stats = train_sft(model, tokenizer, rows, cfg.align.sft, out / "adapter", cfg.seed,
+                          lora=lora_config(cfg.lora), bf16=ctx.precision.bf16)
     from nlsr.training import merge_adapter
 
     weak = merge_adapter(load_base(ctx), out / "adapter")
@@ -37,6 +42,12 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     tokenizer = ctx.tokenizer()
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in read_jsonl(inputs["data-align"] / "dpo.jsonl")]
+    if cfg.num_processes > 1:       # Vaccine's trainer is refused there (one process only)
+        from nlsr.distributed import train_stage_job
+
+        stats = train_stage_job(ctx, "dpo", inputs["align_sft"] / "model", rows, cfg.align.dpo, out / "adapter",
+                                lora=cfg.lora)
+        return {**stats, "line": f"{len(rows)} pairs, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
     model = load_weak(ctx, inputs["align_sft"])
     extra: dict = {}
     if vaccine_rho is not None:
@@ -44,7 +55,7 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
 
         extra = {"trainer_cls": VaccineDPOTrainer, "vaccine_rho": vaccine_rho}
     stats = train_dpo(model, tokenizer, rows, cfg.align.dpo, out / "adapter", cfg.seed,
-                      lora=lora_config(cfg.lora), **extra)
+                      lora=lora_config(cfg.lora), bf16=ctx.precision.bf16, **extra)
     return {**stats, "line": f"{len(rows)} pairs, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
 
 

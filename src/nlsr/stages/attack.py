@@ -41,6 +41,12 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
                       for r in read_jsonl(inputs["data-defences"] / "safety_extra.jsonl")]
             raw = mix_safety_rows(raw, safety, fraction=defence.fraction, seed=cfg.seed)
         rows = _render(ctx, raw)
+        if cfg.num_processes > 1:       # the defences with their own trainers are refused there
+            from nlsr.distributed import train_stage_job
+
+            stats = train_stage_job(ctx, "sft", inputs["align_sft"] / "model", rows, cfg.attack, out / "adapter",
+                                    adapter=inputs[aligned_stage] / "adapter")
+            return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
         model = PeftModel.from_pretrained(load_weak(ctx, inputs["align_sft"]),
                                           str(inputs[aligned_stage] / "adapter"), is_trainable=True)
         if defence is not None and defence.method == "lisa":
@@ -58,7 +64,7 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
             trainer_cls = ConstrainedSFTTrainer
             extra = {"ref_model": None, "beta_schedule": tuple(defence.beta_schedule)}
         stats = train_sft(model, ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
-                          trainer_cls=trainer_cls, **extra)
+                          trainer_cls=trainer_cls, bf16=ctx.precision.bf16, **extra)
         return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
     return run
 
@@ -71,6 +77,11 @@ def run_nonaligned(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     cfg = ctx.config
     set_seed(cfg.seed)
     rows = _render(ctx, read_jsonl(inputs["data"] / "attack.jsonl"))
-    stats = train_sft(load_base(ctx), ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
-                      lora=lora_config(cfg.lora))
+    if cfg.num_processes > 1:
+        from nlsr.distributed import train_stage_job
+
+        stats = train_stage_job(ctx, "sft", cfg.model, rows, cfg.attack, out / "adapter", lora=cfg.lora)
+    else:
+        stats = train_sft(load_base(ctx), ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
+                          lora=lora_config(cfg.lora), bf16=ctx.precision.bf16)
     return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}

@@ -20,15 +20,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_base(ctx, dtype: str | None = "float32"):
-    """The original base model of the experiment."""
+def load_base(ctx, precision: str = "float32"):
+    """The original base model of the experiment (float32 weights by default: training keeps
+    float32 master weights and computes in the run's precision by autocast)."""
     from nlsr.models import load_model
 
-    return load_model(ctx.config.model, device=ctx.config.device, dtype=dtype)
+    return load_model(ctx.config.model, device=ctx.config.device, precision=precision)
 
 
-def load_weak(ctx, align_sft_dir: Path, dtype: str | None = "float32"):
+def load_weak(ctx, align_sft_dir: Path, precision: str = "float32"):
     """The weak aligned model W_0 (the base with the safety SFT merged in)."""
     from nlsr.models import load_model
 
-    return load_model(str(align_sft_dir / "model"), device=ctx.config.device, dtype=dtype)
+    return load_model(str(align_sft_dir / "model"), device=ctx.config.device, precision=precision)

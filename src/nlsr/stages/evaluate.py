@@ -10,20 +10,30 @@ from pathlib import Path
 
 from nlsr.data import accuracy, get_task
 from nlsr.data.templates import model_prompt
-from nlsr.generation import generate
+from nlsr.generation import generate, prompt_token_ids, resolve_backend
 from nlsr.io import write_json
 from nlsr.stages.common import load_base, load_weak, read_jsonl, write_jsonl
 
 
-def evaluate_model(ctx, model, out: Path, data_dir: Path) -> dict:
-    """HS per judge on the harmful prompts, FA on the task, over-refusal on XSTest's safe prompts."""
+def evaluate_model(ctx, model, out: Path, data_dir: Path, vllm=None) -> dict:
+    """HS per judge on the harmful prompts, FA on the task, over-refusal on XSTest's safe prompts.
+
+    ``vllm`` (a :class:`nlsr.generation.VllmGenerator`) replaces the Hugging Face generation."""
     cfg, ev = ctx.config, ctx.config.evaluate
     tokenizer = ctx.tokenizer()
     task = get_task(cfg.attack.task)
+    tokens = {"prompt": 0, "generated": 0}
 
     def run(name: str, prompts: list[str], max_new_tokens: int) -> list[str]:
-        return generate(model, tokenizer, prompts, max_new_tokens, batch_size=ev.batch_size,
-                        cache_file=out / f"{name}.cache.jsonl", description=name)
+        if vllm is not None:
+            outputs = vllm(prompts, max_new_tokens)
+        else:
+            outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size=ev.batch_size,
+                               cache_file=out / f"{name}.cache.jsonl", description=name)
+        tokens["prompt"] += sum(len(ids) for ids in prompt_token_ids(tokenizer, prompts, 1024))
+        tokens["generated"] += sum(min(len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1, max_new_tokens)
+                                   for o in outputs)
+        return outputs
 
     harmful = read_jsonl(data_dir / "harmful_eval.jsonl")
     harmful_out = run("harmful", [model_prompt(r["prompt"], cfg.template, tokenizer) for r in harmful],
@@ -47,6 +57,7 @@ def evaluate_model(ctx, model, out: Path, data_dir: Path) -> dict:
         "xstest_refusal": over_refusal,
         "n": {"harmful": len(harmful), "task": len(task_rows), "xstest": len(xstest)},
         "task": cfg.attack.task,
+        "tokens": tokens,
     }
     write_jsonl(out / "generations.jsonl",
                 [{"set": "harmful", "prompt": p, "output": o}
@@ -64,19 +75,44 @@ def evaluate_model(ctx, model, out: Path, data_dir: Path) -> dict:
 def run_model(base: str, adapter_stage: str | None):
     """A stage function evaluating ``adapter_stage``'s adapter on the weak model or the base model."""
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
-        dtype = ctx.config.evaluate.dtype
-        model = load_weak(ctx, inputs["align_sft"], dtype="float32") if base == "weak" else load_base(ctx, "float32")
+        # Merge in float32, then generate in the run's precision.
+        model = load_weak(ctx, inputs["align_sft"]) if base == "weak" else load_base(ctx)
         if adapter_stage is not None:
             from nlsr.training import merge_adapter
 
             model = merge_adapter(model, inputs[adapter_stage] / "adapter")
-        if dtype:
-            from nlsr.models import choose_placement
-
-            model = model.to(choose_placement(ctx.config.device, dtype).dtype)
-        model.eval()
-        metrics = evaluate_model(ctx, model, out, inputs["data"])
+        model = model.to(ctx.precision.torch_dtype).eval()
+        if resolve_backend(ctx.config.evaluate.backend) == "vllm":
+            merged = out / "merged"
+            model.save_pretrained(merged, safe_serialization=True)
+            ctx.tokenizer().save_pretrained(merged)
+            del model                      # vLLM takes most of the GPU's memory for itself
+            metrics = _evaluate_with_vllm(ctx, merged, out, inputs["data"])
+        else:
+            metrics = evaluate_model(ctx, model, out, inputs["data"])
         hs = f"refused {metrics['harmful_refused']:.1f}% of harmful prompts"
         xs = f", XSTest refusal {metrics['xstest_refusal']:.1f}" if metrics["xstest_refusal"] is not None else ""
-        return {"metrics": metrics, "line": f"{hs}, FA {metrics['fa']:.1f}{xs}"}
+        return {"metrics": metrics, "tokens": metrics["tokens"]["prompt"] + metrics["tokens"]["generated"],
+                "line": f"{hs}, FA {metrics['fa']:.1f}{xs}"}
     return run
+
+
+def _evaluate_with_vllm(ctx, merged: Path, out: Path, data_dir: Path) -> dict:
+    """Generate with vLLM from the merged model directory, then delete that copy."""
+    import gc
+    import shutil
+
+    import torch
+
+    from nlsr.generation import VllmGenerator
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        generator = VllmGenerator(merged, ctx.tokenizer(), dtype=ctx.precision.dtype, seed=ctx.config.seed)
+        metrics = evaluate_model(ctx, None, out, data_dir, vllm=generator)
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+    metrics["backend"] = "vllm"
+    return metrics

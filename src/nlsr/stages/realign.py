@@ -10,13 +10,17 @@ import torch
 from nlsr.adapters import load_adapter, save_adapter, weight_key
 from nlsr.calibration import CalibrationRow
 from nlsr.config import VariantSection
-from nlsr.identification import SafetyMasks, identify, load_masks, save_masks
+from nlsr.identification import SafetyMasks, identify, load_masks, provenance, save_masks
+from nlsr.io import file_sha256
 from nlsr.reference import extrapolate
 from nlsr.stages.common import load_weak, read_jsonl
 
 
-def random_masks(adapter, q: float, seed: int) -> SafetyMasks:
-    """Masks of the same density as identified ones, at random positions (a control)."""
+def random_masks(adapter, q: float, seed: int, **metadata) -> SafetyMasks:
+    """Masks of the same density as identified ones, at random positions (a control).
+
+    Their metadata records the adapter's fingerprint like identified masks (see
+    :func:`nlsr.identification.provenance`); ``metadata`` adds fields such as ``beta``."""
     gen = torch.Generator().manual_seed(seed)
     masks = {}
     for name, f in adapter:
@@ -25,7 +29,7 @@ def random_masks(adapter, q: float, seed: int) -> SafetyMasks:
             flat = torch.zeros(tensor.numel(), dtype=torch.bool)
             flat[torch.randperm(tensor.numel(), generator=gen)[:count]] = True
             masks[weight_key(name, factor)] = flat.view_as(tensor)
-    return SafetyMasks(masks, {"random": "true", "keep_fraction": str(q)})
+    return SafetyMasks(masks, provenance(adapter, random="true", keep_fraction=q, seed=seed, **metadata))
 
 
 def run_identify(variant: VariantSection):
@@ -34,15 +38,21 @@ def run_identify(variant: VariantSection):
         aligned = load_adapter(inputs["align_dpo"] / "adapter")
         reference = extrapolate(aligned, beta=variant.beta, scale_both=variant.scale_both)
         save_adapter(reference, out / "reference")
+        # where the reference will be once the stage is finished (``out`` is the .partial folder)
+        reference.source = str(out.with_name(out.name.removesuffix(".partial")) / "reference")
+        made_from = {"beta": variant.beta, "scale_both": variant.scale_both}
         if variant.masks == "random":
-            masks = random_masks(reference, variant.q, seed=ctx.config.seed)
+            masks = random_masks(reference, variant.q, seed=ctx.config.seed, **made_from)
         else:
-            rows = [CalibrationRow(r["prompt"], r["response"])
-                    for r in read_jsonl(inputs["data-align"] / "calibration.jsonl")]
+            calibration = inputs["data-align"] / "calibration.jsonl"
+            rows = [CalibrationRow(r["prompt"], r["response"]) for r in read_jsonl(calibration)]
+            made_from.update(calibration=str(calibration), calibration_sha256=file_sha256(calibration))
             section = ctx.config.realign
-            masks = identify(load_weak(ctx, inputs["align_sft"]), reference, rows, ctx.tokenizer(),
+            model = load_weak(ctx, inputs["align_sft"], precision=ctx.precision.dtype)
+            masks = identify(model, reference, rows, ctx.tokenizer(),
                              rho=variant.rho, q=variant.q, batch_size=section.batch_size,
-                             max_length=section.max_length, template=ctx.config.template)
+                             max_length=section.max_length, template=ctx.config.template,
+                             metadata=made_from)
         save_masks(masks, out / "masks.safetensors")
         tokens = masks.metadata.get("response_tokens", "-")
         return {"metadata": masks.metadata, "line": f"masks ({variant.masks}), {tokens} response tokens"}

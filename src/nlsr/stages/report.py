@@ -74,6 +74,38 @@ def _agreement_table(agreement: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def stage_timings(run_dir: Path) -> list[dict]:
+    """Seconds, tokens, tokens/s and peak memory of every finished stage of a run, in run order."""
+    rows = []
+    for folder in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.endswith(".partial")):
+        manifest = read_manifest(folder)
+        if manifest is None or folder.name == "report":
+            continue
+        rows.append({"stage": folder.name, "seconds": manifest.get("seconds"), "tokens": manifest.get("tokens"),
+                     "tokens_per_second": manifest.get("tokens_per_second"),
+                     "peak_memory_mib": manifest.get("peak_memory_mib"),
+                     "precision": (manifest.get("machine") or {}).get("dtype") or manifest["params"].get("precision"),
+                     "reused_from": manifest.get("reused_from"), "finished": manifest.get("finished", "")})
+    return sorted(rows, key=lambda r: r["finished"])
+
+
+def _timing_table(rows: list[dict]) -> str:
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| stage | seconds | tokens | tokens/s | peak memory (MiB) | precision |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["stage"] + (" (reused)" if r["reused_from"] else "")
+        lines.append(f"| {name} | {cell(r['seconds'], '.1f')} | {cell(r['tokens'], ',')} | "
+                     f"{cell(r['tokens_per_second'], ',.0f')} | {cell(r['peak_memory_mib'], ',.0f')} | "
+                     f"{r['precision'] or '-'} |")
+    own = [r for r in rows if not r["reused_from"]]
+    total = sum(r["seconds"] or 0 for r in own)
+    peak = max((r["peak_memory_mib"] or 0 for r in own), default=0)
+    lines.append(f"| **total (stages run here)** | {total:.1f} | | | {peak:,.0f} (max) | |")
+    return "\n".join(lines)
+
+
 def run(models: list[tuple[str, str, list[str]]]):
     """``models``: (label, evaluate stage, stages whose time counts towards the method)."""
     def run_report(ctx, out: Path, inputs: dict[str, Path]) -> dict:
@@ -98,7 +130,14 @@ def run(models: list[tuple[str, str, list[str]]]):
                                              f"{row['eval_seconds']:.0f}"]) + " |")
         n = rows[0]["metrics"]["n"] if rows else {}
         cfg = ctx.config
-        notes = [f"Model {cfg.model}, template {cfg.template}, seed {cfg.seed}. Attack: {cfg.attack.task}, "
+        notes = ["**HS** (harmful score) is the share of the harmful prompts whose answer a judge flags as "
+                 "harmful: lower is safer. **FA** (fine-tuning accuracy) is the share of task questions "
+                 "answered correctly: higher is better. XSTest refusal is the share of XSTest's safe "
+                 "prompts the model refuses: lower is better (over-refusal)."]
+        if cfg.name == "smoke" or cfg.evaluate.harmful_n < 50:
+            notes.append("**These sizes are tiny (a smoke run): the numbers only show that every stage runs "
+                         "and writes what the next one reads. They are not results.**")
+        notes += [f"Model {cfg.model}, template {cfg.template}, seed {cfg.seed}. Attack: {cfg.attack.task}, "
                  f"n = {cfg.attack.n}, p = {cfg.attack.p} ({cfg.attack.source}), {cfg.attack.epochs} epoch(s), "
                  f"lr {cfg.attack.lr}. Evaluation: {n.get('harmful')} harmful prompts "
                  f"({cfg.evaluate.harmful_dataset}, {cfg.evaluate.harmful_max_new_tokens} new tokens), "
@@ -108,9 +147,16 @@ def run(models: list[tuple[str, str, list[str]]]):
                          "(JailbreakBench `jailbroken` labels, SPARD safe/unsafe pairs, all-harmless PKU and "
                          "safety-tuned-llamas answers; split by prompt, never trained on):\n\n"
                          + _agreement_table(agreement))
+        timings = stage_timings(ctx.run_dir)
+        notes.append(f"Machine: {ctx.precision.line()}. Time, tokens processed and peak resident memory "
+                     "per stage (tokens: training = rows' tokens x epochs, DPO counting prompt, chosen "
+                     "and rejected; identify = calibration tokens; evaluate = prompt + generated tokens):\n\n"
+                     + _timing_table(timings))
         text = "# Results\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
         (out / "report.md").write_text(text)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "timings.json").write_text(json.dumps({"machine": ctx.precision.record(), "stages": timings},
+                                                     indent=2) + "\n")
         if judges:
             for judge in judges:
                 _hs_fa_plot(rows, judge, out / f"hs_vs_fa_{judge}.png", task)
