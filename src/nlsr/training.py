@@ -85,6 +85,13 @@ def _train(trainer, out_dir: Path, section: TrainSection, started: float, log=pr
     return stats
 
 
+def training_line(count: int, what: str, stats: dict) -> str:
+    """``"400 rows, loss 2.31 -> 1.05"``; a resumed stage with no step left has no losses to show."""
+    if stats.get("first_loss") is None:
+        return f"{count} {what}, {stats.get('steps', 0)} steps (no step left to log after resuming)"
+    return f"{count} {what}, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"
+
+
 def tokenize_completions(tokenizer, rows: Sequence[dict], max_length: int) -> list[dict]:
     """``{"prompt", "completion"}`` rows -> ``{"input_ids", "completion_mask"}``, as TRL tokenizes them.
 

@@ -144,8 +144,9 @@ def _one_blas_thread():
 
 def _cpu_map(fn: Callable, items: Sequence, workers: int | None = None) -> list:
     """``[fn(x) for x in items]``, on ``workers`` threads (default ``torch.get_num_threads()``)
-    that each run single-threaded BLAS; ``fn`` must release the GIL for its heavy work (numpy
-    does). Without threadpoolctl, one thread with multi-threaded BLAS instead."""
+    that each run single-threaded BLAS (numpy's BLAS is limited to one thread process-wide while
+    they run); ``fn`` must release the GIL for its heavy work, as numpy does. Without threadpoolctl,
+    one thread with multi-threaded BLAS instead."""
     items = list(items)
     workers = min(max(1, workers or torch.get_num_threads()), len(items))
     if _blas_controller() is None or workers <= 1:

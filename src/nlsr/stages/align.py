@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nlsr.data.templates import model_prompt
 from nlsr.stages.common import load_base, load_weak, read_jsonl
-from nlsr.training import lora_config, set_seed, train_dpo, train_sft
+from nlsr.training import lora_config, set_seed, train_dpo, train_sft, training_line
 
 
 def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
@@ -25,12 +25,16 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         model = load_base(ctx)
         stats = train_sft(model, tokenizer, rows, cfg.align.sft, out / "adapter", cfg.seed,
                           lora=lora_config(cfg.lora), bf16=ctx.precision.bf16)
+    import gc
+
     from nlsr.training import merge_adapter
 
+    model = None            # the trained copy: free it before loading the base again to merge
+    gc.collect()
     weak = merge_adapter(load_base(ctx), out / "adapter")
     weak.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
-    return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+    return {**stats, "line": training_line(len(rows), "rows", stats)}
 
 
 def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None = None) -> dict:
@@ -47,7 +51,7 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
 
         stats = train_stage_job(ctx, "dpo", inputs["align_sft"] / "model", rows, cfg.align.dpo, out / "adapter",
                                 lora=cfg.lora)
-        return {**stats, "line": f"{len(rows)} pairs, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+        return {**stats, "line": training_line(len(rows), "pairs", stats)}
     model = load_weak(ctx, inputs["align_sft"])
     extra: dict = {}
     if vaccine_rho is not None:
@@ -56,7 +60,7 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
         extra = {"trainer_cls": VaccineDPOTrainer, "vaccine_rho": vaccine_rho}
     stats = train_dpo(model, tokenizer, rows, cfg.align.dpo, out / "adapter", cfg.seed,
                       lora=lora_config(cfg.lora), bf16=ctx.precision.bf16, **extra)
-    return {**stats, "line": f"{len(rows)} pairs, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+    return {**stats, "line": training_line(len(rows), "pairs", stats)}
 
 
 def run_dpo_vaccine(rho: float):

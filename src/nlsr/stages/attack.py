@@ -7,7 +7,7 @@ from pathlib import Path
 from nlsr.config import DefenceSection
 from nlsr.data.templates import model_prompt
 from nlsr.stages.common import load_base, load_weak, read_jsonl
-from nlsr.training import lora_config, set_seed, train_sft
+from nlsr.training import lora_config, set_seed, train_sft, training_line
 
 
 def _render(ctx, rows: list[dict]) -> list[dict]:
@@ -46,7 +46,7 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
 
             stats = train_stage_job(ctx, "sft", inputs["align_sft"] / "model", rows, cfg.attack, out / "adapter",
                                     adapter=inputs[aligned_stage] / "adapter")
-            return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+            return {**stats, "line": training_line(len(rows), "rows", stats)}
         model = PeftModel.from_pretrained(load_weak(ctx, inputs["align_sft"]),
                                           str(inputs[aligned_stage] / "adapter"), is_trainable=True)
         if defence is not None and defence.method == "lisa":
@@ -65,7 +65,7 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
             extra = {"ref_model": None, "beta_schedule": tuple(defence.beta_schedule)}
         stats = train_sft(model, ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
                           trainer_cls=trainer_cls, bf16=ctx.precision.bf16, **extra)
-        return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+        return {**stats, "line": training_line(len(rows), "rows", stats)}
     return run
 
 
@@ -84,4 +84,4 @@ def run_nonaligned(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     else:
         stats = train_sft(load_base(ctx), ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
                           lora=lora_config(cfg.lora), bf16=ctx.precision.bf16)
-    return {**stats, "line": f"{len(rows)} rows, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"}
+    return {**stats, "line": training_line(len(rows), "rows", stats)}
