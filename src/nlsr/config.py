@@ -44,6 +44,10 @@ class TrainSection(_Section):
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(256, gt=8)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Rows per forward/backward pass (default: batch_size). A smaller value "
+                                "splits each batch into micro-batches whose gradients are accumulated: the same "
+                                "optimizer steps (up to float summation order) in less activation memory.")
 
 
 class SftSection(TrainSection):

@@ -162,7 +162,8 @@ def _hook_reference_lora(model, reference: LoraAdapter, on_z) -> list:
 @torch.inference_mode()
 def accumulate_grams(model, reference: LoraAdapter, rows: Sequence[CalibrationRow], tokenizer,
                      batch_size: int = 8, max_length: int = 1024, progress: bool = True,
-                     template: str | None = None) -> tuple[dict[str, GramAccumulator], int]:
+                     template: str | None = None, stats: dict | None = None
+                     ) -> tuple[dict[str, GramAccumulator], int]:
     """One forward pass of the reference model over ``rows``; Gram matrices of every ``A_e`` output.
 
     ``model`` is the base (weak) model ``W_0``; the reference adapter is attached for the pass and
@@ -215,6 +216,8 @@ def accumulate_grams(model, reference: LoraAdapter, rows: Sequence[CalibrationRo
             current["mask"] = batch.response_mask
             masks_by_device.clear()
             tokens += int(batch.response_mask.sum())
+            if stats is not None:
+                stats["calibration_tokens"] = stats.get("calibration_tokens", 0) + int(batch.attention_mask.sum())
             forward(input_ids=batch.input_ids.to(device),
                     attention_mask=batch.attention_mask.to(device), use_cache=False)
     finally:
@@ -290,8 +293,9 @@ def identify(model, reference: LoraAdapter, rows: Sequence[CalibrationRow], toke
     from nlsr.calibration import resolve_template
 
     template = resolve_template(tokenizer, template)
+    stats: dict = {}
     grams, tokens = accumulate_grams(model, reference, rows, tokenizer, batch_size=batch_size,
-                                     max_length=max_length, progress=progress, template=template)
+                                     max_length=max_length, progress=progress, template=template, stats=stats)
     masks: dict[str, torch.Tensor] = {}
     for name, f in reference:
         m_a, m_b = safety_masks(f.A, f.B, grams[name].gram.cpu(), rho=rho, q=q)
@@ -299,5 +303,6 @@ def identify(model, reference: LoraAdapter, rows: Sequence[CalibrationRow], toke
         masks[weight_key(name, "B")] = m_b
     fields = {"base": getattr(model, "name_or_path", None) or None, "rank_ratio": rho,
               "keep_fraction": q, "template": template, "calibration_rows": len(rows),
-              "response_tokens": tokens, **(metadata or {})}
+              "response_tokens": tokens, "calibration_tokens": stats.get("calibration_tokens"),
+              **(metadata or {})}
     return SafetyMasks(masks=masks, metadata=provenance(reference, **fields))

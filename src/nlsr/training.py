@@ -36,11 +36,21 @@ def _save_steps(section: TrainSection, rows: int) -> int:
     return max(1, min(25, -(-total // 4)))
 
 
+def micro_batching(section: TrainSection) -> tuple[int, int]:
+    """``(rows per pass, accumulation steps)``: ``batch_size`` split into micro-batches of at most
+    ``micro_batch_size`` rows (a divisor of ``batch_size``), so every optimizer step still sees
+    ``batch_size x grad_accum`` rows while a pass holds the activations of fewer."""
+    cap = min(section.micro_batch_size or section.batch_size, section.batch_size)
+    micro = max(d for d in range(1, cap + 1) if section.batch_size % d == 0)
+    return micro, section.grad_accum * (section.batch_size // micro)
+
+
 def _common_args(section: TrainSection, out_dir: Path, seed: int, use_cpu: bool, bf16: bool,
                  rows: int) -> dict:
+    micro, accumulation = micro_batching(section)
     return dict(output_dir=str(out_dir), num_train_epochs=section.epochs, learning_rate=section.lr,
-                per_device_train_batch_size=section.batch_size,
-                gradient_accumulation_steps=section.grad_accum, warmup_steps=section.warmup_ratio,
+                per_device_train_batch_size=micro,
+                gradient_accumulation_steps=accumulation, warmup_steps=section.warmup_ratio,
                 lr_scheduler_type="linear", bf16=bf16, logging_steps=1, save_strategy="steps",
                 save_steps=_save_steps(section, rows), save_total_limit=1, report_to=[], seed=seed,
                 data_seed=seed, use_cpu=use_cpu, disable_tqdm=False, max_length=section.max_length,
@@ -56,9 +66,12 @@ def _last_checkpoint(out_dir: Path) -> str | None:
 
 
 def _dataset_tokens(dataset) -> int:
-    """Tokens one epoch feeds the model: every ``*input_ids`` column (DPO: prompt, chosen, rejected)."""
-    columns = [c for c in dataset.column_names if c.endswith("input_ids")]
-    return sum(len(ids) for c in columns for ids in dataset[c])
+    """Tokens one epoch feeds the model: SFT ``input_ids``; DPO prompt + chosen and prompt + rejected."""
+    columns = set(dataset.column_names)
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns:
+        return sum(2 * len(p) + len(c) + len(r) for p, c, r in
+                   zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True))
+    return sum(len(ids) for ids in dataset["input_ids"]) if "input_ids" in columns else 0
 
 
 def _train(trainer, out_dir: Path, section: TrainSection, started: float, log=print) -> dict:

@@ -55,7 +55,9 @@ def run_identify(variant: VariantSection):
                              metadata=made_from)
         save_masks(masks, out / "masks.safetensors")
         tokens = masks.metadata.get("response_tokens", "-")
-        return {"metadata": masks.metadata, "line": f"masks ({variant.masks}), {tokens} response tokens"}
+        forwarded = masks.metadata.get("calibration_tokens")
+        return {"metadata": masks.metadata, "tokens": int(forwarded) if forwarded else None,
+                "line": f"masks ({variant.masks}), {tokens} response tokens"}
     return run
 
 
