@@ -32,3 +32,12 @@ def test_generation_resumes_from_its_cache(tiny_model, tiny_tokenizer, tmp_path)
         tiny_model.generate = original
     assert again == full and calls == [2]
     assert torch.is_grad_enabled()
+
+
+def test_a_cache_line_torn_by_a_kill_is_regenerated_not_fatal(tiny_model, tiny_tokenizer, tmp_path):
+    prompts = ["one", "two", "three"]
+    cache = tmp_path / "cache.jsonl"
+    full = generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=3, batch_size=1, cache_file=cache)
+    lines = cache.read_text().splitlines()
+    cache.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])     # killed mid-write
+    assert generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=3, batch_size=1, cache_file=cache) == full

@@ -85,3 +85,31 @@ def test_masks_file_round_trip(tmp_path, tiny_model, tiny_tokenizer, shapes):
     assert set(loaded.masks) == set(masks.masks)
     for key, value in masks.masks.items():
         assert torch.equal(loaded.masks[key], value)
+
+
+def test_bf16_identification_runs_the_reference_in_bf16_and_leaves_the_model(tiny_model, tiny_tokenizer, shapes):
+    """A bf16 model gets its reference adapter in bf16 too (no float32 detour); the Gram matrices
+    stay close to the float32 pass and the model comes back as it was."""
+    adapter = random_adapter(shapes)
+    full, _ = accumulate_grams(tiny_model, adapter, ROWS, tiny_tokenizer, progress=False)
+    model = tiny_model.to(torch.bfloat16)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    seen = []
+    original = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        seen.append(weight.dtype)
+        return original(x, weight, bias)
+
+    torch.nn.functional.linear = spy
+    try:
+        half, _ = accumulate_grams(model, adapter, ROWS, tiny_tokenizer, progress=False)
+    finally:
+        torch.nn.functional.linear = original
+    assert seen and set(seen) == {torch.bfloat16}
+    for name in full:
+        reference = full[name].gram
+        assert torch.allclose(half[name].gram, reference, rtol=0.1, atol=0.1 * reference.abs().max())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])

@@ -355,7 +355,12 @@ def run(
     cfg = load_config(config, [*(overrides or []), *([f"precision={precision}"] if precision else [])])
     from nlsr.experiment import run_experiment
 
-    run_dir = run_experiment(cfg, force=set(force or []), data=data_dir)
+    try:
+        run_dir = run_experiment(cfg, force=set(force or []), data=data_dir)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume (finished stages are kept, training "
+                    "continues from its last checkpoint, generation from its last batch)", err=True)
+        raise typer.Exit(130) from None
     report = run_dir / "report" / "report.md"
     _say(report.read_text())
     _say(f"report: {report}")

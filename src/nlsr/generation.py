@@ -35,9 +35,11 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     done: dict[int, str] = {}
     if cache_file is not None and cache_file.exists():
         for line in cache_file.read_text().splitlines():
-            if line.strip():
+            try:
                 record = json.loads(line)
-                done[record["i"]] = record["output"]
+                done[int(record["i"])] = str(record["output"])
+            except (ValueError, KeyError, TypeError):
+                continue            # a line torn by a kill (or blank): generate that prompt again
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -202,8 +202,15 @@ def accumulate_grams(model, reference: LoraAdapter, rows: Sequence[CalibrationRo
             peft_model = attach_adapter(model, reference, adapter_name="nlsr_reference")
             device = next(model.parameters()).device
             modules = dict(peft_model.named_modules())
+            compute_dtype = next(model.parameters()).dtype
             for name, f in reference:
-                lora_a = modules[f"base_model.model.{name}"].lora_A["nlsr_reference"]
+                layer = modules[f"base_model.model.{name}"]
+                lora_a = layer.lora_A["nlsr_reference"]
+                if compute_dtype != torch.float32:
+                    # The whole reference model runs in the model's precision (PEFT would keep the
+                    # adapter in float32 and cast every adapted activation there and back).
+                    lora_a.to(compute_dtype)
+                    layer.lora_B["nlsr_reference"].to(compute_dtype)
 
                 def hook(_module, _inputs, output, name=name, rank=f.rank):
                     on_z(name, rank, output)

@@ -48,6 +48,15 @@ def _write_error(out: Path, err: OSError) -> NlsrError:
                      "Check free space and permissions, or choose another output")
 
 
+def _chmod_like_new(path: Path, mode: int) -> None:
+    """Temporary files are private (0600/0700); give the output the mode a plain new file or
+    folder gets under the current umask, as the pipeline's outputs have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that becomes ``path`` only on success.
@@ -57,6 +66,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """
     out = check_output_path(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _chmod_like_new(tmp, 0o777)
     try:
         yield tmp
     except OSError as err:
@@ -82,6 +92,7 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; it is renamed to ``path`` on success."""
     out = check_output_path(path, force)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    _chmod_like_new(Path(name), 0o666)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -152,11 +152,31 @@ def _install(partial: Path, final: Path, manifest: dict) -> None:
     partial.rename(final)
 
 
+def _resumable_state(partial: Path) -> list[Path]:
+    """What a killed stage left that a rerun continues from: training checkpoints, generation caches."""
+    return sorted(partial.rglob("checkpoint-*")) + sorted(partial.rglob("*.cache.jsonl"))
+
+
+def describe_partial(partial: Path) -> str:
+    """Say what a rerun of an interrupted stage actually continues from."""
+    checkpoints = sorted(partial.rglob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    caches = sorted(partial.rglob("*.cache.jsonl"))
+    if checkpoints:
+        return f"resuming training from {checkpoints[-1].name} of the interrupted run"
+    if caches:
+        lines = sum(1 for c in caches for line in c.read_text().splitlines() if line.strip())
+        return f"resuming generation: {lines} answers of the interrupted run are kept"
+    return "the interrupted run saved nothing to resume from; starting the stage over"
+
+
 def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = None,
                log: Callable[[str], None] = print, reuse_from: list[Path] | None = None) -> dict[str, dict]:
     """Run ``stages`` in order (inputs must come first); returns each stage's manifest.
 
-    A stage not done here but done with the same key in one of ``reuse_from`` is copied, not rerun."""
+    A stage not done here but done with the same key in one of ``reuse_from`` is copied, not rerun.
+    A forced stage (``force``: names, or ``all``) reruns, and so does every stage downstream of a
+    stage that ran in this call: a stage's key does not change when it is merely rerun, so its
+    dependants must not be skipped with results made from its old outputs."""
     force = force or set()
     names = [s.name for s in stages]
     unknown = sorted(force - set(names) - {"all"})
@@ -164,34 +184,44 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
         raise NlsrError(f"--force names unknown stages {unknown}; stages are {names}")
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     manifests: dict[str, dict] = {}
+    ran: set[str] = set()                       # stages run in this call: their dependants rerun
     for stage in stages:
         missing = [i for i in stage.inputs if i not in manifests]
         assert not missing, f"stage {stage.name} runs before its inputs {missing}"
         key = stage_key(stage, {i: manifests[i]["key"] for i in stage.inputs})
         final = ctx.run_dir / stage.name
         existing = read_manifest(final)
-        if existing and existing.get("key") == key and stage.name not in force and "all" not in force:
+        forced = bool(force & {stage.name, "all"})
+        upstream_ran = any(i in ran for i in stage.inputs)
+        if existing and existing.get("key") == key and not forced and not upstream_ran:
             log(f"[skip] {stage.name}: done ({existing['summary_line']})")
             manifests[stage.name] = existing
             continue
         partial = ctx.run_dir / f"{stage.name}.partial"
-        source = None if force & {stage.name, "all"} else find_reusable(stage.name, key, reuse_from or [])
+        source = None if forced or upstream_ran else find_reusable(stage.name, key, reuse_from or [])
         if source is not None:
             manifests[stage.name] = _copy_stage(source, partial, final)
             log(f"[reuse] {stage.name}: copied from {source.parent} ({manifests[stage.name]['summary_line']})")
             continue
         if partial.exists():
             marker = partial / ".key"
-            if not marker.exists() or marker.read_text() != key or stage.name in force:
-                shutil.rmtree(partial)          # left by a run with other settings: start over
+            if not marker.exists() or marker.read_text() != key or forced or upstream_ran:
+                shutil.rmtree(partial)          # other settings or inputs: start over
             else:
-                log(f"[resume] {stage.name}: continuing the interrupted run")
+                log(f"[resume] {stage.name}: {describe_partial(partial)}")
         partial.mkdir(exist_ok=True)
         (partial / ".key").write_text(key)
         log(f"[run] {stage.name}")
         _reset_peak_memory()
         started = time.perf_counter()
-        summary = stage.run(ctx, partial, {i: ctx.run_dir / i for i in stage.inputs})
+        try:
+            summary = stage.run(ctx, partial, {i: ctx.run_dir / i for i in stage.inputs})
+        except NlsrError:
+            # Bad input or config: nothing to resume; leave no half-made folder behind.
+            if not _resumable_state(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        ran.add(stage.name)
         seconds = time.perf_counter() - started
         line = summary.pop("line", "") if isinstance(summary, dict) else ""
         tokens = summary.get("tokens") if isinstance(summary, dict) else None

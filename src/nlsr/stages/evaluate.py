@@ -72,6 +72,20 @@ def evaluate_model(ctx, model, out: Path, data_dir: Path, vllm=None) -> dict:
     return metrics
 
 
+def cast_parameters(model, dtype) -> None:
+    """Cast the weights only, as ``from_pretrained(dtype=...)`` does (buffers such as the rotary
+    frequencies stay float32), and leave them flagged trainable as a freshly loaded model is.
+
+    PEFT's merge leaves every weight with ``requires_grad=False``; for bf16 weights on a CPU that
+    sends each linear layer down a slower path that keeps converted copies of the weights:
+    measured on SmolLM2 (2-core AVX512-BF16 EPYC, 96 SST-2 prompts, batch 48), generation took
+    8.2 s and 2.8 GB extra memory that way, against 4.3 s and 0.3 GB. Generation runs under
+    ``torch.inference_mode``, so no autograd graph is built either way."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    model.requires_grad_(True)
+
+
 def run_model(base: str, adapter_stage: str | None):
     """A stage function evaluating ``adapter_stage``'s adapter on the weak model or the base model."""
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
@@ -81,7 +95,8 @@ def run_model(base: str, adapter_stage: str | None):
             from nlsr.training import merge_adapter
 
             model = merge_adapter(model, inputs[adapter_stage] / "adapter")
-        model = model.to(ctx.precision.torch_dtype).eval()
+        cast_parameters(model, ctx.precision.torch_dtype)
+        model.eval()
         if resolve_backend(ctx.config.evaluate.backend) == "vllm":
             merged = out / "merged"
             model.save_pretrained(merged, safe_serialization=True)

@@ -37,7 +37,7 @@ def run_identify(variant: VariantSection):
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         aligned = load_adapter(inputs["align_dpo"] / "adapter")
         reference = extrapolate(aligned, beta=variant.beta, scale_both=variant.scale_both)
-        save_adapter(reference, out / "reference")
+        save_adapter(reference, out / "reference", force=True)      # a resumed stage rewrites its own files
         # where the reference will be once the stage is finished (``out`` is the .partial folder)
         reference.source = str(out.with_name(out.name.removesuffix(".partial")) / "reference")
         made_from = {"beta": variant.beta, "scale_both": variant.scale_both}
@@ -53,7 +53,7 @@ def run_identify(variant: VariantSection):
                              rho=variant.rho, q=variant.q, batch_size=section.batch_size,
                              max_length=section.max_length, template=ctx.config.template,
                              metadata=made_from)
-        save_masks(masks, out / "masks.safetensors")
+        save_masks(masks, out / "masks.safetensors", force=True)
         tokens = masks.metadata.get("response_tokens", "-")
         forwarded = masks.metadata.get("calibration_tokens")
         return {"metadata": masks.metadata, "tokens": int(forwarded) if forwarded else None,
@@ -85,7 +85,7 @@ def run_variant(variant: VariantSection):
             line = f"repaired {report['summary']['repaired']} of {report['summary']['modules']} modules"
             plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png",
                                      title=f"{variant.name}: safety-region similarity by layer")
-        save_adapter(result.adapter, out / "adapter")
+        save_adapter(result.adapter, out / "adapter", force=True)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         return {"summary": report["summary"], "line": line}
     return run
