@@ -329,13 +329,21 @@ def same_base(recorded: str, given: str) -> bool:
     a, b = _normalize_base(recorded), _normalize_base(given)
     if a == b:
         return True
-    from nlsr.models import EMBEDDED_HUB_ID, EMBEDDED_NAME
+    from nlsr.models import EMBEDDED_HUB_ID, EMBEDDED_NAME, cache_dir, embedded_gguf_path
+
+    def embedded_copy(path: Path) -> bool:
+        """``path`` is the cached safetensors copy of the embedded model (see nlsr.models)."""
+        try:
+            return path.resolve() == (cache_dir() / "models" / embedded_gguf_path().stem).resolve()
+        except NlsrError:
+            return False
 
     for x, y in ((recorded, given), (given, recorded)):
         if x == EMBEDDED_NAME:
             y_path = Path(y)
-            if y.rstrip("/") == EMBEDDED_HUB_ID or (y_path.exists() and (y_path / "config.json").is_file()
-                                                   and EMBEDDED_HUB_ID in (y_path / "config.json").read_text()):
+            if y.rstrip("/") == EMBEDDED_HUB_ID or embedded_copy(y_path) or (
+                    y_path.exists() and (y_path / "config.json").is_file()
+                    and EMBEDDED_HUB_ID in (y_path / "config.json").read_text()):
                 return True
     rel = Path(recorded)
     if not rel.is_absolute() and not rel.exists() and Path(given).exists():

@@ -80,7 +80,10 @@ def _train(trainer, out_dir: Path, section: TrainSection, started: float, log=pr
     if resume is not None:
         log(f"[resume] continuing training from {Path(resume).name} "
             f"(step {resume.rsplit('-', 1)[-1]} of this stage)")
-    output = trainer.train(resume_from_checkpoint=resume)
+    with warnings.catch_warnings():
+        # transformers' own trainer still calls its deprecated checkpointing names
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*checkpointing.*deprecated")
+        output = trainer.train(resume_from_checkpoint=resume)
     # Under a multi-process launch (nlsr.distributed) every process gets here; only the main one writes.
     trainer.accelerator.wait_for_everyone()
     trainer.model.save_pretrained(out_dir, is_main_process=trainer.args.should_save)
