@@ -77,9 +77,8 @@ def cast_parameters(model, dtype) -> None:
     frequencies stay float32), and leave them flagged trainable as a freshly loaded model is.
 
     PEFT's merge leaves every weight with ``requires_grad=False``; for bf16 weights on a CPU that
-    sends each linear layer down a slower path that keeps converted copies of the weights:
-    measured on SmolLM2 (2-core AVX512-BF16 EPYC, 96 SST-2 prompts, batch 48), generation took
-    8.2 s and 2.8 GB extra memory that way, against 4.3 s and 0.3 GB. Generation runs under
+    sends each linear layer down a slower path that keeps converted copies of the weights, about
+    twice as slow and gigabytes larger (``benchmarks/bf16_generation_bench.py``). Generation runs under
     ``torch.inference_mode``, so no autograd graph is built either way."""
     for param in model.parameters():
         param.data = param.data.to(dtype)
