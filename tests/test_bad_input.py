@@ -199,8 +199,9 @@ SAFELORA = ("safelora", "--aligned", "aligned", "--finetuned", "finetuned", "--o
 EXTRAPOLATE = ("extrapolate", "--out", "out", "--aligned")
 
 
-def identify_with(**replace) -> tuple[str, ...]:
-    args = list(IDENTIFY)
+def _with_options(command: tuple[str, ...], **replace) -> tuple[str, ...]:
+    """``command`` with options replaced (``out="x"`` -> ``--out x``) or appended."""
+    args = list(command)
     for option, value in replace.items():
         flag = "--" + option.replace("_", "-")
         if flag in args:
@@ -208,17 +209,14 @@ def identify_with(**replace) -> tuple[str, ...]:
         else:
             args += [flag, value]
     return tuple(args)
+
+
+def identify_with(**replace) -> tuple[str, ...]:
+    return _with_options(IDENTIFY, **replace)
 
 
 def realign_with(**replace) -> tuple[str, ...]:
-    args = list(REALIGN)
-    for option, value in replace.items():
-        flag = "--" + option.replace("_", "-")
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-    return tuple(args)
+    return _with_options(REALIGN, **replace)
 
 
 CASES = [

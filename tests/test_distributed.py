@@ -51,16 +51,22 @@ def _continued_adapter(tiny_model_dir, folder):
     return folder
 
 
+def _train_with_one_and_two(tmp_path, model_dir, kind, rows, section, **job) -> dict:
+    """The same job in 1 and in 2 processes; outputs in ``out1`` / ``out2``; stats by process count."""
+    stats = {}
+    for n in (1, 2):
+        spec = prepare_job(tmp_path / f"work{n}", kind, str(model_dir), str(model_dir), rows, section,
+                           tmp_path / f"out{n}", device="cpu", **job)
+        stats[n] = run_training_job(spec, num_processes=n)
+    return stats
+
+
 def test_two_processes_train_what_one_process_trains(tmp_path, tiny_model_dir):
     """SFT continuing an adapter (the attack), 2 optimizer steps of 2 micro-batches of 2 rows:
     1 process x batch 2 x accumulation 2 = 2 processes x batch 1 x accumulation 2."""
     adapter = _continued_adapter(tiny_model_dir, tmp_path / "aligned")
     section = TrainSection(epochs=1, lr=1e-2, batch_size=2, grad_accum=2, max_length=64)
-    stats = {}
-    for n in (1, 2):
-        job = prepare_job(tmp_path / f"work{n}", "sft", str(tiny_model_dir), str(tiny_model_dir), SFT_ROWS,
-                          section, tmp_path / f"out{n}", seed=3, adapter=adapter, device="cpu")
-        stats[n] = run_training_job(job, num_processes=n)
+    stats = _train_with_one_and_two(tmp_path, tiny_model_dir, "sft", SFT_ROWS, section, seed=3, adapter=adapter)
     assert stats[1]["steps"] == 2
     before = _weights(adapter)
     after = _weights(tmp_path / "out1")
@@ -70,11 +76,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_model_dir):
 
 def test_two_process_dpo_of_a_fresh_adapter(tmp_path, tiny_model_dir):
     section = DpoSection(epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_length=64, beta=0.1)
-    stats = {}
-    for n in (1, 2):
-        job = prepare_job(tmp_path / f"work{n}", "dpo", str(tiny_model_dir), str(tiny_model_dir), DPO_ROWS,
-                          section, tmp_path / f"out{n}", seed=5, lora=LORA, device="cpu")
-        stats[n] = run_training_job(job, num_processes=n)
+    stats = _train_with_one_and_two(tmp_path, tiny_model_dir, "dpo", DPO_ROWS, section, seed=5, lora=LORA)
     assert stats[1]["steps"] == 2
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 1e-3 for k, v in _weights(tmp_path / "out1").items())
     _assert_same_training(tmp_path / "out1", tmp_path / "out2", stats[1], stats[2])

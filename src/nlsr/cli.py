@@ -12,7 +12,6 @@ import typer
 from nlsr.choices import SELECTION_RULE_NAMES, TEMPLATE_NAMES, TRANSPLANT_NAMES, check_choice
 from nlsr.cli_common import (
     at_least,
-    check_model_spec,
     in_unit_interval,
     require_adapter_dir,
     require_dir,
@@ -22,6 +21,7 @@ from nlsr.cli_common import (
 from nlsr.cli_common import errors_to_exit as _errors_to_exit
 from nlsr.errors import NlsrError
 from nlsr.io import check_output_path
+from nlsr.paths import check_model_spec
 
 # Commands check their arguments and input paths first and import torch, transformers, peft and
 # TRL only after that (inside the command), so that `nlsr --help` and a typo answer at once.

@@ -140,18 +140,3 @@ def in_unit_interval(option: str, value: float, closed_low: bool = False) -> Non
     ok = (0 <= value <= 1) if closed_low else (0 < value <= 1)
     if not ok:
         raise NlsrError(f"{option} must be in {'[' if closed_low else '('}0, 1] (got {value:g})")
-
-
-def check_model_spec(spec: str) -> None:
-    """The cheap part of :func:`nlsr.models.resolve_model_path`: an existing directory must hold a
-    config.json, and something that looks like a path must exist."""
-    text = str(spec)
-    path = Path(text)
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise NlsrError(f"model directory '{path}' has no config.json; give a transformers model "
-                            "directory, a hub id, or 'smollm2'")
-        return
-    if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
-        raise NlsrError(f"model path '{text}' does not exist; give an existing directory, a hub id "
-                        "such as 'org/name', or 'smollm2' for the embedded default")

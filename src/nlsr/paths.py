@@ -24,3 +24,18 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
                 return candidate
     raise NlsrError("no data directory found; pass --data-dir or set NLSR_DATA_DIR to the folder "
                     "holding the offline data sets (shared/data)")
+
+
+def check_model_spec(spec: str | os.PathLike) -> None:
+    """A model spec that names a path must be a model directory (with config.json); one that looks
+    like a path must exist. Hub ids and ``smollm2`` pass. Cheap: no torch, no network."""
+    text = str(spec)
+    path = Path(text)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise NlsrError(f"model directory '{path}' has no config.json; give a transformers model "
+                            "directory, a hub id, or 'smollm2'")
+        return
+    if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
+        raise NlsrError(f"model path '{text}' does not exist; give an existing directory, a hub id "
+                        "such as 'org/name', or 'smollm2' for the embedded default")
