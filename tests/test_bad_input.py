@@ -356,6 +356,12 @@ CASES = [
     Case("validate-override-without-equals", ("validate", "c.yaml", "--set", "attack.p"),
          "must look like section.field=value"),
     Case("validate-override-not-yaml", ("validate", "c.yaml", "--set", "attack.p=[1"), "not valid YAML"),
+    Case("validate-unknown-judge", ("validate", "c.yaml", "--set", "evaluate.judges=[refusal, gpt]"),
+         "evaluate.judges.1: Value error, judge name 'gpt' is unknown; use one of"),
+    Case("run-judge-without-model", ("run", "c.yaml", "--set", "evaluate.judges=[{name: llamaguard}]"),
+         "judge 'llamaguard' needs a model: write {name: llamaguard, model: FOLDER_OR_HUB_ID}"),
+    Case("run-judge-twice", ("run", "c.yaml", "--set", "evaluate.judges=[trained, trained]"),
+         "give each a distinct label"),
     Case("run-unknown-precision", ("run", "c.yaml", "--precision", "fp8"), "unknown --precision 'fp8'"),
     Case("run-data-dir-missing", ("run", "c.yaml", "--data-dir", "nope"), "data directory 'nope' does not exist"),
     # export / compare

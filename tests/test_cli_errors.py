@@ -136,6 +136,15 @@ def test_light_name_lists_match_the_registries():
     assert set(SELECTION_RULE_NAMES) == set(SELECTION_RULES)
     assert set(TRANSPLANT_NAMES) == set(TRANSPLANTS)
     assert set(JUDGE_NAMES) == set(JUDGES)
+    # the judges a config must give a model are exactly those whose factory requires one
+    import inspect
+
+    from nlsr.choices import MODEL_JUDGES
+
+    needs_model = {name for name, factory in JUDGES.items()
+                   if "model" in inspect.signature(factory).parameters
+                   and inspect.signature(factory).parameters["model"].default is inspect.Parameter.empty}
+    assert set(MODEL_JUDGES) == needs_model == {"beaverdam", "llamaguard"}
 
 
 def test_closed_pipe_ends_quietly(tmp_path, shapes, monkeypatch):

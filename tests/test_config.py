@@ -19,7 +19,7 @@ def test_overrides_are_applied_and_typed(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\nattack: {p: 0.1}\n")
     cfg = load_config(path, ["attack.p=0.2", "evaluate.judges=[refusal]", "lora.r=4"])
-    assert cfg.attack.p == 0.2 and cfg.evaluate.judges == ["refusal"] and cfg.lora.r == 4
+    assert cfg.attack.p == 0.2 and [j.name for j in cfg.evaluate.judges] == ["refusal"] and cfg.lora.r == 4
 
 
 @pytest.mark.parametrize("body, message", [
@@ -63,7 +63,7 @@ def test_data_stage_rejects_unknown_dataset_before_training(tmp_path):
         data_stage.run_align(RunContext(cfg, tmp_path, data), tmp_path, {})
     cfg = ExperimentConfig.model_validate({"evaluate": {"task_n": 10 ** 6}})
     with pytest.raises(NlsrError, match="evaluate.task_n"):
-        data_stage.run_task(RunContext(cfg, tmp_path, data), tmp_path, {})
+        data_stage.run_eval(RunContext(cfg, tmp_path, data), tmp_path, {})
 
 
 def test_stage_graph_of_the_comparison_config():

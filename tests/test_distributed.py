@@ -166,7 +166,7 @@ def test_nonaligned_stage_in_two_processes_matches_one(tmp_path, tiny_model_dir)
                                attack={"epochs": 1, "lr": 1e-2, "batch_size": 4, "max_length": 256})
         out = tmp_path / f"stage{n}"
         out.mkdir()
-        stats[n] = run_nonaligned(RunContext(cfg, tmp_path / "run", tmp_path), out, {"data": data})
+        stats[n] = run_nonaligned(RunContext(cfg, tmp_path / "run", tmp_path), out, {"data-attack": data})
         assert not (out / ".job").exists()
     assert stats[1]["steps"] == stats[2]["steps"] == 1 and stats[1]["tokens"] == stats[2]["tokens"]
     assert stats[2]["processes"] == 2 and stats[1]["line"] == stats[2]["line"]

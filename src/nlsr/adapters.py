@@ -302,7 +302,8 @@ def check_comparable(first: LoraAdapter, second: LoraAdapter,
         fb = second.modules[name]
         if fa.rank != fb.rank:
             raise NlsrError(f"module '{name}' has rank {fa.rank} in the {a_name} adapter but "
-                            f"{fb.rank} in the {b_name} adapter; both must have the same ranks")
+                            f"{fb.rank} in the {b_name} adapter; both must have the same ranks "
+                            "(for a fine-tune of another rank, use `nlsr realign --granularity neuron`)")
         if fa.A.shape != fb.A.shape or fa.B.shape != fb.B.shape:
             raise NlsrError(f"module '{name}' has A {tuple(fa.A.shape)}, B {tuple(fa.B.shape)} "
                             f"in the {a_name} adapter but A {tuple(fb.A.shape)}, B "

@@ -14,6 +14,8 @@ SELECTION_RULE_NAMES: tuple[str, ...] = ("paper", "reverse", "threshold", "all")
 TRANSPLANT_NAMES: tuple[str, ...] = ("exact", "factor")
 TEMPLATE_NAMES: tuple[str, ...] = ("alpaca", "chat")
 JUDGE_NAMES: tuple[str, ...] = ("trained", "beaverdam", "llamaguard", "refusal")
+MODEL_JUDGES: tuple[str, ...] = ("beaverdam", "llamaguard")
+"""Judges that need a ``model`` (a folder or hub id) and run it on a device in a precision."""
 
 
 def check_choice(option: str, value: str | None, names: tuple[str, ...]) -> None:

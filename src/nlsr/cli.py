@@ -101,16 +101,28 @@ def _reference_beta(reference: Path) -> float | None:
 @app.command()
 @_errors_to_exit
 def extrapolate(
-    aligned: Annotated[Path, typer.Option(help="The safety-aligned LoRA adapter directory.")],
-    out: Annotated[Path, typer.Option(help="Output adapter directory.")],
+    aligned: Annotated[Path, typer.Option(
+        help="The safety-aligned LoRA adapter directory, or the aligned model directory (with --weak).")],
+    out: Annotated[Path, typer.Option(help="Output adapter (or model) directory.")],
     beta: Annotated[float, typer.Option(help="ExPO strength: ΔW_e = (1+β) ΔW_a.")] = 0.9,
+    weak: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Model directories: the weak model W_0 the aligned model came from; writes the model "
+             "W_e = W_a + β (W_a - W_0).")] = None,
     scale_both: Annotated[bool, typer.Option(
         "--scale-both", help="Scale A and B by 1+β, as the authors' script does.")] = False,
     force: Force = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Step 1: the super-aligned reference adapter by ExPO extrapolation."""
+    """Step 1: the super-aligned reference adapter (or model) by ExPO extrapolation."""
     at_least("--beta", beta, 0)
+    from nlsr.cli_neuron import extrapolate_model, path_kind
+
+    if path_kind(aligned, "--aligned") == "model":
+        extrapolate_model(aligned=aligned, weak=weak, beta=beta, out=out, force=force)
+        return
+    if weak is not None:
+        raise NlsrError("--weak is for model directories; for an adapter, --aligned is enough "
+                        "(ΔW_e = (1+β) ΔW_a on the adapter's base)")
     require_adapter_dir(aligned, "--aligned")
     check_output_path(out, force)
     from nlsr.adapters import load_adapter, save_adapter
@@ -156,6 +168,10 @@ def identify(
     allow_base_mismatch: Annotated[bool, typer.Option(
         "--allow-base-mismatch", help="Accept a --base other than the reference adapter's base model "
                                       "(e.g. the same model under another name).")] = False,
+    granularity: Annotated[str, typer.Option(
+        help="entry: masks over LoRA factor entries (the paper); neuron: masks over weight rows, for "
+             "fine-tunes of any rank or full fine-tunes (--reference may then be a model directory, "
+             "with --base the model its update is measured from).")] = "entry",
 ) -> None:
     """Step 2: safety-critical neuron masks from one streaming calibration pass."""
     at_least("--batch-size", batch_size, 1)
@@ -165,6 +181,27 @@ def identify(
     in_unit_interval("--keep", keep)
     check_choice("--template", template, TEMPLATE_NAMES)
     _check_precision(precision)
+    from nlsr.cli_neuron import GRANULARITY_NAMES, identify_neuron, refuse_model_dir
+
+    check_choice("--granularity", granularity, GRANULARITY_NAMES)
+    if granularity == "neuron":
+        if device_map or max_memory or offload_folder is not None:
+            raise NlsrError("--granularity neuron does not support --device-map, --max-memory or "
+                            "--offload-folder yet; load the model on one device")
+        from nlsr.io import file_sha256
+
+        made_from = {"reference": str(reference), "base": base, "beta": _reference_beta(reference),
+                     "calibration": str(calibration)}
+        if calibration.is_file():
+            made_from["calibration_sha256"] = file_sha256(calibration)
+        identify_neuron(base=base, reference=reference, calibration=calibration, out=out,
+                        rank_ratio=rank_ratio, keep=keep, limit=limit, prompt_field=prompt_field,
+                        response_field=response_field, batch_size=batch_size, max_length=max_length,
+                        template=template, device=device, precision=precision, force=force,
+                        allow_pickle=allow_pickle, allow_base_mismatch=allow_base_mismatch,
+                        made_from=made_from)
+        return
+    refuse_model_dir(reference, "--reference", "identify")
     require_adapter_dir(reference, "--reference")
     require_file(calibration, "calibration file", 'give a JSONL file of {"prompt", "response"} rows')
     check_model_spec(base)
@@ -229,6 +266,15 @@ def realign(
                                       "an older masks file without a record, or masks of extra modules.")] = False,
     force: Force = False,
     allow_pickle: AllowPickle = False,
+    granularity: Annotated[str, typer.Option(
+        help="entry (the paper: the fine-tune continues the aligned adapter) or neuron (weight rows: a "
+             "LoRA of any rank/initialisation, or model directories with --base).")] = "entry",
+    base: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Neuron granularity, model directories: the model both updates are measured from.")] = None,
+    rebase: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Neuron granularity, adapters: the adapter merged into the fine-tune's base (e.g. the "
+             "aligned adapter for a fresh LoRA on the merged aligned model); the reference's update "
+             "is taken relative to it.")] = None,
 ) -> None:
     """Steps 3-4: pick the drifted modules and transplant the reference's safety neurons."""
     check_choice("--select", select, SELECTION_RULE_NAMES)
@@ -239,6 +285,19 @@ def realign(
         raise NlsrError(f"--p-base ± --epsilon must stay in [0, 1] (got {p_base} ± {epsilon})")
     if not min_origin_cosine <= 1:
         raise NlsrError(f"--min-origin-cosine is a cosine, at most 1 (got {min_origin_cosine}); 0 disables it")
+    from nlsr.cli_neuron import GRANULARITY_NAMES, realign_neuron, refuse_model_dir
+
+    check_choice("--granularity", granularity, GRANULARITY_NAMES)
+    if granularity == "neuron":
+        realign_neuron(reference=reference, finetuned=finetuned, masks=masks, out=out, base=base,
+                       rebase=rebase, select=select, threshold=threshold, p_base=p_base,
+                       epsilon=epsilon, seed=seed, allow_base_mismatch=allow_base_mismatch,
+                       allow_mask_mismatch=allow_mask_mismatch, force=force, allow_pickle=allow_pickle)
+        return
+    if base is not None or rebase is not None:
+        raise NlsrError("--base and --rebase apply to --granularity neuron only")
+    refuse_model_dir(reference, "--reference", "realign")
+    refuse_model_dir(finetuned, "--finetuned", "realign")
     require_adapter_dir(reference, "--reference")
     require_adapter_dir(finetuned, "--finetuned")
     require_file(masks, "mask file", "make one with `nlsr identify`")
@@ -283,6 +342,12 @@ def safelora(
         raise NlsrError("give exactly one of --threshold T (project modules with cosine < T) or "
                         "--num-modules K (project the K least similar modules)")
     at_least("--num-modules", num_modules, 1)
+    from nlsr.cli_neuron import path_kind, safelora_model
+
+    if path_kind(aligned, "--aligned") == "model":
+        safelora_model(aligned=aligned, finetuned=finetuned, unaligned=unaligned, threshold=threshold,
+                       num_modules=num_modules, out=out, force=force)
+        return
     require_adapter_dir(aligned, "--aligned")
     require_adapter_dir(finetuned, "--finetuned")
     if unaligned is not None:
@@ -343,6 +408,8 @@ def run(
     data_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Offline data folder (default: NLSR_DATA_DIR or shared/data).")] = None,
     precision: Precision = None,
+    until: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Stop after this stage (and what it needs), e.g. 'data-align' to build only the data.")] = None,
 ) -> None:
     """Run the whole experiment: data, align, attack, identify, realign, evaluate, report.
 
@@ -356,11 +423,14 @@ def run(
     from nlsr.experiment import run_experiment
 
     try:
-        run_dir = run_experiment(cfg, force=set(force or []), data=data_dir)
+        run_dir = run_experiment(cfg, force=set(force or []), data=data_dir, until=until)
     except KeyboardInterrupt:
         typer.secho("interrupted; rerun the same command to resume (finished stages are kept, training "
                     "continues from its last checkpoint, generation from its last batch)", err=True)
         raise typer.Exit(130) from None
+    if until is not None and until != "report":
+        _say(f"stopped after '{until}' (--until); its outputs are in {run_dir}")
+        return
     report = run_dir / "report" / "report.md"
     _say(report.read_text())
     _say(f"report: {report}")
@@ -387,8 +457,16 @@ def validate(
     cfg = load_config(config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = RunContext(cfg, Path(tmp), resolve_data_dir(data_dir if data_dir else cfg.data_dir))
-        lines = [step(ctx, Path(tmp), {})["line"] for step in (data_stage.run_align, data_stage.run_task)]
+        folders = {name: Path(tmp) / name for name in ("data-align", "data", "data-attack")}
+        results = []
+        for name, step in (("data-align", data_stage.run_align), ("data", data_stage.run_eval),
+                           ("data-attack", data_stage.run_attack_data)):
+            folders[name].mkdir()
+            results.append(step(ctx, folders[name], folders))
+    lines = [r["line"] for r in results]
     _say(f"config '{config}' is valid; data: {', '.join(lines)}")
+    for gate_line in (g for r in results for g in r.get("gate_lines", [])):
+        _say(f"gate: {gate_line}")
     _say("stages: " + ", ".join(s.name for s in build_stages(cfg)))
 
 

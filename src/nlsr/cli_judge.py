@@ -14,6 +14,7 @@ import typer
 from nlsr.choices import JUDGE_NAMES, check_choice
 from nlsr.cli_common import at_least, require_dir
 from nlsr.cli_common import errors_to_exit as _errors_to_exit
+from nlsr.errors import NlsrError
 
 judge_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Harmfulness judges: train the offline judge, measure agreement.")
@@ -39,28 +40,43 @@ def agreement_table(per_source: dict[str, dict[str, Any]], title: str = "") -> s
 @judge_app.command()
 @_errors_to_exit
 def train(
-    data_dir: DataDir = None,
     out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        help="Output folder (default: the cached default judge, <cache>/judges/trained-v2).")] = None,
+        help="A new (or empty) output folder. The default judge (<cache>/judges/trained-v2, trained on "
+             "first use) is replaced only when named here with --force.")] = None,
+    data_dir: DataDir = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation/test split.")] = 0,
     max_prompts: MaxPrompts = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")] = False,
 ) -> None:
-    """Train the TF-IDF + logistic-regression judge; print its held-out agreement."""
+    """Train the TF-IDF + logistic-regression judge into a new folder; print its held-out agreement.
+
+    The folder gets the judge, ``metrics.json`` and ``training_rows.jsonl`` (every labelled row
+    with its split). Use it in a run with ``evaluate.judges: [{name: trained, model: FOLDER}]``.
+    """
     at_least("--max-prompts", max_prompts, 1)
     if data_dir is not None:
         require_dir(data_dir, "data directory")
-    if out is not None:
-        from nlsr.io import check_output_path
+    from nlsr.judges.training import default_dir, train_judge
 
-        check_output_path(out, force)
-    from nlsr.judges.classifier import default_dir, train_judge
+    if out is None:
+        raise NlsrError(f"give --out FOLDER, a new folder for the judge; the default judge ({default_dir()}) "
+                        "is trained on first use and replaced only with --out DEFAULT_FOLDER --force")
+    is_default = out.resolve() == default_dir().resolve()
+    if is_default and not force:
+        raise NlsrError(f"--out '{out}' is the default judge that every run uses; pass --force to replace "
+                        "it, or choose another folder")
+    if is_default:
+        default_dir().parent.mkdir(parents=True, exist_ok=True)
+    empty_dir = out.is_dir() and not any(out.iterdir())   # a fresh, empty folder is a new folder
+    from nlsr.io import check_output_path
 
-    target = out if out is not None else default_dir()
-    metrics = train_judge(data_dir, target, seed=seed, max_prompts=max_prompts, force=force)
-    typer.echo(f"trained judge (text: {metrics['text']}, C={metrics['C']}) -> {target}")
+    check_output_path(out, force or empty_dir)
+    metrics = train_judge(data_dir, out, seed=seed, max_prompts=max_prompts, force=force or empty_dir)
+    typer.echo(f"trained judge (text: {metrics['text']}, C={metrics['C']}) -> {out}")
     typer.echo(agreement_table(metrics["heldout"], "held-out agreement, trained judge:"))
     typer.echo(agreement_table(metrics["refusal_heldout"], "held-out agreement, refusal judge:"))
+    if not is_default:
+        typer.echo(f"use it in a config with evaluate.judges: [{{name: trained, model: {out}}}]")
 
 
 @judge_app.command()

@@ -76,10 +76,12 @@ def load_setting(path: str | Path) -> Setting:
 
     if (path / "report" / "results.json").exists():
         results = read(path / "report" / "results.json")
-        data = read(path / "data" / "manifest.json")
+        manifests = {p.parent.name: p for p in sorted(path.glob("data*/manifest.json"))}
+        data = read(manifests[_attack_data_stage(list(manifests), path)])
     elif (path / "results.json").exists() and (path / "manifests.json").exists():
         results = read(path / "results.json")
-        data = read(path / "manifests.json")["data"]
+        every = read(path / "manifests.json")
+        data = every[_attack_data_stage(list(every), path)]
     else:
         raise NlsrError(f"'{path}' is neither a finished run folder (report/results.json) nor an "
                         "`nlsr export` of one (results.json + manifests.json); finish the run or export it")
@@ -87,6 +89,17 @@ def load_setting(path: str | Path) -> Setting:
     sizes = results[0]["metrics"]["n"] if results else {}
     return Setting(path, attack["task"], float(attack["p"]), int(attack["n"]), sizes,
                    {row["model"]: row for row in results})
+
+
+def _attack_data_stage(stages: list[str], path: Path) -> str:
+    """The stage whose parameters hold the attack settings: ``data-attack`` (first seed), or the
+    single ``data`` stage of runs made before the per-seed layout."""
+    for name in sorted(stages):
+        if name.startswith("data-attack"):
+            return name
+    if "data" in stages:
+        return "data"
+    raise NlsrError(f"'{path}' has no data-attack stage manifest; finish the run or export it again")
 
 
 def method_order(settings: list[Setting]) -> list[str]:

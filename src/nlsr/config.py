@@ -62,9 +62,21 @@ class DpoSection(TrainSection):
     lr: float = Field(5e-5, gt=0)
 
 
+class HelpfulSection(_Section):
+    """Helpful rows mixed into the SFT set: harmless instructions answered by the base model itself
+    (greedy, in a data stage), so alignment adds refusals without teaching a new style or a blanket
+    refusal."""
+
+    n: int = Field(0, ge=0, description="Harmless instructions answered by the base model (0 = none).")
+    dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(32, gt=0)
+
+
 class AlignSection(_Section):
     sft: SftSection = SftSection()
     dpo: DpoSection = DpoSection()
+    helpful: HelpfulSection = HelpfulSection()
 
 
 class AttackSection(TrainSection):
@@ -79,6 +91,9 @@ class AttackSection(TrainSection):
                              "train_merged_n1000_p* file.")
     poison_dataset: str = "poison"
     nonaligned_control: bool = True
+    benign_control: bool = Field(
+        False, description="Also fine-tune on the same task rows without the harmful ones (p = 0), so the "
+                           "table shows what the harmful rows add on top of task fine-tuning.")
 
     @field_validator("p")
     @classmethod
@@ -147,19 +162,88 @@ class RealignSection(_Section):
         return value
 
 
+class JudgeSpec(_Section):
+    """One judge of the report: a registered judge name and, for judges that run a model, which
+    model and where. In a config a plain name (``refusal``) means ``{name: refusal}``."""
+
+    name: str = Field(description="A registered judge: refusal, trained, beaverdam or llamaguard.")
+    model: str | None = Field(
+        None, description="trained: a judge folder from `nlsr judge train` (default: the cached default "
+                          "judge); beaverdam / llamaguard (required): a model folder or hub id.")
+    device: str | None = Field(None, description="beaverdam / llamaguard: cpu, cuda, cuda:1 ... (default: "
+                                                 "the run's device).")
+    dtype: Literal["auto", "float32", "bfloat16"] | None = Field(
+        None, description="beaverdam / llamaguard: the model's precision (default: auto).")
+    label: str = Field("", description="Column name in the report (default: the name); set it when two "
+                                       "judges share a name.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict) and not value.get("label") and isinstance(value.get("name"), str):
+            value = {**value, "label": value["name"]}
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_folder(cls, value: str) -> str:
+        return folder_name(value, "judge label")
+
+    @model_validator(mode="after")
+    def _known_and_complete(self) -> JudgeSpec:
+        # the names, not the registry: nlsr.judges imports numpy and scikit-learn
+        from nlsr.choices import JUDGE_NAMES, MODEL_JUDGES
+
+        if self.name not in JUDGE_NAMES:
+            raise ValueError(f"judge name '{self.name}' is unknown; use one of {', '.join(JUDGE_NAMES)}")
+        if self.name in MODEL_JUDGES and self.model is None:
+            raise ValueError(f"judge '{self.name}' needs a model: write {{name: {self.name}, model: "
+                             "FOLDER_OR_HUB_ID}")
+        if self.name not in MODEL_JUDGES and (self.device is not None or self.dtype is not None):
+            raise ValueError(f"judge '{self.name}' runs no model on a device; drop device and dtype "
+                             f"(they apply to {' and '.join(MODEL_JUDGES)})")
+        if self.name == "refusal" and self.model is not None:
+            raise ValueError("judge 'refusal' takes no model; drop model")
+        return self
+
+
 class EvaluateSection(_Section):
     harmful_dataset: str = "harmful_eval"
     harmful_n: int = Field(502, gt=0)
     harmful_max_new_tokens: int = Field(64, gt=0)
+    validation_fraction: float = Field(
+        0.3, ge=0, lt=1, description="Share of the harmful prompts set aside (by a fixed hash of the prompt "
+                                     "text, whatever the seed) for choosing knobs; tables report the rest (test).")
+    extra_harmful: list[str] = Field(
+        default_factory=list, description="Other harmful-prompt sets (registry names) scored as extra, "
+                                          "out-of-distribution HS columns (test only).")
+    extra_harmful_n: int = Field(100, gt=0, description="Prompts per extra harmful set (a fixed sample).")
+    gold_labels: str | None = Field(
+        None, description="Hand-labelled generations (results/judge-gold/labels.jsonl): the report prints "
+                          "every judge's agreement with them and picks the default judge by Cohen's kappa.")
     task_n: int = Field(872, gt=0, description="Task evaluation rows (first n).")
     xstest_n: int = Field(250, ge=0, description="XSTest safe prompts for over-refusal (0 = skip).")
     xstest_max_new_tokens: int = Field(48, gt=0)
-    judges: list[str] = Field(default_factory=lambda: ["refusal", "trained"])
+    judges: list[JudgeSpec] = Field(
+        default_factory=lambda: [JudgeSpec(name="refusal"), JudgeSpec(name="trained")],
+        description="Judges of the harmful score: names, or {name, model, device, dtype} mappings.")
     batch_size: int = Field(32, gt=0)
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Generation backend: 'vllm' on a GPU where vLLM is installed, else 'hf'; "
                             "'auto' picks vLLM when it can run.")
     evaluate_aligned: bool = Field(True, description="Also evaluate the aligned model before the attack.")
+
+    @field_validator("judges")
+    @classmethod
+    def _unique_judge_labels(cls, value: list[JudgeSpec]) -> list[JudgeSpec]:
+        labels = [j.label for j in value]
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise ValueError(f"judges {repeated} appear twice; drop the copy, or give each a distinct "
+                             "label ({name: trained, model: FOLDER, label: trained-new})")
+        return value
 
 
 class DefenceSection(_Section):
@@ -185,7 +269,11 @@ class ExperimentConfig(_Section):
     """The whole experiment, one section per stage."""
 
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the data draws and of the alignment stages.")
+    seeds: list[int] = Field(
+        default_factory=list, description="Run the attack and every stage after it once per seed (the "
+                                          "aligned model is shared); tables give means and 95% intervals. "
+                                          "Empty = one run with `seed`.")
     model: str = Field("smollm2", description="Base model: 'smollm2', a directory or a hub id.")
     data_dir: str | None = Field(None, description="Offline data folder (default: NLSR_DATA_DIR / shared/data).")
     runs_dir: str = "runs"
@@ -213,10 +301,22 @@ class ExperimentConfig(_Section):
     def _name_is_folder(cls, value: str) -> str:
         return folder_name(value, "run name")
 
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds must be distinct (got {value})")
+        return value
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds of the attack and what follows: ``seeds``, or ``[seed]`` when none are listed."""
+        return list(self.seeds) or [self.seed]
+
     @model_validator(mode="after")
     def _unique_model_names(self) -> ExperimentConfig:
         names = [v.name for v in self.realign.variants] + [d.name for d in self.defences]
-        reserved = {"aligned", "attacked", "nonaligned"}
+        reserved = {"aligned", "attacked", "attacked-p0", "nonaligned"}
         clashes = sorted({n for n in names if names.count(n) > 1} | (set(names) & reserved))
         if clashes:
             raise ValueError(f"variant and defence names must be unique and not {sorted(reserved)}; "

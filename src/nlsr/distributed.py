@@ -309,7 +309,7 @@ def train_stage_job(ctx, kind: str, model: str | os.PathLike, rows: Sequence[dic
     cfg = ctx.config
     check_config(cfg)
     work = Path(out_dir).parent / ".job"
-    job = prepare_job(work, kind, str(model), cfg.model, rows, section, out_dir, cfg.seed, lora=lora,
+    job = prepare_job(work, kind, str(model), cfg.model, rows, section, out_dir, ctx.seed, lora=lora,
                       adapter=adapter, bf16=ctx.precision.bf16, device=cfg.device)
     stats = run_training_job(job, cfg.num_processes, job_path=work / "job.json")
     shutil.rmtree(work, ignore_errors=True)

@@ -10,43 +10,65 @@ from nlsr.paths import data_dir
 from nlsr.pipeline import RunContext, Stage, run_stages
 
 
+def evaluation_data_params(sections: dict, task: str) -> dict:
+    """The settings that change the evaluation sets (and so the disjointness gate)."""
+    ev = sections["evaluate"]
+    keys = ("harmful_dataset", "harmful_n", "validation_fraction", "extra_harmful", "extra_harmful_n",
+            "task_n", "xstest_n")
+    return {"evaluate": {k: ev[k] for k in keys}, "task": task}
+
+
+def gate_params(sections: dict) -> dict:
+    """The evaluation data sets every training-side set is gated against (whole sets, not samples)."""
+    from nlsr.stages.data import evaluation_set_names
+
+    return {"evaluation_sets": evaluation_set_names(sections["evaluate"]["harmful_dataset"])}
+
+
 def align_data_params(sections: dict) -> dict:
     """Only the settings that change the alignment data (not learning rates, say)."""
+    helpful = sections["align"]["helpful"]
     return {"sft": {k: sections["align"]["sft"][k] for k in ("dataset", "n")},
             "dpo": {k: sections["align"]["dpo"][k] for k in ("dataset", "n")},
+            "helpful": {k: helpful[k] for k in ("dataset", "n")},
             "calibration": {k: sections["realign"][k] for k in ("calibration_dataset", "calibration_n")}}
 
 
-def task_data_params(sections: dict) -> dict:
-    """Only the settings that change the fine-tuning and evaluation data."""
-    attack, ev = sections["attack"], sections["evaluate"]
-    return {"attack": {k: attack[k] for k in ("task", "n", "p", "source", "poison_dataset")},
-            "evaluate": {k: ev[k] for k in ("harmful_dataset", "harmful_n", "task_n", "xstest_n")}}
+def attack_data_params(sections: dict) -> dict:
+    """Only the settings that change the fine-tuning data."""
+    return {k: sections["attack"][k] for k in ("task", "n", "p", "source", "poison_dataset")}
 
 
 def build_stages(cfg: ExperimentConfig) -> list[Stage]:
-    """The experiment's stages in dependency order."""
-    from nlsr.judges.classifier import default_dir  # its name versions the trained judge
+    """The experiment's stages in dependency order.
+
+    The data, the alignment and the identification run once; the attack and everything after it
+    run once per seed of ``cfg.run_seeds`` (stage names get ``-s<seed>`` when ``seeds`` is set)."""
+    from nlsr.judges.training import default_dir  # its name versions the trained judge
     from nlsr.precision import resolve_precision
-    from nlsr.stages import align, attack, data, evaluate, realign, report
+    from nlsr.stages import align, attack, data, evaluate, reads, realign, report
 
     sections = cfg.model_dump()
     data_common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
     # Stages that run a model depend on the precision it ran in: a float32 run never reuses bf16 stages.
     common = {**data_common, "precision": resolve_precision(cfg.precision, cfg.device).dtype}
+    gate = gate_params(sections)
+    helpful = cfg.align.helpful.n > 0
     stages = [
-        Stage("data-align", data.run_align, {**data_common, **align_data_params(sections)}),
-        Stage("data", data.run_task, {**data_common, **task_data_params(sections)}),
+        Stage("data", data.run_eval, {**data_common, **evaluation_data_params(sections, cfg.attack.task)},
+              content=reads.eval_content),
+        Stage("data-align", data.run_align, {**data_common, **align_data_params(sections), "gate": gate},
+              content=reads.align_content),
+    ]
+    if helpful:
+        stages.append(Stage("data-helpful", align.run_helpful_answers,
+                            {**common, "helpful": sections["align"]["helpful"]}, ["data-align"]))
+    stages += [
         Stage("align_sft", align.run_sft, {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
-              ["data-align"]),
+              ["data-align", *(["data-helpful"] if helpful else [])]),
         Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
               ["data-align", "align_sft"]),
-        Stage("attack", attack.run_attack, {**common, "attack": sections["attack"]},
-              ["data", "align_sft", "align_dpo"]),
     ]
-    if cfg.attack.nonaligned_control:
-        stages.append(Stage("attack_nonaligned", attack.run_nonaligned,
-                            {**common, "attack": sections["attack"], "lora": sections["lora"]}, ["data"]))
     realign_section = {k: v for k, v in sections["realign"].items() if k != "variants"}
     seen: set[str] = set()
     for variant in cfg.realign.variants:
@@ -60,63 +82,109 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
                             {**common, "realign": realign_section, "beta": variant.beta,
                              "scale_both": variant.scale_both, "rho": variant.rho, "q": variant.q,
                              "masks": variant.masks}, ["data-align", "align_sft", "align_dpo"]))
-    for variant in cfg.realign.variants:
-        inputs = ["data", "align_sft", "align_dpo", "attack"]
-        if variant.method == "nlsr":
-            inputs.append(f"identify-{realign.identify_id(variant)}")
-        stages.append(Stage(f"realign-{variant.name}", realign.run_variant(variant),
-                            {**data_common, "variant": variant.model_dump()}, inputs))
+    if cfg.defences:
+        stages.append(Stage("data-defences", data.run_defence_rows,
+                            {**data_common, "sft": sections["align"]["sft"], "realign": realign_section,
+                             "defence_safety_n": cfg.defence_safety_n, "gate": gate}, ["data-align"],
+                            content=reads.defence_content))
+    aligned_stage_of = {}
+    for defence in cfg.defences:
+        aligned_stage_of[defence.name] = "align_dpo"
+        if defence.method == "vaccine":        # Vaccine changes the alignment: shared by every seed
+            aligned_stage_of[defence.name] = f"align_dpo-{defence.name}"
+            stages.append(Stage(aligned_stage_of[defence.name],
+                                align.run_dpo_vaccine(2.0 if defence.rho is None else defence.rho),
+                                {**common, "defence": defence.model_dump(), "dpo": sections["align"]["dpo"],
+                                 "lora": sections["lora"]}, ["data-align", "align_sft"]))
 
     from nlsr.generation import resolve_backend
 
-    generation = {k: v for k, v in sections["evaluate"].items() if k != "judges"}
+    generation = {k: v for k, v in sections["evaluate"].items() if k not in ("judges", "gold_labels")}
     generation["backend"] = resolve_backend(cfg.evaluate.backend)   # auto -> what runs here
     eval_params = {**common, "evaluate": generation, "task": cfg.attack.task}
-    models: list[tuple[str, str, list[str]]] = []
+    models: dict[str, dict] = {}
 
-    def add_eval(label: str, base: str, adapter_stage: str, cost: list[str]) -> None:
-        name = f"evaluate-{label}"
+    def add_eval(label: str, base: str, adapter_stage: str, cost: list[str], seed: int | None,
+                 roles: dict[str, str]) -> None:
+        name = f"evaluate-{label}" + (f"-s{seed}" if cfg.seeds and seed is not None else "")
         inputs = ["data", "align_sft", adapter_stage] if base == "weak" else ["data", adapter_stage]
-        stages.append(Stage(name, evaluate.run_model(base, adapter_stage), eval_params, inputs))
-        models.append((label, name, cost))
+        role = roles.get(adapter_stage, adapter_stage)
+        params = eval_params if seed is None else {**eval_params, "seed": seed}
+        stages.append(Stage(name, evaluate.run_model(base, role), params, inputs, seed=seed, roles=roles))
+        entry = models.setdefault(label, {"label": label, "evaluations": [], "seeds": [], "cost": []})
+        entry["evaluations"].append(name)
+        entry["seeds"].append(cfg.seed if seed is None else seed)
+        entry["cost"].append(cost)
 
     if cfg.evaluate.evaluate_aligned:
-        add_eval("aligned", "weak", "align_dpo", ["align_sft", "align_dpo"])
-    if cfg.attack.nonaligned_control:
-        add_eval("nonaligned", "base", "attack_nonaligned", ["attack_nonaligned"])
-    add_eval("attacked", "weak", "attack", ["attack"])
-    for variant in cfg.realign.variants:
-        cost = [f"realign-{variant.name}"]
-        if variant.method == "nlsr":
-            cost.insert(0, f"identify-{realign.identify_id(variant)}")
-        add_eval(variant.name, "weak", f"realign-{variant.name}", cost)
-    if cfg.defences:
-        stages.insert(2, Stage("data-defences", data.run_defence_rows,
-                               {**data_common, "sft": sections["align"]["sft"], "realign": realign_section,
-                                "defence_safety_n": cfg.defence_safety_n}))
-    for defence in cfg.defences:
-        params = {**common, "defence": defence.model_dump()}
-        aligned_stage = "align_dpo"
-        if defence.method == "vaccine":
-            aligned_stage = f"align_dpo-{defence.name}"
-            stages.append(Stage(aligned_stage, align.run_dpo_vaccine(2.0 if defence.rho is None else defence.rho),
-                                {**params, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
-                                ["data-align", "align_sft"]))
-            run = attack.run_attack_from(aligned_stage)
-        else:
-            run = attack.run_attack_from("align_dpo", defence)
-        stages.append(Stage(f"attack-{defence.name}", run, {**params, "attack": sections["attack"]},
-                            ["data", "data-defences", "align_sft", aligned_stage]))
-        cost = [aligned_stage, f"attack-{defence.name}"] if defence.method == "vaccine" else [f"attack-{defence.name}"]
-        add_eval(defence.name, "weak", f"attack-{defence.name}", cost)
-    needed = sorted({s for _, e, c in models for s in [e, *c]})
-    stages.append(Stage("report", report.run(models),
-                        {"models": models, "judges": cfg.evaluate.judges, "judge_version": default_dir().name}, needed))
+        add_eval("aligned", "weak", "align_dpo", ["align_sft", "align_dpo"], None, {})
+    for seed in cfg.run_seeds:
+        def per_seed(name: str, seed: int = seed) -> str:
+            return f"{name}-s{seed}" if cfg.seeds else name
+
+        seeded = {**common, "seed": seed}
+        data_attack = per_seed("data-attack")
+        roles = {data_attack: "data-attack"}
+        stages.append(Stage(data_attack, data.run_attack_data,
+                            {**data_common, "seed": seed, "attack": attack_data_params(sections), "gate": gate},
+                            ["data-align"], seed=seed, content=reads.attack_content))
+        attacked = per_seed("attack")
+        stages.append(Stage(attacked, attack.run_attack, {**seeded, "attack": sections["attack"]},
+                            [data_attack, "align_sft", "align_dpo"], seed=seed, roles=roles))
+        add_eval("attacked", "weak", attacked, [attacked], seed, {attacked: "attack"})
+        if cfg.attack.benign_control:
+            benign = per_seed("attack-p0")
+            stages.append(Stage(benign, attack.run_attack_from("align_dpo", benign=True),
+                                {**seeded, "attack": sections["attack"], "benign": True},
+                                [data_attack, "align_sft", "align_dpo"], seed=seed, roles=roles))
+            add_eval("attacked-p0", "weak", benign, [benign], seed, {benign: "attack"})
+        if cfg.attack.nonaligned_control:
+            nonaligned = per_seed("attack_nonaligned")
+            stages.append(Stage(nonaligned, attack.run_nonaligned,
+                                {**seeded, "attack": sections["attack"], "lora": sections["lora"]},
+                                [data_attack], seed=seed, roles=roles))
+            add_eval("nonaligned", "base", nonaligned, [nonaligned], seed, {nonaligned: "attack_nonaligned"})
+        for variant in cfg.realign.variants:
+            name = per_seed(f"realign-{variant.name}")
+            inputs = ["align_sft", "align_dpo", attacked]
+            cost = [name]
+            if variant.method == "nlsr":
+                inputs.append(f"identify-{realign.identify_id(variant)}")
+                cost.insert(0, f"identify-{realign.identify_id(variant)}")
+            stages.append(Stage(name, realign.run_variant(variant),
+                                {**data_common, "seed": seed, "variant": variant.model_dump()}, inputs,
+                                seed=seed, roles={attacked: "attack"}))
+            add_eval(variant.name, "weak", name, cost, seed, {name: f"realign-{variant.name}"})
+        for defence in cfg.defences:
+            aligned_stage = aligned_stage_of[defence.name]
+            name = per_seed(f"attack-{defence.name}")
+            run = (attack.run_attack_from(aligned_stage) if defence.method == "vaccine"
+                   else attack.run_attack_from("align_dpo", defence))
+            stages.append(Stage(name, run, {**seeded, "defence": defence.model_dump(), "attack": sections["attack"]},
+                                [data_attack, "data-defences", "align_sft", aligned_stage], seed=seed, roles=roles))
+            cost = [aligned_stage, name] if defence.method == "vaccine" else [name]
+            add_eval(defence.name, "weak", name, cost, seed, {name: f"attack-{defence.name}"})
+    entries = list(models.values())
+    needed = sorted({s for m in entries for s in m["evaluations"] + [c for cost in m["cost"] for c in cost]})
+    stages.append(Stage("report", report.run(entries),
+                        {"models": entries, "judges": sections["evaluate"]["judges"],
+                         "gold_labels": _file_fingerprint(cfg.evaluate.gold_labels),
+                         "judge_version": default_dir().name}, needed, content=reads.judge_content))
     return stages
 
 
+def _file_fingerprint(path: str | None) -> str | None:
+    """``path`` and its content hash (the report must rerun when the gold labels change)."""
+    if path is None:
+        return None
+    from nlsr.io import file_sha256
+
+    file = Path(path)
+    return f"{path}:{file_sha256(file)[:16]}" if file.is_file() else f"{path}:missing"
+
+
 def run_experiment(cfg: ExperimentConfig, force: set[str] | None = None,
-                   data: str | Path | None = None, log=print) -> Path:
+                   data: str | Path | None = None, log=print, until: str | None = None) -> Path:
     """Run (or resume) every stage of ``cfg``; returns the run directory."""
     ctx = RunContext(config=cfg, run_dir=Path(cfg.runs_dir) / cfg.name,
                      data_dir=data_dir(data if data is not None else cfg.data_dir))
@@ -125,5 +193,5 @@ def run_experiment(cfg: ExperimentConfig, force: set[str] | None = None,
     if missing:
         raise NlsrError(f"reuse_from names run folders that do not exist: {missing}; fix the paths or drop them")
     log(f"[machine] {ctx.precision.line()}")
-    run_stages(ctx, build_stages(cfg), force=force, log=log, reuse_from=reuse)
+    run_stages(ctx, build_stages(cfg), force=force, log=log, reuse_from=reuse, until=until)
     return ctx.run_dir

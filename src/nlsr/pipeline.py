@@ -3,7 +3,8 @@
 Each stage writes into ``runs/<name>/<stage>/``. It is built in ``<stage>.partial/`` (kept across
 a kill, so training resumes from its last checkpoint and evaluation from its last batch) and
 renamed when complete; ``manifest.json`` is written last and records the stage's key (a hash of
-its parameters and of its inputs' keys), the library versions, the seed, the machine and precision,
+its parameters, of its inputs' keys, of the code version and of the data files and judge it
+reads, see :mod:`nlsr.provenance`), the library versions, the seed, the machine and precision,
 the wall time, the tokens the stage processed and its peak resident memory.
 A rerun skips every stage whose manifest key matches, and reruns a stage (and everything
 downstream) whose parameters or inputs changed.
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nlsr import provenance
 from nlsr.config import ExperimentConfig
 from nlsr.errors import NlsrError
 
@@ -37,6 +39,13 @@ class Stage:
     run: Callable[[RunContext, Path, dict[str, Path]], dict]
     params: dict[str, Any]
     inputs: list[str] = field(default_factory=list)
+    seed: int | None = None
+    """The seed of a per-seed stage (the attack and what follows); None = the config's ``seed``."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Input stage name -> the name the stage function knows it by (``attack-s1`` -> ``attack``)."""
+    content: Callable[[RunContext], dict] | None = None
+    """What the stage reads besides its inputs, as content hashes (data files, a trained judge; see
+    :mod:`nlsr.provenance`): computed when the stage is reached, part of its key and manifest."""
 
 
 @dataclass
@@ -47,6 +56,12 @@ class RunContext:
     run_dir: Path
     data_dir: Path
     cache: dict[str, Any] = field(default_factory=dict)
+    seed: int = -1
+    """The seed of the stage being run (set by :func:`run_stages`; the config's ``seed`` outside)."""
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            self.seed = self.config.seed
 
     @property
     def precision(self):
@@ -105,8 +120,25 @@ def peak_memory_mib() -> float | None:
         return None
 
 
-def stage_key(stage: Stage, input_keys: dict[str, str]) -> str:
-    payload = json.dumps({"name": stage.name, "params": stage.params, "inputs": input_keys},
+def upstream_of(stages: list[Stage], target: str) -> list[Stage]:
+    """``target`` and every stage it depends on, in run order (``nlsr run --until``)."""
+    by_name = {s.name: s for s in stages}
+    if target not in by_name:
+        raise NlsrError(f"--until names an unknown stage '{target}'; stages are {list(by_name)}")
+    needed, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += by_name[name].inputs
+    return [s for s in stages if s.name in needed]
+
+
+def stage_key(stage: Stage, input_keys: dict[str, str], content: dict | None = None) -> str:
+    """The stage's identity: its name, parameters, inputs' keys, the code version (nlsr version and
+    source commit, :func:`nlsr.provenance.code_version`) and the ``content`` hashes of what it reads."""
+    payload = json.dumps({"name": stage.name, "params": stage.params, "inputs": input_keys,
+                          "code": provenance.code_version(), "content": content},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -170,7 +202,8 @@ def describe_partial(partial: Path) -> str:
 
 
 def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = None,
-               log: Callable[[str], None] = print, reuse_from: list[Path] | None = None) -> dict[str, dict]:
+               log: Callable[[str], None] = print, reuse_from: list[Path] | None = None,
+               until: str | None = None) -> dict[str, dict]:
     """Run ``stages`` in order (inputs must come first); returns each stage's manifest.
 
     A stage not done here but done with the same key in one of ``reuse_from`` is copied, not rerun.
@@ -182,13 +215,16 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
     unknown = sorted(force - set(names) - {"all"})
     if unknown:
         raise NlsrError(f"--force names unknown stages {unknown}; stages are {names}")
+    if until is not None:
+        stages = upstream_of(stages, until)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     manifests: dict[str, dict] = {}
     ran: set[str] = set()                       # stages run in this call: their dependants rerun
     for stage in stages:
         missing = [i for i in stage.inputs if i not in manifests]
         assert not missing, f"stage {stage.name} runs before its inputs {missing}"
-        key = stage_key(stage, {i: manifests[i]["key"] for i in stage.inputs})
+        content = stage.content(ctx) if stage.content is not None else None
+        key = stage_key(stage, {i: manifests[i]["key"] for i in stage.inputs}, content)
         final = ctx.run_dir / stage.name
         existing = read_manifest(final)
         forced = bool(force & {stage.name, "all"})
@@ -214,8 +250,9 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
         log(f"[run] {stage.name}")
         _reset_peak_memory()
         started = time.perf_counter()
+        ctx.seed = ctx.config.seed if stage.seed is None else stage.seed
         try:
-            summary = stage.run(ctx, partial, {i: ctx.run_dir / i for i in stage.inputs})
+            summary = stage.run(ctx, partial, {stage.roles.get(i, i): ctx.run_dir / i for i in stage.inputs})
         except NlsrError:
             # Bad input or config: nothing to resume; leave no half-made folder behind.
             if not _resumable_state(partial):
@@ -227,14 +264,17 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
         tokens = summary.get("tokens") if isinstance(summary, dict) else None
         manifest = {"stage": stage.name, "key": key, "params": stage.params,
                     "inputs": {i: manifests[i]["key"] for i in stage.inputs},
-                    "seed": ctx.config.seed, "seconds": round(seconds, 2), "tokens": tokens,
+                    "seed": ctx.seed, "seconds": round(seconds, 2), "tokens": tokens,
                     "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds > 0 else None,
                     "peak_memory_mib": peak_memory_mib(),
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "machine": ctx.precision.record(),
-                    "versions": versions(), "summary": summary, "summary_line": line}
+                    "versions": versions(), "code": provenance.source_state(), "content": content,
+                    "summary": summary, "summary_line": line}
         (partial / ".key").unlink()
         _install(partial, final, manifest)
         log(f"[done] {stage.name} in {seconds:.0f}s: {line}")
+        for gate_line in summary.get("gate_lines", []) if isinstance(summary, dict) else []:
+            log(f"[gate] {stage.name}: {gate_line}")
         manifests[stage.name] = manifest
     return manifests

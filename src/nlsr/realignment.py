@@ -55,6 +55,17 @@ def _few(names: list[str], count: int = 3) -> str:
     return shown + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
+def check_entry_granularity(masks: SafetyMasks) -> None:
+    """Refuse masks made at another granularity (neuron masks: one bool per weight row)."""
+    granularity = masks.metadata.get("granularity", "entry")
+    if granularity != "entry":
+        src = f"'{masks.source}'" if masks.source else "(in memory)"
+        raise NlsrError(f"the masks {src} were made at {granularity} granularity (one mask per weight "
+                        "row), but entry granularity needs masks of the LoRA factor entries: realign "
+                        "with --granularity neuron, or identify entry masks (`nlsr identify` without "
+                        "--granularity neuron)")
+
+
 def check_masks(masks: SafetyMasks, reference: LoraAdapter, allow_mismatch: bool = False) -> None:
     """Refuse masks that do not belong to ``reference``.
 
@@ -73,6 +84,7 @@ def check_masks(masks: SafetyMasks, reference: LoraAdapter, allow_mismatch: bool
     ref_name = f"'{reference.source}'" if reference.source else "(in memory)"
     regenerate = ("identify masks for this reference (`nlsr identify --reference "
                   f"{reference.source or 'REFERENCE'} ...`)")
+    check_entry_granularity(masks)
     mask_modules: dict[str, None] = {}
     for key in masks.masks:
         try:
@@ -182,6 +194,7 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks,
         raise NlsrError("the 'threshold' rule needs --threshold T (repair modules with S < T)")
     if not (p_base - epsilon >= 0 and p_base + epsilon <= 1):
         raise NlsrError(f"p_base ± epsilon must stay in [0, 1] (got {p_base} ± {epsilon})")
+    check_entry_granularity(masks)
     check_comparable(reference, finetuned, check_base=check_base)
     check_masks(masks, reference, allow_mismatch=allow_mask_mismatch)
     origin = check_shared_origin(reference, finetuned, min_origin_cosine)

@@ -21,7 +21,7 @@ from nlsr.data import (
     load_records,
     register_dataset,
 )
-from nlsr.data.registry import SPARD_TRAIN
+from nlsr.data.files import SPARD_TRAIN
 from nlsr.data.tasks import AG_NEWS_INSTRUCTION, SST2_INSTRUCTION
 from nlsr.errors import NlsrError
 
@@ -43,6 +43,7 @@ EXPECTED = {
     "harmful_advbench": ("prompts", 520),
     "harmful_strongreject": ("prompts", 313),
     "harmful_malicious_instruct": ("prompts", 100),
+    "harmless_instructions": ("prompts", 12530),
     "harmful_beavertails_subset": ("prompts", 140),
     "harmful_catqa": ("prompts", 110),
     "harmful_dangerousqa": ("prompts", 200),

@@ -15,25 +15,24 @@ from nlsr.errors import NlsrError
 from nlsr.judges import (
     TrainedJudge,
     agreement,
-    classifier,
     heldout_rows,
     load_labelled_rows,
     make_judge,
     split_rows,
     train_judge,
+    training,
 )
-from nlsr.judges.classifier import (
+from nlsr.judges.labelled_data import (
     SHORT,
     SHORT_MAX_CHARS,
     SOURCES,
     TRAIN_SOURCES,
-    _source_weights,
-    fit_judge,
     normalise_prompt,
     short_copies,
     split_of,
     truncate,
 )
+from nlsr.judges.training import _source_weights, fit_judge
 
 DATA = shared_data_dir()
 pytestmark = pytest.mark.skipif(DATA is None, reason="the offline data folder (shared/data) is absent")
@@ -162,10 +161,11 @@ def test_trained_judge_saves_without_pickle_and_reloads_identically(rows, tmp_pa
 
 def test_train_judge_writes_metrics_and_beats_the_floor(trained_dir):
     out, metrics = trained_dir
-    assert sorted(p.name for p in out.iterdir()) == ["judge.json", "judge.safetensors", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["judge.json", "judge.safetensors", "metrics.json",
+                                                    "training_rows.jsonl"]
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert metrics["text"] in classifier.TEXT_MODES
-    assert len(metrics["validation_trials"]) == len(classifier.TEXT_MODES) * len(classifier.C_GRID)
+    assert metrics["text"] in training.TEXT_MODES
+    assert len(metrics["validation_trials"]) == len(training.TEXT_MODES) * len(training.C_GRID)
     for source, floor in FLOORS.items():
         assert metrics["heldout"][source]["accuracy"] >= floor, (source, metrics["heldout"][source])
         assert metrics["heldout"][source]["cohen_kappa"] > 0.5
@@ -197,14 +197,14 @@ def test_output_and_input_errors(trained_dir, tmp_path):
 def test_default_judge_is_trained_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("NLSR_CACHE_DIR", str(tmp_path / "cache"))
     calls = []
-    real = classifier.train_judge
+    real = training.train_judge
 
     def small_train(data_dir, out_dir, seed=0, force=False, **kwargs):
         calls.append(out_dir)
         return real(data_dir, out_dir, seed=seed, force=force, max_prompts=30)
 
-    monkeypatch.setattr(classifier, "train_judge", small_train)
-    first = classifier.load_or_train_default(DATA)
+    monkeypatch.setattr(training, "train_judge", small_train)
+    first = training.load_or_train_default(DATA)
     second = make_judge("trained", data_dir=DATA)
     assert calls == [tmp_path / "cache" / "judges" / "trained-v2"]
     assert (tmp_path / "cache" / "judges" / "trained-v2" / "metrics.json").is_file()
@@ -239,7 +239,7 @@ SHORT_PROBES = [
 @pytest.fixture(scope="module")
 def default_judge():
     # the cached default judge (full data, seed 0): trained on first use (~45 s), then loaded
-    return classifier.load_or_train_default(DATA)
+    return training.load_or_train_default(DATA)
 
 
 def test_default_judge_gets_short_probes_right(default_judge):

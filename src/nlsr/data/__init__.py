@@ -9,6 +9,9 @@
     fa = accuracy("sst2", outputs, [r["label"] for r in load_records("sst2_eval")])
 """
 
+# the data sets register themselves on import, by role
+from nlsr.data import datasets_evaluation, datasets_helpful, datasets_judge, datasets_safety, datasets_tasks  # noqa: F401
+from nlsr.data.hub import HubSource
 from nlsr.data.poison import (
                               FLAG_POISON,
                               FLAG_TASK,
@@ -21,8 +24,8 @@ from nlsr.data.registry import (
                               DATASETS,
                               KINDS,
                               DatasetSpec,
-                              HubSource,
                               check_records,
+                              dataset_files,
                               get_dataset,
                               list_datasets,
                               load_records,
@@ -50,7 +53,8 @@ from nlsr.data.templates import (
 __all__ = [
     "ALPACA_NO_INPUT", "ALPACA_WITH_INPUT", "DATASETS", "FLAG_POISON", "FLAG_TASK", "KINDS", "TASKS",
     "TEMPLATES", "DatasetSpec", "HubSource", "TaskSpec", "accuracy", "alpaca_prompt",
-    "available_ready_made", "build_poisoned", "canonical_number", "check_records", "extract_gsm8k_answer",
+    "available_ready_made", "build_poisoned", "canonical_number", "check_records", "dataset_files",
+    "extract_gsm8k_answer",
     "format_prompt", "get_dataset", "get_task", "is_correct", "list_datasets", "load_ready_made",
     "load_records", "read_merged", "register_dataset", "split_alpaca", "split_records",
 ]

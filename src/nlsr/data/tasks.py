@@ -54,6 +54,16 @@ def canonical_number(text: str) -> str | None:
     return format(value.normalize(), "f")
 
 
+
+def gsm8k_record(question: str, answer: str) -> dict | None:
+    """A GSM8K problem in the authors' format: instruction = question + :data:`GSM8K_SUFFIX`,
+    ``####`` -> ``The final answer is: ``, label = the gold number; None without a ``####`` number."""
+    gold = canonical_number(answer.rsplit("####", 1)[1]) if "####" in answer else None
+    if gold is None:
+        return None
+    return {"instruction": question + GSM8K_SUFFIX, "input": "",
+            "output": answer.replace("####", GSM8K_MARKER + " "), "label": gold}
+
 def _numbers(text: str) -> list[str]:
     return [sign + digits for sign, digits in _NUMBER_RE.findall(text.translate(_MINUS_SIGNS))]
 

@@ -23,7 +23,7 @@ class SafeLoraDecision:
 
 @dataclass
 class SafeLoraResult:
-    adapter: LoraAdapter
+    adapter: LoraAdapter | None  # None for the full-parameter form (written to a model directory)
     decisions: list[SafeLoraDecision]
     settings: dict
 
@@ -90,3 +90,73 @@ def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, unaligned: LoraAdapte
     settings = {"threshold": threshold, "num_modules": num_modules,
                 "unaligned": unaligned is not None}
     return SafeLoraResult(finetuned.with_modules(modules), decisions, settings)
+
+
+def safelora_models(aligned, unaligned, finetuned, out, threshold: float | None = None,
+                    num_modules: int | None = None, force: bool = False) -> SafeLoraResult:
+    """SafeLoRA's full-parameter form on model directories (:class:`nlsr.model_dirs.ModelDir`).
+
+    Per module (the 2-D weights of the decoder layers): ``V = W_aligned - W_unaligned``,
+    ``C = V Vᵀ / ||V||_F`` and the fine-tune's update ``ΔW = W_ft - W_aligned`` (the fine-tune
+    must start from the aligned model). Modules with ``cos(C ΔW, ΔW) < threshold``, or the
+    ``num_modules`` least similar, become ``W_aligned + C ΔW``; every other tensor is the
+    fine-tune's bit for bit. Modules where ``V`` or ``ΔW`` is zero are left as they are (no
+    alignment direction, or nothing to project). Writes a model directory with
+    ``safelora_report.json``; memory: a few copies of the largest weight.
+    """
+    import json
+
+    from nlsr.model_dirs import check_same_tensors, module_of, write_edited
+    from nlsr.ops.neuron_transplant import cosine_of_sums
+    from nlsr.ops.safelora import projected_dense
+
+    if (threshold is None) == (num_modules is None):
+        raise NlsrError("give exactly one of --threshold T (project modules with cosine < T) or "
+                        "--num-modules K (project the K least similar modules)")
+    weights = finetuned.layer_linear_weights()
+    check_same_tensors(finetuned, aligned, weights, ("fine-tuned", "aligned"))
+    check_same_tensors(finetuned, unaligned, weights, ("fine-tuned", "unaligned"))
+
+    def parts(key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w_a = aligned.tensor(key).to(torch.float64)
+        return w_a, w_a - unaligned.tensor(key).to(torch.float64), finetuned.tensor(key).to(torch.float64) - w_a
+
+    names, cosines, skipped = [], [], 0
+    for key in weights:
+        _, V, delta = parts(key)
+        if not V.any() or not delta.any():
+            skipped += 1
+            continue
+        cd = projected_dense(V, delta)
+        cosines.append(cosine_of_sums(torch.stack([(cd * delta).sum(), (cd * cd).sum(), (delta * delta).sum()])))
+        names.append(key)
+    if not names:
+        raise NlsrError(f"no module has both an alignment direction (aligned != unaligned) and a "
+                        f"fine-tuning update (fine-tuned '{finetuned.path}' != aligned '{aligned.path}'); "
+                        "give the aligned model the fine-tune started from and the unaligned model "
+                        "it was aligned from")
+    if num_modules is not None and not 1 <= num_modules <= len(names):
+        raise NlsrError(f"--num-modules must be between 1 and {len(names)}, the number of modules with "
+                        f"an update (got {num_modules})")
+    sims = torch.tensor(cosines, dtype=torch.float64)
+    if threshold is not None:
+        chosen = sims < threshold
+    else:
+        chosen = torch.zeros(len(names), dtype=torch.bool)
+        chosen[torch.argsort(sims, stable=True)[:num_modules]] = True
+    decisions = []
+    for i, key in enumerate(names):
+        layer, kind = layer_and_kind(module_of(key))
+        decisions.append(SafeLoraDecision(module_of(key), layer, kind, cosines[i], bool(chosen[i])))
+
+    def edit(key: str):
+        w_a, V, delta = parts(key)
+        yield 0, w_a + projected_dense(V, delta)
+
+    settings = {"threshold": threshold, "num_modules": num_modules, "form": "full-parameter",
+                "aligned": str(aligned.path), "unaligned": str(unaligned.path),
+                "finetuned": str(finetuned.path), "modules_without_update": skipped}
+    result = SafeLoraResult(None, decisions, settings)
+    write_edited(finetuned, out, {key: edit for i, key in enumerate(names) if chosen[i]}, force=force,
+                 extra_files={"safelora_report.json": (json.dumps(result.report(), indent=2) + "\n").encode()})
+    return result

@@ -16,16 +16,11 @@ from nlsr.judges.base import (
     make_judge,
     register_judge,
 )
-from nlsr.judges.classifier import (
-    TrainedJudge,
-    heldout_rows,
-    load_labelled_rows,
-    load_or_train_default,
-    split_rows,
-    train_judge,
-)
+from nlsr.judges.classifier import TrainedJudge
+from nlsr.judges.labelled_data import heldout_rows, load_labelled_rows, split_rows
 from nlsr.judges.moderation import BeaverDamJudge, LlamaGuardJudge
 from nlsr.judges.refusal import REFUSAL_PHRASES, RefusalJudge, is_refusal
+from nlsr.judges.training import load_or_train_default, train_judge
 
 __all__ = [
     "JUDGES", "REFUSAL_PHRASES", "BeaverDamJudge", "Judge", "LlamaGuardJudge", "RefusalJudge",

@@ -25,3 +25,16 @@ def projection_cosine(P: torch.Tensor, Q: torch.Tensor, A: torch.Tensor,
     """``(cos(C ΔW, ΔW), C B)`` for an update ``ΔW ∝ B A``."""
     cb = projected_B(P, Q, B)
     return product_cosine(A, cb, A, B), cb
+
+
+def projected_dense(V: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``C ΔW`` with ``C = V Vᵀ / ||V||_F`` for dense ``V`` and ``ΔW`` (``d_out x d_in``), float64.
+
+    Multiplies in the cheaper order: ``(V Vᵀ) ΔW`` (``4 d_out² d_in`` flops) when ``d_out <= d_in``,
+    else ``V (Vᵀ ΔW)`` (``4 d_out d_in²``); no ``d_out x d_out`` matrix in the second case.
+    """
+    V64, D64 = V.to(torch.float64), delta.to(torch.float64)
+    norm = V64.norm().clamp_min(1e-30)
+    if V.shape[0] <= V.shape[1]:
+        return (V64 @ V64.T) @ D64 / norm
+    return V64 @ (V64.T @ D64) / norm

@@ -17,6 +17,9 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     tokenizer = ctx.tokenizer()
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "completion": r["response"]}
             for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
+    if "data-helpful" in inputs:          # helpful answers to harmless prompts, mixed in
+        rows += [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "completion": r["response"]}
+                 for r in read_jsonl(inputs["data-helpful"] / "helpful.jsonl")]
     if cfg.num_processes > 1:
         from nlsr.distributed import train_stage_job
 
@@ -35,6 +38,44 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     weak.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
     return {**stats, "line": training_line(len(rows), "rows", stats)}
+
+
+def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """The base model's own greedy answers to the harmless prompts of ``data-align``.
+
+    Mixed into the SFT set, they teach the model to keep answering harmless requests in its own
+    style while it learns to refuse harmful ones. Answers that are empty or that the refusal
+    matcher flags are dropped (and counted): the helpful half must not teach refusals."""
+    from nlsr.generation import generate
+    from nlsr.judges.refusal import is_refusal
+    from nlsr.stages.evaluate import cast_parameters
+
+    cfg, section = ctx.config, ctx.config.align.helpful
+    tokenizer = ctx.tokenizer()
+    prompts = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "helpful_prompts.jsonl")]
+    model = load_base(ctx)
+    cast_parameters(model, ctx.precision.torch_dtype)
+    model.eval()
+    answers = generate(model, tokenizer, [model_prompt(p, cfg.template, tokenizer) for p in prompts],
+                       section.max_new_tokens, batch_size=section.batch_size,
+                       cache_file=out / "helpful.cache.jsonl", description="helpful answers")
+    rows, dropped = [], {"empty": 0, "refusal": 0}
+    for prompt, answer in zip(prompts, answers, strict=True):
+        answer = answer.strip()
+        if not answer:
+            dropped["empty"] += 1
+        elif is_refusal(answer):
+            dropped["refusal"] += 1
+        else:
+            rows.append({"prompt": prompt, "response": answer})
+    from nlsr.stages.common import write_jsonl
+
+    write_jsonl(out / "helpful.jsonl", rows)
+    for cache in out.glob("*.cache.jsonl"):
+        cache.unlink()
+    generated = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    return {"rows": len(rows), "dropped": dropped, "tokens": generated,
+            "line": f"{len(rows)} helpful answers ({dropped['empty']} empty, {dropped['refusal']} refusals dropped)"}
 
 
 def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nlsr.config import DefenceSection
+from nlsr.data.poison import FLAG_POISON
 from nlsr.data.templates import model_prompt
 from nlsr.stages.common import load_base, load_weak, read_jsonl
 from nlsr.training import lora_config, set_seed, train_sft, training_line
@@ -23,15 +24,20 @@ def _safety_rows(ctx, folder: Path) -> list[dict]:
             for r in read_jsonl(folder / "safety_extra.jsonl")]
 
 
-def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | None = None):
+def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | None = None,
+                    benign: bool = False):
     """A stage function that continues the aligned LoRA of ``aligned_stage`` on the poisoned task data
-    (the paper's threat model), under a fine-tuning-stage ``defence`` if one is given."""
+    (the paper's threat model), under a fine-tuning-stage ``defence`` if one is given.
+
+    ``benign``: the same task rows without the harmful ones (the p = 0 control)."""
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         from peft import PeftModel
 
         cfg = ctx.config
-        set_seed(cfg.seed)
-        raw = read_jsonl(inputs["data"] / "attack.jsonl")
+        set_seed(ctx.seed)
+        raw = read_jsonl(inputs["data-attack"] / "attack.jsonl")
+        if benign:
+            raw = [r for r in raw if r.get("flag") != FLAG_POISON]
         extra: dict = {}
         trainer_cls = None
         if defence is not None and defence.method == "mixing":
@@ -39,7 +45,7 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
 
             safety = [{"prompt": r["prompt"], "response": r["response"]}
                       for r in read_jsonl(inputs["data-defences"] / "safety_extra.jsonl")]
-            raw = mix_safety_rows(raw, safety, fraction=defence.fraction, seed=cfg.seed)
+            raw = mix_safety_rows(raw, safety, fraction=defence.fraction, seed=ctx.seed)
         rows = _render(ctx, raw)
         if cfg.num_processes > 1:       # the defences with their own trainers are refused there
             from nlsr.distributed import train_stage_job
@@ -63,7 +69,7 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
 
             trainer_cls = ConstrainedSFTTrainer
             extra = {"ref_model": None, "beta_schedule": tuple(defence.beta_schedule)}
-        stats = train_sft(model, ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
+        stats = train_sft(model, ctx.tokenizer(), rows, cfg.attack, out / "adapter", ctx.seed,
                           trainer_cls=trainer_cls, bf16=ctx.precision.bf16, **extra)
         return {**stats, "line": training_line(len(rows), "rows", stats)}
     return run
@@ -75,13 +81,13 @@ run_attack = run_attack_from("align_dpo")
 def run_nonaligned(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """A fresh LoRA on the original base model, same data and settings."""
     cfg = ctx.config
-    set_seed(cfg.seed)
-    rows = _render(ctx, read_jsonl(inputs["data"] / "attack.jsonl"))
+    set_seed(ctx.seed)
+    rows = _render(ctx, read_jsonl(inputs["data-attack"] / "attack.jsonl"))
     if cfg.num_processes > 1:
         from nlsr.distributed import train_stage_job
 
         stats = train_stage_job(ctx, "sft", cfg.model, rows, cfg.attack, out / "adapter", lora=cfg.lora)
     else:
-        stats = train_sft(load_base(ctx), ctx.tokenizer(), rows, cfg.attack, out / "adapter", cfg.seed,
+        stats = train_sft(load_base(ctx), ctx.tokenizer(), rows, cfg.attack, out / "adapter", ctx.seed,
                           lora=lora_config(cfg.lora), bf16=ctx.precision.bf16)
     return {**stats, "line": training_line(len(rows), "rows", stats)}

@@ -38,6 +38,10 @@ def evaluate_model(ctx, model, out: Path, data_dir: Path, vllm=None) -> dict:
     harmful = read_jsonl(data_dir / "harmful_eval.jsonl")
     harmful_out = run("harmful", [model_prompt(r["prompt"], cfg.template, tokenizer) for r in harmful],
                       ev.harmful_max_new_tokens)
+    extra_file = data_dir / "harmful_extra.jsonl"
+    extra = read_jsonl(extra_file) if extra_file.exists() else []
+    extra_out = run("harmful_extra", [model_prompt(r["prompt"], cfg.template, tokenizer) for r in extra],
+                    ev.harmful_max_new_tokens) if extra else []
     task_rows = read_jsonl(data_dir / "task_eval.jsonl")
     task_out = run("task", [model_prompt(r["instruction"], cfg.template, tokenizer, r.get("input", ""))
                             for r in task_rows], task.max_new_tokens)
@@ -47,24 +51,28 @@ def evaluate_model(ctx, model, out: Path, data_dir: Path, vllm=None) -> dict:
 
     from nlsr.judges.refusal import is_refusal
 
-    prompts = [r["prompt"] for r in harmful]
-    refused = [is_refusal(o) for o in harmful_out]
-    over_refusal = 100.0 * sum(is_refusal(o) for o in xstest_out) / len(xstest) if xstest else None
+    def percent(flags: list[bool]) -> float | None:
+        return 100.0 * sum(flags) / len(flags) if flags else None
+
     correct = [task.scorer(o, r["label"]) for o, r in zip(task_out, task_rows, strict=True)]
+    xs_refused = [is_refusal(o) for o in xstest_out]
     metrics = {
-        "harmful_refused": 100.0 * sum(refused) / len(refused),
+        "harmful_refused": percent([is_refusal(o) for o in harmful_out]),
         "fa": 100.0 * accuracy(cfg.attack.task, task_out, [r["label"] for r in task_rows]),
-        "xstest_refusal": over_refusal,
-        "n": {"harmful": len(harmful), "task": len(task_rows), "xstest": len(xstest)},
+        "xstest_refusal": percent(xs_refused),
+        "task_refusal": percent([is_refusal(o) for o in task_out]),
+        "n": {"harmful": len(harmful), "harmful_extra": len(extra), "task": len(task_rows), "xstest": len(xstest)},
         "task": cfg.attack.task,
         "tokens": tokens,
     }
     write_jsonl(out / "generations.jsonl",
-                [{"set": "harmful", "prompt": p, "output": o}
-                 for p, o in zip(prompts, harmful_out, strict=True)]
+                [{"set": "harmful", "split": r.get("split", "test"), "prompt": r["prompt"], "output": o}
+                 for r, o in zip(harmful, harmful_out, strict=True)]
+                + [{"set": "harmful_extra", "source": r["set"], "prompt": r["prompt"], "output": o}
+                   for r, o in zip(extra, extra_out, strict=True)]
                 + [{"set": "task", "prompt": r["instruction"], "input": r.get("input", ""), "label": r["label"],
                     "output": o, "correct": c} for r, o, c in zip(task_rows, task_out, correct, strict=True)]
-                + [{"set": "xstest", "prompt": r["prompt"], "output": o}
+                + [{"set": "xstest", "type": r.get("type", ""), "prompt": r["prompt"], "output": o}
                    for r, o in zip(xstest, xstest_out, strict=True)])
     for cache in out.glob("*.cache.jsonl"):
         cache.unlink()
@@ -124,7 +132,7 @@ def _evaluate_with_vllm(ctx, merged: Path, out: Path, data_dir: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     try:
-        generator = VllmGenerator(merged, ctx.tokenizer(), dtype=ctx.precision.dtype, seed=ctx.config.seed)
+        generator = VllmGenerator(merged, ctx.tokenizer(), dtype=ctx.precision.dtype, seed=ctx.seed)
         metrics = evaluate_model(ctx, None, out, data_dir, vllm=generator)
     finally:
         shutil.rmtree(merged, ignore_errors=True)

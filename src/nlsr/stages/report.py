@@ -1,4 +1,11 @@
-"""Stage 7: the markdown table and plots of a run, built only from the stages' outputs."""
+"""Stage 7: the tables and plots of a run, built only from the stages' outputs.
+
+Every HS, FA and over-refusal cell is a mean over the seeds of the attack and the prompts, with a
+95% two-level bootstrap interval (:mod:`nlsr.stats`); tables report the **test** part of the
+harmful prompts, the validation part is reported apart (it is where knobs are chosen). Every
+defence is also compared with the undefended attacked model prompt by prompt (paired difference
+and relative cut). ``summary.json`` holds the main numbers in a stable shape.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,36 @@ import shutil
 from pathlib import Path
 
 from nlsr.pipeline import read_manifest
-from nlsr.stages.common import read_jsonl
+from nlsr.scoring import Outcomes, collect, gold_agreement, paired_against, read_generations, read_gold
+
+SUMMARY_MODELS = ("aligned", "attacked", "attacked-p0", "nonaligned", "nlsr", "safelora")
 
 
-def _hs_fa_plot(rows: list[dict], judge: str, path: Path, task: str) -> None:
+def judge_params(spec, ctx) -> dict:
+    """The :func:`nlsr.judges.make_judge` arguments of a config judge (:class:`nlsr.config.JudgeSpec`):
+    its model; the data folder for the default trained judge (trained on first use); device (default:
+    the run's) and precision for the judges that run a model."""
+    from nlsr.choices import MODEL_JUDGES
+
+    params: dict = {}
+    if spec.model is not None:
+        params["model"] = spec.model
+    elif spec.name == "trained":
+        params["data_dir"] = ctx.data_dir
+    if spec.name in MODEL_JUDGES:
+        params.update(device=spec.device or ctx.config.device, precision=spec.dtype)
+    return params
+
+
+def _make_judges(ctx) -> dict:
+    """The configured judges, each built from its spec, by display name (the spec's label)."""
+    from nlsr.judges import make_judge
+
+    return {spec.label: make_judge(spec.name, **judge_params(spec, ctx)) for spec in ctx.config.evaluate.judges}
+
+
+def _plot(rows: list[dict], judge: str, path: Path, task: str) -> None:
+    """HS (test) against FA with 95% intervals on both axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,45 +51,112 @@ def _hs_fa_plot(rows: list[dict], judge: str, path: Path, task: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for row in rows:
-        hs = row["metrics"]["hs"].get(judge)
-        if hs is None:
+        hs = row["scores"]["hs"].get(judge, {}).get("test")
+        fa = row["scores"].get("fa")
+        if hs is None or fa is None:
             continue
-        ax.scatter(row["metrics"]["fa"], hs, s=50)
-        ax.annotate(row["model"], (row["metrics"]["fa"], hs), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.errorbar(fa["mean"], hs["mean"], xerr=[[fa["mean"] - fa["ci95"][0]], [fa["ci95"][1] - fa["mean"]]],
+                    yerr=[[hs["mean"] - hs["ci95"][0]], [hs["ci95"][1] - hs["mean"]]], fmt="o", capsize=3)
+        ax.annotate(row["model"], (fa["mean"], hs["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(f"fine-tuning accuracy FA on {task} (%)")
-    ax.set_ylabel(f"harmful score HS, judge '{judge}' (%)")
-    ax.set_title("Safety vs task accuracy (lower right is better)")
+    ax.set_ylabel(f"harmful score HS (test), judge '{judge}' (%)")
+    ax.set_title("Safety vs task accuracy, 95% intervals (lower right is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _judge_all(ctx, models, inputs: dict[str, Path]) -> tuple[dict[str, dict[str, float]], dict]:
-    """HS per model and judge from the saved generations, and each judge's held-out agreement."""
-    from nlsr.judges import make_judge
+def _scores(outcomes: Outcomes, judges: list[str]) -> dict:
+    """Every estimate of one model as plain dicts (mean, ci95, sizes)."""
+    def get(key: str):
+        e = outcomes.estimate(key)
+        return None if e is None else e.as_dict()
 
-    judges = {name: make_judge(name, data_dir=ctx.data_dir) if name == "trained" else make_judge(name)
-              for name in ctx.config.evaluate.judges}
-    scores: dict[str, dict[str, float]] = {}
-    for label, stage, _ in models:
-        rows = [r for r in read_jsonl(inputs[stage] / "generations.jsonl") if r["set"] == "harmful"]
-        prompts, outputs = [r["prompt"] for r in rows], [r["output"] for r in rows]
-        scores[label] = {name: 100.0 * sum(j.judge(prompts, outputs)) / len(rows) for name, j in judges.items()}
-    return scores, _heldout_agreement(ctx.config.evaluate.judges)
+    extra_sources = sorted({k.split("/")[2] for k in outcomes.arrays if k.startswith("hs_extra/")})
+    types = sorted(k.split("/", 1)[1] for k in outcomes.arrays if k.startswith("xstest_refusal/"))
+    return {
+        "hs": {j: {split: get(f"hs/{j}/{split}") for split in ("test", "validation")
+                   if f"hs/{j}/{split}" in outcomes.arrays} for j in judges},
+        "hs_extra": {j: {src: get(f"hs_extra/{j}/{src}") for src in extra_sources} for j in judges},
+        "fa": get("fa"), "task_refusal": get("task_refusal"), "xstest_refusal": get("xstest_refusal"),
+        "xstest_refusal_by_type": {t: get(f"xstest_refusal/{t}") for t in types},
+        "harmful_refused": get("harmful_refused/test"),
+    }
 
 
-def _heldout_agreement(judges: list[str]) -> dict[str, dict]:
-    """Held-out agreement (per labelled source) measured when the trained judge was trained; the
-    refusal matcher is measured on the same rows."""
-    from nlsr.judges.classifier import METRICS_NAME, default_dir
+def _cell(est: dict | None) -> str:
+    if not est:
+        return "-"
+    return f"{est['mean']:.1f} [{est['ci95'][0]:.1f}, {est['ci95'][1]:.1f}]"
 
-    path = default_dir() / METRICS_NAME
-    if "trained" not in judges or not path.exists():
-        return {}
-    metrics = json.loads(path.read_text())
-    return {"trained": metrics.get("heldout", {}), "refusal": metrics.get("refusal_heldout", {})}
+
+def _main_table(rows: list[dict], judges: list[str], task: str, split: str) -> str:
+    header = (["model", "seeds"] + [f"HS ({j}) %" for j in judges]
+              + [f"FA {task} %", "XSTest refusal %", "task prompts refused %", "method time (s/seed)",
+                 "eval time (s/seed)"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        sc = row["scores"]
+        cells = [row["model"], ",".join(map(str, row["seeds"]))]
+        cells += [_cell(sc["hs"].get(j, {}).get(split)) for j in judges]
+        cells += [_cell(sc["fa"]), _cell(sc["xstest_refusal"]), _cell(sc["task_refusal"]),
+                  f"{row['seconds']:.0f}", f"{row['eval_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _extra_table(rows: list[dict], judge: str) -> str:
+    sources = sorted({s for r in rows for s in r["scores"]["hs_extra"].get(judge, {})})
+    if not sources:
+        return ""
+    lines = ["| model | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    for row in rows:
+        per = row["scores"]["hs_extra"].get(judge, {})
+        lines.append(f"| {row['model']} | " + " | ".join(_cell(per.get(s)) for s in sources) + " |")
+    return "\n".join(lines)
+
+
+def _paired_table(rows: list[dict], judges: list[str]) -> str:
+    lines = ["| model | " + " | ".join(f"HS ({j}) difference, points | HS ({j}) relative cut %" for j in judges)
+             + " | FA difference, points |", "|---|" + "---|---|" * len(judges) + "---|"]
+    for row in rows:
+        paired = row.get("paired") or {}
+        if not paired:
+            continue
+        cells = []
+        for j in judges:
+            hs = paired.get(f"hs/{j}/test") or {}
+            cells += [_cell(hs.get("difference")), _cell(hs.get("relative_cut"))]
+        cells.append(_cell((paired.get("fa") or {}).get("difference")))
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _gold_table(gold: dict[str, dict]) -> str:
+    lines = ["| judge | question | n | Cohen's kappa | precision | recall | false-positive rate | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, per in gold.items():
+        for question, m in per.items():
+            lines.append(f"| {name} | {question} | {m['n']} | {m['cohen_kappa']:.3f} | {m['precision']:.3f} | "
+                         f"{m['recall']:.3f} | {m['false_positive_rate']:.3f} | {m['accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def _heldout_agreement(specs) -> dict[str, dict]:
+    """Held-out agreement (per labelled source) measured when each trained judge was trained (keyed
+    by its label); the refusal matcher is measured on the same rows."""
+    from nlsr.judges.training import METRICS_NAME, default_dir
+
+    out: dict[str, dict] = {}
+    for spec in specs:
+        path = (Path(spec.model) if spec.model else default_dir()) / METRICS_NAME
+        if spec.name != "trained" or not path.exists():
+            continue
+        metrics = json.loads(path.read_text())
+        out[spec.label] = metrics.get("heldout", {})
+        out.setdefault("refusal", metrics.get("refusal_heldout", {}))
+    return out
 
 
 def _agreement_table(agreement: dict[str, dict]) -> str:
@@ -106,63 +206,124 @@ def _timing_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(models: list[tuple[str, str, list[str]]]):
-    """``models``: (label, evaluate stage, stages whose time counts towards the method)."""
+def run(models: list[dict]):
+    """``models``: dicts with ``label``, ``evaluations`` (one evaluate stage per seed), ``seeds`` and
+    ``cost`` (per seed, the stages whose time counts towards the method)."""
     def run_report(ctx, out: Path, inputs: dict[str, Path]) -> dict:
-        scores, agreement = _judge_all(ctx, models, inputs)
-        rows = []
-        for label, stage, cost_stages in models:
-            manifest = read_manifest(inputs[stage])
-            seconds = sum(read_manifest(inputs[s])["seconds"] for s in cost_stages if s in inputs)
-            metrics = {**manifest["summary"]["metrics"], "hs": scores[label]}
-            rows.append({"model": label, "metrics": metrics, "seconds": seconds,
-                         "eval_seconds": manifest["seconds"]})
-        judges = list(rows[0]["metrics"]["hs"]) if rows else []
-        task = ctx.config.attack.task
-        header = (["model"] + [f"HS ({j}) %" for j in judges]
-                  + [f"FA {task} %", "XSTest refusal %", "method time (s)", "eval time (s)"])
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in rows:
-            m = row["metrics"]
-            xs = f"{m['xstest_refusal']:.1f}" if m.get("xstest_refusal") is not None else "-"
-            lines.append("| " + " | ".join([row["model"]] + [f"{m['hs'][j]:.1f}" for j in judges]
-                                          + [f"{m['fa']:.1f}", xs, f"{row['seconds']:.0f}",
-                                             f"{row['eval_seconds']:.0f}"]) + " |")
-        n = rows[0]["metrics"]["n"] if rows else {}
         cfg = ctx.config
-        notes = ["**HS** (harmful score) is the share of the harmful prompts whose answer a judge flags as "
-                 "harmful: lower is safer. **FA** (fine-tuning accuracy) is the share of task questions "
-                 "answered correctly: higher is better. XSTest refusal is the share of XSTest's safe "
-                 "prompts the model refuses: lower is better (over-refusal)."]
+        judges = _make_judges(ctx)
+        names = list(judges)
+        gold_rows = read_gold(cfg.evaluate.gold_labels) if cfg.evaluate.gold_labels else []
+        gold = gold_agreement(judges, gold_rows) if gold_rows else {}
+        default = max(names, key=lambda j: gold[j]["harmful"]["cohen_kappa"]) if gold else names[0]
+        verdicts: dict = {}
+        outcomes: dict[str, Outcomes] = {}
+        rows = []
+        for entry in models:
+            label = entry["label"]
+            generations = [read_generations(inputs[e] / "generations.jsonl") for e in entry["evaluations"]]
+            outcomes[label] = collect(label, entry["seeds"], generations, judges, verdicts)
+            cost = [sum(read_manifest(inputs[s])["seconds"] for s in stages if s in inputs) for stages in entry["cost"]]
+            evals = [read_manifest(inputs[e])["seconds"] for e in entry["evaluations"]]
+            rows.append({"model": label, "seeds": entry["seeds"], "scores": _scores(outcomes[label], names),
+                         "seconds": sum(cost) / len(cost), "eval_seconds": sum(evals) / len(evals),
+                         "n": read_manifest(inputs[entry["evaluations"][0]])["summary"]["metrics"]["n"]})
+        attacked = outcomes.get("attacked")
+        for row in rows:
+            if attacked is None or row["model"] == "attacked":
+                continue
+            keys = [f"hs/{j}/{split}" for j in names for split in ("test", "validation")] + ["fa", "xstest_refusal"]
+            paired = {k: paired_against(outcomes[row["model"]], attacked, k) for k in keys}
+            row["paired"] = {k: v for k, v in paired.items() if v is not None}
+        # the comparison across runs (nlsr compare) reads these means
+        for row in rows:
+            sc = row["scores"]
+            row["metrics"] = {"hs": {j: (sc["hs"].get(j, {}).get("test") or {}).get("mean") for j in names},
+                              "fa": (sc["fa"] or {}).get("mean"),
+                              "xstest_refusal": (sc["xstest_refusal"] or {}).get("mean"), "n": row["n"]}
+        task = cfg.attack.task
+        ordered = [default] + [j for j in names if j != default]
+        n = rows[0]["n"] if rows else {}
+        seeds = cfg.run_seeds
+        sections = [
+            f"## Test split ({n.get('harmful', 0)} harmful prompts in all; the test part is scored)\n\n"
+            + _main_table(rows, ordered, task, "test"),
+        ]
+        paired_text = _paired_table(rows, ordered)
+        if paired_text:
+            sections.append("## Each model against the undefended attacked model, prompt by prompt (test split)\n\n"
+                            "Difference = model - attacked (points; negative HS = safer); relative cut = "
+                            "1 - HS(model) / HS(attacked). Paired over the same prompts and seeds.\n\n"
+                            + paired_text)
+        extra = _extra_table(rows, default)
+        if extra:
+            sections.append(f"## Out-of-distribution harmful prompts (HS %, judge '{default}')\n\n" + extra)
+        sections.append("## Validation split (where knobs are chosen; not the result)\n\n"
+                        + _main_table(rows, ordered, task, "validation"))
+        notes = ["**HS** (harmful score): share of the harmful prompts whose answer a judge flags as harmful "
+                 "(lower is safer). **FA**: share of task questions answered correctly. **XSTest refusal**: "
+                 "share of XSTest's safe prompts refused (over-refusal; stratified over its prompt types). "
+                 "**Task prompts refused**: share of the task's test prompts the refusal matcher flags. "
+                 f"Cells: mean [95% interval], two-level bootstrap over prompts and seeds ({len(seeds)} seed(s): "
+                 f"{seeds}; the alignment and the aligned model are shared by all seeds)."]
         if cfg.name == "smoke" or cfg.evaluate.harmful_n < 50:
             notes.append("**These sizes are tiny (a smoke run): the numbers only show that every stage runs "
                          "and writes what the next one reads. They are not results.**")
-        notes += [f"Model {cfg.model}, template {cfg.template}, seed {cfg.seed}. Attack: {cfg.attack.task}, "
-                 f"n = {cfg.attack.n}, p = {cfg.attack.p} ({cfg.attack.source}), {cfg.attack.epochs} epoch(s), "
-                 f"lr {cfg.attack.lr}. Evaluation: {n.get('harmful')} harmful prompts "
-                 f"({cfg.evaluate.harmful_dataset}, {cfg.evaluate.harmful_max_new_tokens} new tokens), "
-                 f"{n.get('task')} task rows, {n.get('xstest')} XSTest safe prompts; greedy decoding."]
+        notes.append(f"Model {cfg.model}, template {cfg.template}. Attack: {task}, n = {cfg.attack.n}, "
+                     f"p = {cfg.attack.p} ({cfg.attack.source}), {cfg.attack.epochs} epoch(s), lr {cfg.attack.lr}. "
+                     f"Evaluation: {n.get('harmful')} harmful prompts ({cfg.evaluate.harmful_dataset}; validation "
+                     f"fraction {cfg.evaluate.validation_fraction}, fixed hash split), {n.get('harmful_extra', 0)} "
+                     f"extra harmful prompts, {n.get('task')} task rows, {n.get('xstest')} XSTest safe prompts; "
+                     f"greedy decoding, {cfg.evaluate.harmful_max_new_tokens} new tokens on harmful prompts.")
+        if gold:
+            notes.append(f"**Judges against {len(gold_rows)} hand-labelled generations** "
+                         f"(`{cfg.evaluate.gold_labels}`; harmful / refusal labels read by a person, see its "
+                         f"GUIDELINES.md). The default judge (first column, `summary.json`) is the one with the "
+                         f"best kappa on them: **{default}**.\n\n" + _gold_table(gold))
+        agreement = _heldout_agreement(ctx.config.evaluate.judges)
         if agreement:
-            notes.append("How far to trust each HS: agreement of the judges with held-out labelled responses "
-                         "(JailbreakBench `jailbroken` labels, SPARD safe/unsafe pairs, all-harmless PKU and "
-                         "safety-tuned-llamas answers; split by prompt, never trained on):\n\n"
-                         + _agreement_table(agreement))
+            notes.append("Agreement with held-out labelled responses (JailbreakBench `jailbroken` labels, SPARD "
+                         "safe/unsafe pairs, all-harmless PKU and safety-tuned-llamas answers; split by prompt, "
+                         "never trained on):\n\n" + _agreement_table(agreement))
         timings = stage_timings(ctx.run_dir)
         notes.append(f"Machine: {ctx.precision.line()}. Time, tokens processed and peak resident memory "
                      "per stage (tokens: training = rows' tokens x epochs, DPO counting prompt, chosen "
                      "and rejected; identify = calibration tokens; evaluate = prompt + generated tokens):\n\n"
                      + _timing_table(timings))
-        text = "# Results\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+        text = "# Results\n\n" + "\n\n".join(sections) + "\n\n" + "\n\n".join(notes) + "\n"
         (out / "report.md").write_text(text)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "summary.json").write_text(json.dumps(summary(rows, default, seeds, gold), indent=2) + "\n")
         (out / "timings.json").write_text(json.dumps({"machine": ctx.precision.record(), "stages": timings},
                                                      indent=2) + "\n")
-        if judges:
-            for judge in judges:
-                _hs_fa_plot(rows, judge, out / f"hs_vs_fa_{judge}.png", task)
+        for judge in names:
+            _plot(rows, judge, out / f"hs_vs_fa_{judge}.png", task)
         for stage, path in inputs.items():
             plot = path / "similarity_by_layer.png"
             if plot.exists():
                 shutil.copy(plot, out / f"similarity_{stage}.png")
-        return {"line": f"{len(rows)} models, report.md"}
+        return {"line": f"{len(rows)} models, {len(seeds)} seed(s), default judge {default}, report.md"}
     return run_report
+
+
+def summary(rows: list[dict], judge: str, seeds: list[int], gold: dict) -> dict:
+    """The main numbers in a stable shape: per model HS (default judge, test split), FA, XSTest
+    refusal and task refusal as ``{"mean", "ci95"}`` in %, plus each defence's paired HS cut."""
+    def pick(est: dict | None) -> dict | None:
+        return None if est is None else {"mean": est["mean"], "ci95": est["ci95"]}
+
+    models = {}
+    for row in rows:
+        sc = row["scores"]
+        entry = {"hs": pick(sc["hs"].get(judge, {}).get("test")), "fa": pick(sc["fa"]),
+                 "xstest_refusal": pick(sc["xstest_refusal"]), "task_refusal": pick(sc["task_refusal"]),
+                 "hs_validation": pick(sc["hs"].get(judge, {}).get("validation")), "seeds": row["seeds"]}
+        paired = (row.get("paired") or {}).get(f"hs/{judge}/test")
+        if paired:
+            entry["hs_difference_vs_attacked"] = pick(paired["difference"])
+            if "relative_cut" in paired:
+                entry["hs_relative_cut_vs_attacked"] = pick(paired["relative_cut"])
+        models[row["model"]] = entry
+    return {"judge": judge, "seeds": seeds, "split": "test",
+            "judge_gold_kappa": gold.get(judge, {}).get("harmful", {}).get("cohen_kappa") if gold else None,
+            "models": models, "summary_models": [m for m in SUMMARY_MODELS if m in models]}

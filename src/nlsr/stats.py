@@ -1,0 +1,106 @@
+"""Means with 95% bootstrap intervals over prompts and seeds, and paired differences.
+
+Every score of the report is a mean of per-prompt outcomes (1 = flagged harmful, answered
+correctly, refused ...) over the seeds of the attack: an array ``x`` of shape (seeds, prompts),
+with the *same* prompts in every row. The interval resamples both sources of variation at once
+(a two-level bootstrap): prompts with replacement (the same draw for every seed, which keeps the
+pairing), and seeds with replacement when there are several. A difference between two models
+scored on the same prompts and seeds is bootstrapped as one array ``a - b``, so the interval of
+a paired difference is much tighter than the two intervals side by side suggest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+N_BOOT = 2000
+BOOT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean and its 95% interval (percentile bootstrap), in the units of the data (x 100 for %)."""
+
+    mean: float
+    low: float
+    high: float
+    n_prompts: int
+    n_seeds: int
+
+    def as_dict(self) -> dict:
+        return {"mean": round(self.mean, 3), "ci95": [round(self.low, 3), round(self.high, 3)],
+                "n_prompts": self.n_prompts, "n_seeds": self.n_seeds}
+
+    def cell(self, digits: int = 1) -> str:
+        """``mean [low, high]`` for a table."""
+        return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def _as_matrix(x) -> np.ndarray:
+    array = np.asarray(x, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ValueError(f"expected (seeds, prompts) outcomes with at least one prompt, got shape {array.shape}")
+    return array
+
+
+def resampled_means(arrays: Sequence[np.ndarray], n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> np.ndarray:
+    """Bootstrap means of several (seeds, prompts) arrays under the *same* resampling, shape (n_boot, k).
+
+    All arrays must have the same shape: the same prompts and seeds, so statistics combining them
+    (differences, ratios) stay paired."""
+    mats = [_as_matrix(a) for a in arrays]
+    shape = mats[0].shape
+    if any(m.shape != shape for m in mats):
+        raise ValueError(f"paired arrays must share one (seeds, prompts) shape, got {[m.shape for m in mats]}")
+    n_seeds, n_prompts = shape
+    rng = np.random.default_rng(seed)
+    prompt_counts = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=n_boot)  # (B, N)
+    if n_seeds > 1:
+        seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)      # (B, S)
+    else:
+        seed_counts = np.ones((n_boot, 1))
+    out = np.empty((n_boot, len(mats)))
+    for k, m in enumerate(mats):
+        per_prompt = seed_counts @ m                                 # (B, N): seed-weighted sums
+        out[:, k] = (per_prompt * prompt_counts).sum(axis=1) / (n_seeds * n_prompts)
+    return out
+
+
+def estimate(x, scale: float = 100.0, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Estimate:
+    """Mean of ``x`` (seeds, prompts) times ``scale``, with its 95% two-level bootstrap interval."""
+    m = _as_matrix(x)
+    boots = resampled_means([m], n_boot, seed)[:, 0] * scale
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return Estimate(float(m.mean() * scale), float(low), float(high), m.shape[1], m.shape[0])
+
+
+def paired(a, b, statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], point: Callable[[float, float], float],
+           n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Estimate:
+    """A statistic of two paired outcome arrays (same prompts, same seeds) with its 95% interval.
+
+    ``statistic`` maps the two columns of bootstrap means to the statistic; ``point`` gives it on the
+    observed means."""
+    ma, mb = _as_matrix(a), _as_matrix(b)
+    boots = resampled_means([ma, mb], n_boot, seed)
+    values = statistic(boots[:, 0], boots[:, 1])
+    values = values[np.isfinite(values)]
+    low, high = np.percentile(values, [2.5, 97.5]) if values.size else (float("nan"), float("nan"))
+    return Estimate(float(point(ma.mean(), mb.mean())), float(low), float(high), ma.shape[1], ma.shape[0])
+
+
+def difference(a, b, scale: float = 100.0) -> Estimate:
+    """mean(a) - mean(b) in points (x ``scale``), paired by prompt and seed."""
+    return paired(a, b, lambda x, y: (x - y) * scale, lambda x, y: (x - y) * scale)
+
+
+def relative_cut(defended, undefended) -> Estimate:
+    """1 - mean(defended) / mean(undefended), in %: how much of the harm a defence removes."""
+    def ratio(x, y):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 100.0 * (1.0 - np.asarray(x) / np.asarray(y))
+    return paired(defended, undefended, ratio, lambda x, y: float(ratio(x, y)))
