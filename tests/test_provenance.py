@@ -170,3 +170,31 @@ def test_every_data_set_a_data_stage_loads_is_hashed_into_its_key(tmp_path, monk
     files = reads.attack_content(RunContext(ready, tmp_path, Path(DATA)))["files"]
     assert list(files) == ["nlsr_finetune/sst2/train_merged_n1000_p0.1.json"]
     assert files[next(iter(files))] != "missing"
+
+
+def test_accept_code_change_keeps_stages_whose_only_difference_is_the_commit(tmp_path, monkeypatch):
+    from nlsr.config import ExperimentConfig
+    from nlsr.pipeline import RunContext, Stage, run_stages
+
+    calls: list[str] = []
+
+    def stage(name):
+        def run(ctx, out, inputs):
+            calls.append(name)
+            return {"line": name}
+        return run
+
+    def graph(b_param=1):
+        return [Stage("a", stage("a"), {"x": 1}), Stage("b", stage("b"), {"x": b_param}, ["a"])]
+
+    ctx = RunContext(ExperimentConfig(), tmp_path / "run", tmp_path)
+    _code(monkeypatch, "a" * 40)
+    run_stages(ctx, graph(), log=lambda m: None)
+    _code(monkeypatch, "b" * 40)
+    logs: list[str] = []
+    run_stages(ctx, graph(), log=logs.append, accept_code_change=True)
+    assert calls == ["a", "b"] and any("kept by --accept-code-change" in m for m in logs)
+    run_stages(ctx, graph(b_param=2), log=lambda m: None, accept_code_change=True)
+    assert calls == ["a", "b", "b"]                     # other parameters still rerun
+    run_stages(ctx, graph(b_param=2), log=lambda m: None)
+    assert calls == ["a", "b", "b", "a", "b"]           # without the flag, other code reruns everything

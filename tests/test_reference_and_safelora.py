@@ -59,3 +59,35 @@ def test_safelora_threshold_and_arguments(shapes):
     fewer = aligned.with_modules(dict(list(aligned.modules.items())[1:]))
     with pytest.raises(NlsrError, match="not in the aligned adapter"):
         safelora(fewer, finetuned, threshold=0.5)
+
+
+def test_dense_alignment_direction_gives_the_same_projection_as_the_adapter_one(shapes):
+    aligned = random_adapter(shapes, seed=0)
+    finetuned = perturbed(aligned, noise=0.5, seed=2)
+    low_rank = safelora(aligned, finetuned, num_modules=3)
+    dense = safelora(aligned, finetuned, num_modules=3,
+                     dense_directions={n: f.delta() for n, f in aligned})
+    assert [d.projected for d in dense.decisions] == [d.projected for d in low_rank.decisions]
+    for a, b in zip(dense.decisions, low_rank.decisions, strict=True):
+        assert a.similarity == pytest.approx(b.similarity, abs=1e-6)
+        torch.testing.assert_close(dense.adapter.modules[a.module].delta(),
+                                   low_rank.adapter.modules[a.module].delta(), atol=1e-5, rtol=1e-4)
+    # a direction that adds a merged dense part (the SFT) changes the projection
+    extra = {n: f.delta() + 0.5 * torch.randn_like(f.delta()) for n, f in aligned}
+    other = safelora(aligned, finetuned, num_modules=3, dense_directions=extra)
+    assert any(abs(a.similarity - b.similarity) > 1e-3 for a, b in zip(other.decisions, low_rank.decisions,
+                                                                      strict=True))
+    with pytest.raises(NlsrError, match="no alignment direction"):
+        safelora(aligned, finetuned, num_modules=3, dense_directions={})
+
+
+def test_ibm_conventions_round_project_ties_and_use_less_or_equal():
+    from nlsr.defences.safelora import select_modules
+
+    sims = torch.tensor([0.300001, 0.3000004, 0.5, 0.6, 0.2], dtype=torch.float64)
+    assert select_modules(sims, None, 1, ibm_conventions=False).tolist() == [False, False, False, False, True]
+    # top-2: 0.2 and 0.3000004; IBM rounds 0.300001 -> 0.30000 too, a tie with the 2nd: projected
+    assert select_modules(sims, None, 2).tolist() == [False, True, False, False, True]
+    assert select_modules(sims, None, 2, ibm_conventions=True).tolist() == [True, True, False, False, True]
+    assert select_modules(sims, 0.6, None).tolist() == [True, True, True, False, True]
+    assert select_modules(sims, 0.6, None, ibm_conventions=True).tolist() == [True, True, True, True, True]

@@ -410,6 +410,9 @@ def run(
     precision: Precision = None,
     until: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Stop after this stage (and what it needs), e.g. 'data-align' to build only the data.")] = None,
+    accept_code_change: Annotated[bool, typer.Option(
+        "--accept-code-change", help="Keep finished stages made by another commit of nlsr when nothing else "
+        "differs (parameters, data, inputs); each is logged. For code changes that cannot change them.")] = False,
 ) -> None:
     """Run the whole experiment: data, align, attack, identify, realign, evaluate, report.
 
@@ -423,7 +426,8 @@ def run(
     from nlsr.experiment import run_experiment
 
     try:
-        run_dir = run_experiment(cfg, force=set(force or []), data=data_dir, until=until)
+        run_dir = run_experiment(cfg, force=set(force or []), data=data_dir, until=until,
+                                 accept_code_change=accept_code_change)
     except KeyboardInterrupt:
         typer.secho("interrupted; rerun the same command to resume (finished stages are kept, training "
                     "continues from its last checkpoint, generation from its last batch)", err=True)

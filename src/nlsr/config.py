@@ -80,8 +80,9 @@ class AlignSection(_Section):
 
 
 class AttackSection(TrainSection):
-    """The harmful fine-tuning attack: continue the aligned LoRA on task data with a fraction p of
-    harmful rows; optionally also fine-tune a fresh LoRA on the base model (non-aligned control)."""
+    """The harmful fine-tuning attack on task data with a fraction p of harmful rows: continue the
+    aligned LoRA (``init``, the paper), or fine-tune the merged aligned model with a fresh LoRA or in
+    full; optionally also a fresh LoRA on the base model (non-aligned control)."""
 
     task: Literal["sst2", "ag_news", "gsm8k"] = "sst2"
     n: int = Field(1000, gt=0)
@@ -94,6 +95,15 @@ class AttackSection(TrainSection):
     benign_control: bool = Field(
         False, description="Also fine-tune on the same task rows without the harmful ones (p = 0), so the "
                            "table shows what the harmful rows add on top of task fine-tuning.")
+    init: Literal["continue", "fresh", "full"] = Field(
+        "continue", description="The threat model: 'continue' the aligned LoRA on W_0 (the paper); a 'fresh' "
+                                "LoRA on the merged aligned model W_0 + ΔW_a (a fine-tuning service); a 'full' "
+                                "fine-tune of every weight of the merged aligned model.")
+    fresh_r: int | None = Field(None, gt=0, description="init=fresh: rank of the fresh LoRA (default: lora.r).")
+    fresh_alpha: float | None = Field(None, gt=0, description="init=fresh: its alpha (default: lora.alpha).")
+    full_lr: float | None = Field(
+        None, gt=0, description="init=full: learning rate of the full fine-tune (default: lr, which suits a "
+                                "LoRA; full fine-tunes usually take about ten times less).")
 
     @field_validator("p")
     @classmethod
@@ -101,6 +111,11 @@ class AttackSection(TrainSection):
         if not 0 <= value <= 1:
             raise ValueError(f"p must be in [0, 1] (got {value})")
         return value
+
+
+def sweep_name(variant: str, field: str, value: float | int | str) -> str:
+    """The name of a swept variant, e.g. ``nlsr-q0.1``."""
+    return f"{variant}-{field}{value:g}" if isinstance(value, float) else f"{variant}-{field}{value}"
 
 
 class VariantSection(_Section):
@@ -121,6 +136,16 @@ class VariantSection(_Section):
     epsilon: float = 0.2
     seed: int = 0
     num_modules: int | None = Field(None, gt=0, description="SafeLoRA: project the K least similar modules.")
+    direction: Literal["alignment", "dpo"] = Field(
+        "alignment", description="SafeLoRA's alignment direction V: 'alignment' = the whole alignment, "
+                                 "W_0 + ΔW_dpo - W_base (the SFT merged into W_0 included); 'dpo' = the DPO "
+                                 "adapter's delta alone.")
+    ibm_conventions: bool = Field(
+        False, description="SafeLoRA: IBM's reference rules (cosines rounded to 5 decimals, projected at <= "
+                           "threshold, top-k ties projected).")
+    granularity: Literal["entry", "neuron"] = Field(
+        "entry", description="NLSR: 'entry' compares LoRA factors entry by entry (only for attack.init="
+                             "continue); 'neuron' compares weight rows (any fine-tune: continue, fresh, full).")
 
     @field_validator("name")
     @classmethod
@@ -142,7 +167,29 @@ class VariantSection(_Section):
                 raise ValueError("select='threshold' needs a threshold")
         elif (self.threshold is None) == (self.num_modules is None):
             raise ValueError("safelora needs exactly one of threshold or num_modules")
+        if self.granularity == "neuron" and self.method != "nlsr":
+            raise ValueError(f"variant '{self.name}': granularity is an NLSR setting; drop 'granularity: "
+                             "neuron' from this safelora variant (SafeLoRA takes whatever the attack wrote)")
+        if self.granularity == "neuron" and self.masks == "random":
+            raise ValueError(f"variant '{self.name}': random masks exist at entry granularity only; use "
+                             "masks: identified with granularity: neuron")
         return self
+
+
+SWEEP_FIELDS = ("beta", "rho", "q", "select", "transplant", "threshold", "num_modules")
+
+
+class SweepSection(_Section):
+    """A small sweep of one knob of one variant, scored on the validation prompts: every value adds a
+    variant ``<variant>-<field><value>``; the report plots validation HS and FA against the value and
+    names the value it would choose (tables report the test prompts)."""
+
+    variant: str = Field(description="The variant whose knob is swept (its other settings are kept).")
+    field: Literal["beta", "rho", "q", "select", "transplant", "threshold", "num_modules"]
+    values: list[float | int | str] = Field(min_length=1)
+    max_fa_drop: float = Field(2.0, ge=0, description="The choice: lowest validation HS among the values whose "
+                                                      "validation FA is within this many points of the "
+                                                      "attacked model's.")
 
 
 class RealignSection(_Section):
@@ -151,6 +198,34 @@ class RealignSection(_Section):
     batch_size: int = Field(16, gt=0)
     max_length: int = Field(512, gt=8)
     variants: list[VariantSection] = Field(default_factory=lambda: [VariantSection(name="nlsr")])
+    sweep: SweepSection | None = None
+
+    def swept_variants(self) -> list[VariantSection]:
+        """The variants the sweep adds (validated like any variant), in the order of its values."""
+        if self.sweep is None:
+            return []
+        base = next(v for v in self.variants if v.name == self.sweep.variant)
+        out = []
+        for value in self.sweep.values:
+            name = sweep_name(base.name, self.sweep.field, value)
+            data = {**base.model_dump(), self.sweep.field: value, "name": name}
+            out.append(VariantSection.model_validate(data))
+        return out
+
+    @model_validator(mode="after")
+    def _sweep_names_a_variant(self) -> RealignSection:
+        if self.sweep is not None:
+            names = [v.name for v in self.variants]
+            if self.sweep.variant not in names:
+                raise ValueError(f"sweep.variant '{self.sweep.variant}' is not a variant; use one of {names}")
+            try:
+                swept = self.swept_variants()
+            except ValidationError as err:
+                raise ValueError(f"sweep of {self.sweep.field}: {err.errors()[0]['msg']}") from None
+            clashes = sorted({v.name for v in swept} & set(names))
+            if clashes:
+                raise ValueError(f"sweep variant names {clashes} clash with listed variants; rename those")
+        return self
 
     @field_validator("variants")
     @classmethod
@@ -254,6 +329,10 @@ class DefenceSection(_Section):
     rho: float | None = Field(None, ge=0, description="Vaccine: perturbation norm (default 2); "
                                                      "Lisa: proximal strength (default 1).")
     fraction: float = Field(0.1, ge=0, lt=1, description="Mixing: share of safety rows in the fine-tuning set.")
+    vaccine_stages: list[Literal["sft", "dpo"]] = Field(
+        default_factory=lambda: ["sft", "dpo"], min_length=1,
+        description="Vaccine: the alignment stages trained perturbation-aware (the paper applies Vaccine "
+                    "where the alignment is learned: here the SFT, merged into W_0, and the DPO adapter).")
     k_align: int = Field(4, gt=0, description="Lisa: optimizer steps on safety data per cycle.")
     k_finetune: int = Field(36, gt=0, description="Lisa: optimizer steps on task data per cycle.")
     beta_schedule: list[float] = Field(default_factory=lambda: [0.5, 2.0, 2.0, 2.0, 2.0, 0.1],
@@ -315,12 +394,36 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> ExperimentConfig:
-        names = [v.name for v in self.realign.variants] + [d.name for d in self.defences]
+        names = ([v.name for v in self.realign.variants] + [v.name for v in self.realign.swept_variants()]
+                 + [d.name for d in self.defences])
         reserved = {"aligned", "attacked", "attacked-p0", "nonaligned"}
         clashes = sorted({n for n in names if names.count(n) > 1} | (set(names) & reserved))
         if clashes:
             raise ValueError(f"variant and defence names must be unique and not {sorted(reserved)}; "
                              f"clashing: {clashes}")
+        return self
+
+    @model_validator(mode="after")
+    def _threat_model(self) -> ExperimentConfig:
+        init = self.attack.init
+        if init == "continue":
+            return self
+        entry = [v.name for v in self.realign.variants if v.method == "nlsr" and v.granularity == "entry"]
+        if entry:
+            raise ValueError(f"attack.init={init}: the NLSR variants {entry} have granularity entry, which "
+                             "compares LoRA factors entry by entry and only means something when the "
+                             "fine-tune continued the aligned LoRA (attack.init=continue); set "
+                             "'granularity: neuron' on them")
+        if self.defences:
+            raise ValueError(f"attack.init={init}: the defences {[d.name for d in self.defences]} train on "
+                             "the aligned LoRA (attack.init=continue); drop them or run them with "
+                             "attack.init=continue")
+        if init == "full" and self.num_processes > 1:
+            raise ValueError("attack.init=full trains in one process; set num_processes: 1")
+        ibm = [v.name for v in self.realign.variants if v.method == "safelora" and v.ibm_conventions]
+        if init == "full" and ibm:
+            raise ValueError(f"attack.init=full: SafeLoRA's full-parameter form has no ibm_conventions; drop "
+                             f"it from {ibm}")
         return self
 
 

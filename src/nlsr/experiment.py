@@ -39,14 +39,55 @@ def attack_data_params(sections: dict) -> dict:
     return {k: sections["attack"][k] for k in ("task", "n", "p", "source", "poison_dataset")}
 
 
+INIT_FIELDS = ("init", "fresh_r", "fresh_alpha", "full_lr")
+"""The fields of the threat model (``attack.init``): outside the keys of every stage that they do not
+change, so that the stages of ``init: continue`` configs keep the keys they had before the field."""
+
+
+def attack_params(sections: dict) -> dict:
+    """The attack section without the threat-model fields (see :data:`INIT_FIELDS`)."""
+    return {k: v for k, v in sections["attack"].items() if k not in INIT_FIELDS}
+
+
+def init_params(cfg: ExperimentConfig) -> dict:
+    """What the threat model adds to the key of an attack stage of ``init: fresh`` or ``full``."""
+    from nlsr.stages.anyfinetune import fresh_lora
+
+    if cfg.attack.init == "fresh":
+        return {"init": "fresh", "lora": fresh_lora(cfg).model_dump()}
+    if cfg.attack.init == "full":
+        return {"init": "full", "lr": cfg.attack.full_lr or cfg.attack.lr}
+    return {}
+
+
+SAFELORA_ONLY = ("direction", "ibm_conventions")
+
+
+def variant_params(variant) -> dict:
+    """A variant's settings, without ``granularity`` at its default (``entry``: older keys) and, for
+    NLSR variants, without SafeLoRA's own fields (they cannot change an NLSR repair)."""
+    params = variant.model_dump()
+    if params.get("granularity") == "entry":
+        del params["granularity"]
+    if variant.method == "nlsr":
+        for name in SAFELORA_ONLY:
+            params.pop(name, None)
+    return params
+
+
 def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stages in dependency order.
 
     The data, the alignment and the identification run once; the attack and everything after it
-    run once per seed of ``cfg.run_seeds`` (stage names get ``-s<seed>`` when ``seeds`` is set)."""
+    run once per seed of ``cfg.run_seeds`` (stage names get ``-s<seed>`` when ``seeds`` is set).
+
+    ``attack.init`` picks the threat model: ``continue`` (the aligned LoRA on W_0, the paper),
+    ``fresh`` (a fresh LoRA on the merged aligned model W_a, written once by ``align_merged``) or
+    ``full`` (every weight of W_a). NLSR variants at ``granularity: neuron`` get their own
+    identification stage (``identify-...-neuron``); entry granularity applies to ``continue`` only."""
     from nlsr.judges.training import default_dir  # its name versions the trained judge
     from nlsr.precision import resolve_precision
-    from nlsr.stages import align, attack, data, evaluate, reads, realign, report
+    from nlsr.stages import align, anyfinetune, attack, data, evaluate, reads, realign, report
 
     sections = cfg.model_dump()
     data_common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
@@ -69,10 +110,28 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
               ["data-align", "align_sft"]),
     ]
-    realign_section = {k: v for k, v in sections["realign"].items() if k != "variants"}
+    init = cfg.attack.init
+    merged = anyfinetune.MERGED
+    if init != "continue":      # the released aligned model W_a, shared by every seed
+        stages.append(Stage(merged, anyfinetune.run_merge_aligned, {**data_common, "merge": "W_0 + ΔW_a"},
+                            ["align_sft", "align_dpo"]))
+    realign_section = {k: v for k, v in sections["realign"].items() if k not in ("variants", "sweep")}
+    all_variants = list(cfg.realign.variants) + cfg.realign.swept_variants()
     seen: set[str] = set()
-    for variant in cfg.realign.variants:
+    for variant in all_variants:
         if variant.method != "nlsr":
+            continue
+        if variant.granularity == "neuron":
+            name = anyfinetune.neuron_identify_name(variant)
+            if name in seen:
+                continue
+            seen.add(name)
+            form = "model" if init == "full" else "adapter"
+            stages.append(Stage(name, anyfinetune.run_identify_neuron(variant, form),
+                                {**common, "realign": realign_section, "beta": variant.beta,
+                                 "scale_both": variant.scale_both, "rho": variant.rho, "q": variant.q,
+                                 "granularity": "neuron", "reference": form},
+                                ["data-align", "align_sft", merged if form == "model" else "align_dpo"]))
             continue
         ident = realign.identify_id(variant)
         if ident in seen:
@@ -87,15 +146,22 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
                             {**data_common, "sft": sections["align"]["sft"], "realign": realign_section,
                              "defence_safety_n": cfg.defence_safety_n, "gate": gate}, ["data-align"],
                             content=reads.defence_content))
-    aligned_stage_of = {}
+    aligned_stage_of, weak_stage_of = {}, {}
     for defence in cfg.defences:
-        aligned_stage_of[defence.name] = "align_dpo"
+        aligned_stage_of[defence.name], weak_stage_of[defence.name] = "align_dpo", "align_sft"
         if defence.method == "vaccine":        # Vaccine changes the alignment: shared by every seed
+            rho = 2.0 if defence.rho is None else defence.rho
+            if "sft" in defence.vaccine_stages:
+                weak_stage_of[defence.name] = f"align_sft-{defence.name}"
+                stages.append(Stage(weak_stage_of[defence.name], align.run_sft_vaccine(rho),
+                                    {**common, "defence": defence.model_dump(), "sft": sections["align"]["sft"],
+                                     "lora": sections["lora"]}, ["data-align", *(["data-helpful"] if helpful else [])]))
+            weak = weak_stage_of[defence.name]
             aligned_stage_of[defence.name] = f"align_dpo-{defence.name}"
             stages.append(Stage(aligned_stage_of[defence.name],
-                                align.run_dpo_vaccine(2.0 if defence.rho is None else defence.rho),
+                                align.run_dpo_vaccine(rho) if "dpo" in defence.vaccine_stages else align.run_dpo,
                                 {**common, "defence": defence.model_dump(), "dpo": sections["align"]["dpo"],
-                                 "lora": sections["lora"]}, ["data-align", "align_sft"]))
+                                 "lora": sections["lora"]}, ["data-align", weak], roles={weak: "align_sft"}))
 
     from nlsr.generation import resolve_backend
 
@@ -105,9 +171,11 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     models: dict[str, dict] = {}
 
     def add_eval(label: str, base: str, adapter_stage: str, cost: list[str], seed: int | None,
-                 roles: dict[str, str]) -> None:
+                 roles: dict[str, str], weak: str = "align_sft") -> None:
         name = f"evaluate-{label}" + (f"-s{seed}" if cfg.seeds and seed is not None else "")
-        inputs = ["data", "align_sft", adapter_stage] if base == "weak" else ["data", adapter_stage]
+        on = {"weak": [weak], "merged": [merged]}.get(base, [])
+        roles = {**roles, weak: "align_sft"} if weak != "align_sft" else roles
+        inputs = ["data", *on, adapter_stage]
         role = roles.get(adapter_stage, adapter_stage)
         params = eval_params if seed is None else {**eval_params, "seed": seed}
         stages.append(Stage(name, evaluate.run_model(base, role), params, inputs, seed=seed, roles=roles))
@@ -118,6 +186,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
 
     if cfg.evaluate.evaluate_aligned:
         add_eval("aligned", "weak", "align_dpo", ["align_sft", "align_dpo"], None, {})
+    eval_base = {"continue": "weak", "fresh": "merged", "full": "model"}[init]
     for seed in cfg.run_seeds:
         def per_seed(name: str, seed: int = seed) -> str:
             return f"{name}-s{seed}" if cfg.seeds else name
@@ -129,46 +198,71 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
                             {**data_common, "seed": seed, "attack": attack_data_params(sections), "gate": gate},
                             ["data-align"], seed=seed, content=reads.attack_content))
         attacked = per_seed("attack")
-        stages.append(Stage(attacked, attack.run_attack, {**seeded, "attack": sections["attack"]},
-                            [data_attack, "align_sft", "align_dpo"], seed=seed, roles=roles))
-        add_eval("attacked", "weak", attacked, [attacked], seed, {attacked: "attack"})
+        if init == "continue":
+            stages.append(Stage(attacked, attack.run_attack, {**seeded, "attack": attack_params(sections)},
+                                [data_attack, "align_sft", "align_dpo"], seed=seed, roles=roles))
+        else:
+            stages.append(Stage(attacked, anyfinetune.run_attack_init(init),
+                                {**seeded, "attack": attack_params(sections), **init_params(cfg)},
+                                [data_attack, merged], seed=seed, roles=roles))
+        add_eval("attacked", eval_base, attacked, [attacked], seed, {attacked: "attack"})
         if cfg.attack.benign_control:
             benign = per_seed("attack-p0")
-            stages.append(Stage(benign, attack.run_attack_from("align_dpo", benign=True),
-                                {**seeded, "attack": sections["attack"], "benign": True},
-                                [data_attack, "align_sft", "align_dpo"], seed=seed, roles=roles))
-            add_eval("attacked-p0", "weak", benign, [benign], seed, {benign: "attack"})
+            if init == "continue":
+                stages.append(Stage(benign, attack.run_attack_from("align_dpo", benign=True),
+                                    {**seeded, "attack": attack_params(sections), "benign": True},
+                                    [data_attack, "align_sft", "align_dpo"], seed=seed, roles=roles))
+            else:
+                stages.append(Stage(benign, anyfinetune.run_attack_init(init, benign=True),
+                                    {**seeded, "attack": attack_params(sections), **init_params(cfg),
+                                     "benign": True}, [data_attack, merged], seed=seed, roles=roles))
+            add_eval("attacked-p0", eval_base, benign, [benign], seed, {benign: "attack"})
         if cfg.attack.nonaligned_control:
             nonaligned = per_seed("attack_nonaligned")
             stages.append(Stage(nonaligned, attack.run_nonaligned,
-                                {**seeded, "attack": sections["attack"], "lora": sections["lora"]},
+                                {**seeded, "attack": attack_params(sections), "lora": sections["lora"]},
                                 [data_attack], seed=seed, roles=roles))
             add_eval("nonaligned", "base", nonaligned, [nonaligned], seed, {nonaligned: "attack_nonaligned"})
-        for variant in cfg.realign.variants:
+        for variant in all_variants:
             name = per_seed(f"realign-{variant.name}")
             inputs = ["align_sft", "align_dpo", attacked]
             cost = [name]
-            if variant.method == "nlsr":
+            params = {**data_common, "seed": seed, "variant": variant_params(variant)}
+            run = realign.run_variant(variant)          # entry-wise NLSR; SafeLoRA on adapters
+            if init != "continue":
+                inputs.append(merged)
+                params["init"] = init
+            if variant.method == "nlsr" and variant.granularity == "neuron":
+                ident = anyfinetune.neuron_identify_name(variant)
+                inputs.append(ident)
+                cost.insert(0, ident)
+                run = anyfinetune.run_realign(variant, init)
+            elif variant.method == "nlsr":
                 inputs.append(f"identify-{realign.identify_id(variant)}")
                 cost.insert(0, f"identify-{realign.identify_id(variant)}")
-            stages.append(Stage(name, realign.run_variant(variant),
-                                {**data_common, "seed": seed, "variant": variant.model_dump()}, inputs,
-                                seed=seed, roles={attacked: "attack"}))
-            add_eval(variant.name, "weak", name, cost, seed, {name: f"realign-{variant.name}"})
+            elif init == "full":                        # SafeLoRA's full-parameter form
+                run = anyfinetune.run_realign(variant, init)
+            stages.append(Stage(name, run, params, inputs, seed=seed, roles={attacked: "attack"}))
+            add_eval(variant.name, eval_base, name, cost, seed, {name: f"realign-{variant.name}"})
         for defence in cfg.defences:
-            aligned_stage = aligned_stage_of[defence.name]
+            aligned_stage, weak = aligned_stage_of[defence.name], weak_stage_of[defence.name]
             name = per_seed(f"attack-{defence.name}")
             run = (attack.run_attack_from(aligned_stage) if defence.method == "vaccine"
                    else attack.run_attack_from("align_dpo", defence))
-            stages.append(Stage(name, run, {**seeded, "defence": defence.model_dump(), "attack": sections["attack"]},
-                                [data_attack, "data-defences", "align_sft", aligned_stage], seed=seed, roles=roles))
-            cost = [aligned_stage, name] if defence.method == "vaccine" else [name]
-            add_eval(defence.name, "weak", name, cost, seed, {name: f"attack-{defence.name}"})
+            stages.append(Stage(name, run, {**seeded, "defence": defence.model_dump(),
+                                            "attack": attack_params(sections)},
+                                [data_attack, "data-defences", weak, aligned_stage], seed=seed,
+                                roles={**roles, weak: "align_sft"}))
+            cost = [name]
+            if defence.method == "vaccine":
+                cost = [*([weak] if weak != "align_sft" else []), aligned_stage, name]
+            add_eval(defence.name, "weak", name, cost, seed, {name: f"attack-{defence.name}"}, weak=weak)
     entries = list(models.values())
     needed = sorted({s for m in entries for s in m["evaluations"] + [c for cost in m["cost"] for c in cost]})
     stages.append(Stage("report", report.run(entries),
                         {"models": entries, "judges": sections["evaluate"]["judges"],
                          "gold_labels": _file_fingerprint(cfg.evaluate.gold_labels),
+                         "sweep": sections["realign"]["sweep"],
                          "judge_version": default_dir().name}, needed, content=reads.judge_content))
     return stages
 
@@ -184,7 +278,8 @@ def _file_fingerprint(path: str | None) -> str | None:
 
 
 def run_experiment(cfg: ExperimentConfig, force: set[str] | None = None,
-                   data: str | Path | None = None, log=print, until: str | None = None) -> Path:
+                   data: str | Path | None = None, log=print, until: str | None = None,
+                   accept_code_change: bool = False) -> Path:
     """Run (or resume) every stage of ``cfg``; returns the run directory."""
     ctx = RunContext(config=cfg, run_dir=Path(cfg.runs_dir) / cfg.name,
                      data_dir=data_dir(data if data is not None else cfg.data_dir))
@@ -193,5 +288,6 @@ def run_experiment(cfg: ExperimentConfig, force: set[str] | None = None,
     if missing:
         raise NlsrError(f"reuse_from names run folders that do not exist: {missing}; fix the paths or drop them")
     log(f"[machine] {ctx.precision.line()}")
-    run_stages(ctx, build_stages(cfg), force=force, log=log, reuse_from=reuse, until=until)
+    run_stages(ctx, build_stages(cfg), force=force, log=log, reuse_from=reuse, until=until,
+               accept_code_change=accept_code_change)
     return ctx.run_dir

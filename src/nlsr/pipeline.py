@@ -148,13 +148,23 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def find_reusable(stage_name: str, key: str, reuse_from: list[Path]) -> Path | None:
-    """A finished ``stage_name`` with this exact key in one of the ``reuse_from`` run folders."""
+def find_reusable(stage_name: str, key: str, reuse_from: list[Path],
+                  same_but_code: Callable[[dict], bool] | None = None) -> Path | None:
+    """A finished ``stage_name`` with this exact key in one of the ``reuse_from`` run folders (or, with
+    ``same_but_code``, one that predicate accepts: see ``accept_code_change`` of :func:`run_stages`)."""
     for run_dir in reuse_from:
         manifest = read_manifest(run_dir / stage_name)
-        if manifest and manifest.get("key") == key:
+        if manifest and (manifest.get("key") == key or (same_but_code is not None and same_but_code(manifest))):
             return run_dir / stage_name
     return None
+
+
+def same_but_code(manifest: dict, stage: Stage, content: dict | None, input_keys: dict[str, str]) -> bool:
+    """Whether a finished stage's manifest differs from ``stage`` at most in the code that made it:
+    the same parameters, the same content hashes, the same input stages (by key)."""
+    params = json.loads(json.dumps(stage.params, sort_keys=True, default=str))
+    return (manifest.get("params") == params and manifest.get("content") == content
+            and manifest.get("inputs") == input_keys)
 
 
 def _copy_stage(source: Path, partial: Path, final: Path) -> dict:
@@ -203,10 +213,13 @@ def describe_partial(partial: Path) -> str:
 
 def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = None,
                log: Callable[[str], None] = print, reuse_from: list[Path] | None = None,
-               until: str | None = None) -> dict[str, dict]:
+               until: str | None = None, accept_code_change: bool = False) -> dict[str, dict]:
     """Run ``stages`` in order (inputs must come first); returns each stage's manifest.
 
     A stage not done here but done with the same key in one of ``reuse_from`` is copied, not rerun.
+    ``accept_code_change`` also keeps (or copies) a finished stage made by another commit of the code
+    when nothing else differs (parameters, content hashes, inputs): an explicit choice for edits that
+    cannot change a stage's outputs (a report fix, say); each such stage is logged with both commits.
     A forced stage (``force``: names, or ``all``) reruns, and so does every stage downstream of a
     stage that ran in this call: a stage's key does not change when it is merely rerun, so its
     dependants must not be skipped with results made from its old outputs."""
@@ -229,12 +242,23 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
         existing = read_manifest(final)
         forced = bool(force & {stage.name, "all"})
         upstream_ran = any(i in ran for i in stage.inputs)
-        if existing and existing.get("key") == key and not forced and not upstream_ran:
+        input_keys = {i: manifests[i]["key"] for i in stage.inputs}
+
+        def other_code(manifest: dict, stage=stage, content=content, input_keys=input_keys) -> bool:
+            return accept_code_change and same_but_code(manifest, stage, content, input_keys)
+
+        if existing and not forced and not upstream_ran and (existing.get("key") == key or other_code(existing)):
+            if existing.get("key") != key:
+                made = (existing.get("code") or {}).get("commit")
+                now = provenance.code_version()["commit"]
+                log(f"[skip] {stage.name}: done by code {str(made)[:10]} (now {str(now)[:10]}), "
+                    "kept by --accept-code-change")
             log(f"[skip] {stage.name}: done ({existing['summary_line']})")
             manifests[stage.name] = existing
             continue
         partial = ctx.run_dir / f"{stage.name}.partial"
-        source = None if forced or upstream_ran else find_reusable(stage.name, key, reuse_from or [])
+        source = (None if forced or upstream_ran else
+                  find_reusable(stage.name, key, reuse_from or [], other_code if accept_code_change else None))
         if source is not None:
             manifests[stage.name] = _copy_stage(source, partial, final)
             log(f"[reuse] {stage.name}: copied from {source.parent} ({manifests[stage.name]['summary_line']})")

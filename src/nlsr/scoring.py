@@ -74,8 +74,10 @@ def collect(label: str, seeds: Sequence[int], generations: Sequence[list[dict]],
                     put(f"hs/{name}/{split}", judged(name, judge, part))
             for source in sorted({r["source"] for r in extra}):
                 put(f"hs_extra/{name}/{source}", judged(name, judge, [r for r in extra if r["source"] == source]))
-        put("fa", [float(bool(r["correct"])) for r in task])
-        put("task_refusal", [float(is_refusal(r["output"])) for r in task])
+        # FA on the task's test part ("fa") and its validation part (where knobs are chosen)
+        put("fa", [float(bool(r["correct"])) for r in task if r.get("split", "test") == "test"])
+        put("fa/validation", [float(bool(r["correct"])) for r in task if r.get("split") == "validation"])
+        put("task_refusal", [float(is_refusal(r["output"])) for r in task if r.get("split", "test") == "test"])
         if xstest:
             put("xstest_refusal", [float(is_refusal(r["output"])) for r in xstest])
             for kind in sorted({r.get("type", "") for r in xstest}):

@@ -8,6 +8,7 @@ import torch
 
 from nlsr.adapters import LoraAdapter, LoraFactors
 from nlsr.errors import NlsrError
+from nlsr.ops.layers import product_cosine
 from nlsr.ops.safelora import projection_cosine
 from nlsr.realignment import layer_and_kind
 
@@ -43,13 +44,43 @@ def _alignment_direction(name: str, aligned: LoraAdapter, unaligned: LoraAdapter
     return torch.cat([fa.scale * fa.B, -fu.scale * fu.B], dim=1), torch.cat([fa.A, fu.A], dim=0)
 
 
+def select_modules(similarities: torch.Tensor, threshold: float | None, num_modules: int | None,
+                   ibm_conventions: bool = False) -> torch.Tensor:
+    """Which modules SafeLoRA projects, as a boolean mask over ``similarities``.
+
+    Default: cosine ``< threshold``, or exactly the ``num_modules`` least similar (stable order).
+    ``ibm_conventions`` follows IBM's reference code instead: cosines rounded to 5 decimals,
+    projected at ``<= threshold``, and at top-k every module tied with the k-th is projected too."""
+    sims = torch.round(similarities * 1e5) / 1e5 if ibm_conventions else similarities
+    if threshold is not None:
+        return sims <= threshold if ibm_conventions else sims < threshold
+    chosen = torch.zeros(len(sims), dtype=torch.bool)
+    order = torch.argsort(sims, stable=True)[:num_modules]
+    chosen[order] = True
+    if ibm_conventions:
+        chosen |= sims <= sims[order[-1]]
+    return chosen
+
+
+def dense_projected_B(V: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``C B`` with ``C = V Vᵀ / ||V||_F`` for a dense alignment direction ``V`` (``d_out x d_in``)."""
+    V64 = V.to(torch.float64)
+    return (V64 @ (V64.T @ B.to(torch.float64)) / V64.norm().clamp_min(1e-30)).to(B.dtype)
+
+
 def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, unaligned: LoraAdapter | None = None,
-             threshold: float | None = None, num_modules: int | None = None) -> SafeLoraResult:
+             threshold: float | None = None, num_modules: int | None = None,
+             dense_directions: dict[str, torch.Tensor] | None = None,
+             ibm_conventions: bool = False) -> SafeLoraResult:
     """SafeLoRA (Hsu et al., 2024) with the alignment direction taken from adapters.
 
     ``V = ΔW_aligned - ΔW_unaligned`` per module (``ΔW_unaligned = 0``, i.e. the base model, when
     ``unaligned`` is not given); ``C = V Vᵀ / ||V||_F``. Modules with ``cos(C ΔW, ΔW) < threshold``,
     or the ``num_modules`` least similar, get ``B ← C B``. Exactly one of the two must be given.
+
+    ``dense_directions`` (module name -> dense ``V``) replaces the adapters' low-rank direction, for
+    an alignment that is not (only) a LoRA: with SFT merged into the weights, the whole alignment is
+    ``V = (W_0 - W_base) + ΔW_aligned``. ``ibm_conventions``: see :func:`select_modules`.
     """
     if (threshold is None) == (num_modules is None):
         raise NlsrError("give exactly one of --threshold T (project modules with cosine < T) or "
@@ -71,16 +102,18 @@ def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, unaligned: LoraAdapte
     names = list(finetuned.modules)
     cosines, projected_bs = [], []
     for name in names:
-        P, Q = _alignment_direction(name, aligned, unaligned)
-        cos, cb = projection_cosine(P, Q, finetuned.modules[name].A, finetuned.modules[name].B)
+        f = finetuned.modules[name]
+        if dense_directions is not None:
+            if name not in dense_directions:
+                raise NlsrError(f"module '{name}' has no alignment direction; give one for every module")
+            cb = dense_projected_B(dense_directions[name], f.B)
+            cos = product_cosine(f.A, cb, f.A, f.B)
+        else:
+            P, Q = _alignment_direction(name, aligned, unaligned)
+            cos, cb = projection_cosine(P, Q, f.A, f.B)
         cosines.append(cos)
         projected_bs.append(cb)
-    sims = torch.tensor(cosines, dtype=torch.float64)
-    if threshold is not None:
-        chosen = sims < threshold
-    else:
-        chosen = torch.zeros(len(names), dtype=torch.bool)
-        chosen[torch.argsort(sims, stable=True)[:num_modules]] = True
+    chosen = select_modules(torch.tensor(cosines, dtype=torch.float64), threshold, num_modules, ibm_conventions)
     modules, decisions = {}, []
     for i, name in enumerate(names):
         f = finetuned.modules[name]
@@ -88,7 +121,9 @@ def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, unaligned: LoraAdapte
         layer, kind = layer_and_kind(name)
         decisions.append(SafeLoraDecision(name, layer, kind, cosines[i], bool(chosen[i])))
     settings = {"threshold": threshold, "num_modules": num_modules,
-                "unaligned": unaligned is not None}
+                "unaligned": unaligned is not None,
+                "direction": "dense (given)" if dense_directions is not None else "adapters",
+                "ibm_conventions": ibm_conventions}
     return SafeLoraResult(finetuned.with_modules(modules), decisions, settings)
 
 

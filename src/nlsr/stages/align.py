@@ -10,8 +10,10 @@ from nlsr.stages.common import load_base, load_weak, read_jsonl
 from nlsr.training import lora_config, set_seed, train_dpo, train_sft, training_line
 
 
-def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
-    """SFT on (harmful prompt -> safe answer), merged into the base and saved as ``model/``."""
+def run_sft(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None = None) -> dict:
+    """SFT on (harmful prompt -> safe answer), merged into the base and saved as ``model/``.
+
+    With ``vaccine_rho`` the SFT is perturbation-aware (Vaccine) with that perturbation norm."""
     cfg = ctx.config
     set_seed(cfg.seed)
     tokenizer = ctx.tokenizer()
@@ -26,8 +28,13 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         stats = train_stage_job(ctx, "sft", cfg.model, rows, cfg.align.sft, out / "adapter", lora=cfg.lora)
     else:
         model = load_base(ctx)
+        extra: dict = {}
+        if vaccine_rho is not None:
+            from nlsr.defences.vaccine import VaccineSFTTrainer
+
+            extra = {"trainer_cls": VaccineSFTTrainer, "vaccine_rho": vaccine_rho}
         stats = train_sft(model, tokenizer, rows, cfg.align.sft, out / "adapter", cfg.seed,
-                          lora=lora_config(cfg.lora), bf16=ctx.precision.bf16)
+                          lora=lora_config(cfg.lora), bf16=ctx.precision.bf16, **extra)
     import gc
 
     from nlsr.training import merge_adapter
@@ -107,3 +114,8 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
 def run_dpo_vaccine(rho: float):
     """The DPO stage under Vaccine (perturbation-aware alignment, ρ = ``rho``)."""
     return functools.partial(run_dpo, vaccine_rho=rho)
+
+
+def run_sft_vaccine(rho: float):
+    """The SFT stage under Vaccine (perturbation-aware alignment, ρ = ``rho``)."""
+    return functools.partial(run_sft, vaccine_rho=rho)

@@ -24,6 +24,12 @@ def _safety_rows(ctx, folder: Path) -> list[dict]:
             for r in read_jsonl(folder / "safety_extra.jsonl")]
 
 
+def attack_rows(ctx, inputs: dict[str, Path], benign: bool = False) -> list[dict]:
+    """This seed's fine-tuning rows (``data-attack``); ``benign`` drops the harmful ones (p = 0)."""
+    raw = read_jsonl(inputs["data-attack"] / "attack.jsonl")
+    return [r for r in raw if r.get("flag") != FLAG_POISON] if benign else raw
+
+
 def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | None = None,
                     benign: bool = False):
     """A stage function that continues the aligned LoRA of ``aligned_stage`` on the poisoned task data
@@ -35,9 +41,7 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
 
         cfg = ctx.config
         set_seed(ctx.seed)
-        raw = read_jsonl(inputs["data-attack"] / "attack.jsonl")
-        if benign:
-            raw = [r for r in raw if r.get("flag") != FLAG_POISON]
+        raw = attack_rows(ctx, inputs, benign)
         extra: dict = {}
         trainer_cls = None
         if defence is not None and defence.method == "mixing":

@@ -33,3 +33,10 @@ def load_weak(ctx, align_sft_dir: Path, precision: str = "float32"):
     from nlsr.models import load_model
 
     return load_model(str(align_sft_dir / "model"), device=ctx.config.device, precision=precision)
+
+
+def load_model_dir(ctx, folder: Path, precision: str = "float32"):
+    """A model directory written by a stage (the merged aligned model, a full fine-tune, a repair)."""
+    from nlsr.models import load_model
+
+    return load_model(str(folder), device=ctx.config.device, precision=precision)

@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from nlsr.data import build_poisoned, get_task, load_ready_made, load_records, split_records
-from nlsr.data.disjoint import Gate, normalise_prompt
+from nlsr.data.disjoint import Gate, normalise_prompt, prompt_of
 from nlsr.errors import NlsrError
 from nlsr.io import write_json
 from nlsr.stages.common import read_jsonl, write_jsonl
@@ -88,7 +88,8 @@ def evaluation_gate(cfg, data_dir: Path) -> Gate:
 
 
 def harmful_split(prompt: str, validation_fraction: float) -> str:
-    """``validation`` or ``test``: a fixed hash of the normalised prompt, the same for every seed and run."""
+    """``validation`` or ``test``: a fixed hash of the normalised prompt, the same for every seed and run
+    (used for the harmful prompts and for the task's test rows)."""
     digest = hashlib.sha256(f"{SPLIT_SALT}:{normalise_prompt(prompt)}".encode()).hexdigest()
     return "validation" if int(digest[:12], 16) / 16 ** 12 < validation_fraction else "test"
 
@@ -127,6 +128,7 @@ def run_eval(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         sample = split_records(rows, [min(ev.extra_harmful_n, len(rows))], seed=EXTRA_SAMPLE_SEED)[0]
         extra += [{**r, "set": name} for r in sample]
     task_eval = _take(task.eval_dataset, load_records(task.eval_dataset, d), ev.task_n, "evaluate.task_n")
+    task_eval = [{**r, "split": harmful_split(prompt_of(r), ev.validation_fraction)} for r in task_eval]
     safe = [r for r in load_records(XSTEST, d) if r["label"] == "safe"]
     xstest = stratified_xstest(safe, ev.xstest_n)
     card = _write(out, [("harmful_eval", harmful), ("harmful_extra", extra), ("task_eval", task_eval),
@@ -136,6 +138,7 @@ def run_eval(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     card["harmful_eval"]["split"] = {s: sum(r["split"] == s for r in harmful) for s in ("validation", "test")}
     card["harmful_eval"]["split_rule"] = (f"sha256('{SPLIT_SALT}:' + normalised prompt) < "
                                           f"{ev.validation_fraction} -> validation")
+    card["task_eval"]["split"] = {s: sum(r["split"] == s for r in task_eval) for s in ("validation", "test")}
     card["xstest_safe"]["types"] = {k: sum(r["type"] == k for r in xstest) for k in sorted({r["type"] for r in xstest})}
     return _finish(out, card)
 

@@ -12,7 +12,7 @@ from nlsr.data import accuracy, get_task
 from nlsr.data.templates import model_prompt
 from nlsr.generation import generate, prompt_token_ids, resolve_backend
 from nlsr.io import write_json
-from nlsr.stages.common import load_base, load_weak, read_jsonl, write_jsonl
+from nlsr.stages.common import load_base, load_model_dir, load_weak, read_jsonl, write_jsonl
 
 
 def evaluate_model(ctx, model, out: Path, data_dir: Path, vllm=None) -> dict:
@@ -70,8 +70,9 @@ def evaluate_model(ctx, model, out: Path, data_dir: Path, vllm=None) -> dict:
                  for r, o in zip(harmful, harmful_out, strict=True)]
                 + [{"set": "harmful_extra", "source": r["set"], "prompt": r["prompt"], "output": o}
                    for r, o in zip(extra, extra_out, strict=True)]
-                + [{"set": "task", "prompt": r["instruction"], "input": r.get("input", ""), "label": r["label"],
-                    "output": o, "correct": c} for r, o, c in zip(task_rows, task_out, correct, strict=True)]
+                + [{"set": "task", "split": r.get("split", "test"), "prompt": r["instruction"],
+                    "input": r.get("input", ""), "label": r["label"], "output": o, "correct": c}
+                   for r, o, c in zip(task_rows, task_out, correct, strict=True)]
                 + [{"set": "xstest", "type": r.get("type", ""), "prompt": r["prompt"], "output": o}
                    for r, o in zip(xstest, xstest_out, strict=True)])
     for cache in out.glob("*.cache.jsonl"):
@@ -94,11 +95,23 @@ def cast_parameters(model, dtype) -> None:
 
 
 def run_model(base: str, adapter_stage: str | None):
-    """A stage function evaluating ``adapter_stage``'s adapter on the weak model or the base model."""
+    """A stage function evaluating ``adapter_stage``'s adapter on the weak model W_0 (``base='weak'``),
+    the base model (``'base'``) or the merged aligned model W_a (``'merged'``, a fresh-LoRA attack),
+    or ``adapter_stage``'s own model directory ``model/`` (``'model'``, a full fine-tune)."""
+    if base not in ("weak", "base", "merged", "model"):
+        raise ValueError(f"base must be weak, base, merged or model (got {base!r})")
+
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         # Merge in float32, then generate in the run's precision.
-        model = load_weak(ctx, inputs["align_sft"]) if base == "weak" else load_base(ctx)
-        if adapter_stage is not None:
+        if base == "model":
+            model = load_model_dir(ctx, inputs[adapter_stage] / "model")
+        elif base == "merged":
+            from nlsr.stages.anyfinetune import MERGED
+
+            model = load_model_dir(ctx, inputs[MERGED] / "model")
+        else:
+            model = load_weak(ctx, inputs["align_sft"]) if base == "weak" else load_base(ctx)
+        if adapter_stage is not None and base != "model":
             from nlsr.training import merge_adapter
 
             model = merge_adapter(model, inputs[adapter_stage] / "adapter")

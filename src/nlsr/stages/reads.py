@@ -85,15 +85,18 @@ def attack_content(ctx) -> dict:
 def judge_content(ctx) -> dict:
     """Content hashes of every trained judge of the report, by label (the model files, not its
     metrics). The default judge is trained here if it is not cached yet, as the report would."""
+    from nlsr.judges import hidden
     from nlsr.judges.classifier import CONFIG_NAME, WEIGHTS_NAME
     from nlsr.judges.training import default_dir, load_or_train_default
 
     out = {}
     for spec in ctx.config.evaluate.judges:
-        if spec.name != "trained":
+        if spec.name not in ("trained", "hidden"):
             continue
+        trained = spec.name == "trained"
         if spec.model is None:
-            load_or_train_default(ctx.data_dir)
-        folder = Path(spec.model) if spec.model is not None else default_dir()
-        out[spec.label] = files_content([folder / CONFIG_NAME, folder / WEIGHTS_NAME], folder)
+            (load_or_train_default if trained else hidden.load_or_train_default)(ctx.data_dir)
+        folder = Path(spec.model) if spec.model is not None else (default_dir() if trained else hidden.default_dir())
+        names = (CONFIG_NAME, WEIGHTS_NAME) if trained else (hidden.CONFIG_NAME, hidden.WEIGHTS_NAME)
+        out[spec.label] = files_content([folder / n for n in names], folder)
     return out

@@ -70,8 +70,11 @@ def run_variant(variant: VariantSection):
         if variant.method == "safelora":
             from nlsr.defences.safelora import safelora
 
-            result = safelora(load_adapter(inputs["align_dpo"] / "adapter"), attacked,
-                              threshold=variant.threshold, num_modules=variant.num_modules)
+            aligned = load_adapter(inputs["align_dpo"] / "adapter")
+            directions = (alignment_directions(ctx, inputs["align_sft"], aligned)
+                          if variant.direction == "alignment" else None)
+            result = safelora(aligned, attacked, threshold=variant.threshold, num_modules=variant.num_modules,
+                              dense_directions=directions, ibm_conventions=variant.ibm_conventions)
             report = result.report()
             line = f"projected {report['summary']['projected']} of {report['summary']['modules']} modules"
         else:
@@ -89,6 +92,18 @@ def run_variant(variant: VariantSection):
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         return {"summary": report["summary"], "line": line}
     return run
+
+
+def alignment_directions(ctx, align_sft: Path, aligned) -> dict[str, torch.Tensor]:
+    """SafeLoRA's ``V`` for the whole alignment, per adapted module: ``(W_0 - W_base) + ΔW_dpo``,
+    dense (float32), where ``W_0`` is the base with the safety SFT merged in."""
+    from nlsr.model_dirs import ModelDir
+    from nlsr.stages.common import load_base
+
+    base = load_base(ctx).state_dict()
+    weak = ModelDir(align_sft / "model")
+    return {name: (weak.tensor(f"{name}.weight").float() - base[f"{name}.weight"].float()
+                   + f.scale * (f.B.float() @ f.A.float())) for name, f in aligned}
 
 
 def identify_id(variant: VariantSection) -> str:

@@ -28,7 +28,7 @@ def judge_params(spec, ctx) -> dict:
     params: dict = {}
     if spec.model is not None:
         params["model"] = spec.model
-    elif spec.name == "trained":
+    elif spec.name in ("trained", "hidden"):
         params["data_dir"] = ctx.data_dir
     if spec.name in MODEL_JUDGES:
         params.update(device=spec.device or ctx.config.device, precision=spec.dtype)
@@ -79,10 +79,79 @@ def _scores(outcomes: Outcomes, judges: list[str]) -> dict:
         "hs": {j: {split: get(f"hs/{j}/{split}") for split in ("test", "validation")
                    if f"hs/{j}/{split}" in outcomes.arrays} for j in judges},
         "hs_extra": {j: {src: get(f"hs_extra/{j}/{src}") for src in extra_sources} for j in judges},
-        "fa": get("fa"), "task_refusal": get("task_refusal"), "xstest_refusal": get("xstest_refusal"),
+        "fa": get("fa"), "fa_validation": get("fa/validation"), "task_refusal": get("task_refusal"),
+        "xstest_refusal": get("xstest_refusal"),
         "xstest_refusal_by_type": {t: get(f"xstest_refusal/{t}") for t in types},
         "harmful_refused": get("harmful_refused/test"),
     }
+
+
+def sweep_choice(ctx, rows: list[dict], judge: str) -> dict | None:
+    """The sweep's validation scores per value and the value it chooses: the lowest validation HS
+    among the values whose validation FA is within ``max_fa_drop`` points of the attacked model's."""
+    from nlsr.config import sweep_name
+
+    sweep = ctx.config.realign.sweep
+    if sweep is None:
+        return None
+    by_model = {r["model"]: r for r in rows}
+    base = next(v for v in ctx.config.realign.variants if v.name == sweep.variant)
+    points = [(getattr(base, sweep.field), sweep.variant)]
+    points += [(value, sweep_name(sweep.variant, sweep.field, value)) for value in sweep.values]
+    attacked_fa = ((by_model.get("attacked") or {}).get("scores", {}).get("fa_validation") or {}).get("mean")
+    table = []
+    for value, name in points:
+        row = by_model.get(name)
+        if row is None:
+            continue
+        hs = row["scores"]["hs"].get(judge, {}).get("validation")
+        fa = row["scores"].get("fa_validation")
+        ok = attacked_fa is None or fa is None or fa["mean"] >= attacked_fa - sweep.max_fa_drop
+        table.append({"value": value, "model": name, "hs_validation": hs, "fa_validation": fa, "eligible": ok})
+    eligible = [t for t in table if t["eligible"] and t["hs_validation"]]
+    chosen = min(eligible, key=lambda t: t["hs_validation"]["mean"]) if eligible else None
+    return {"field": sweep.field, "judge": judge, "attacked_fa_validation": attacked_fa,
+            "max_fa_drop": sweep.max_fa_drop, "points": table, "chosen": chosen and chosen["model"]}
+
+
+def _sweep_markdown(choice: dict) -> str:
+    lines = [f"| {choice['field']} | variant | validation HS ({choice['judge']}) % | validation FA % | "
+             "FA within the allowed drop |", "|---|---|---|---|---|"]
+    for t in choice["points"]:
+        mark = " **(chosen)**" if t["model"] == choice["chosen"] else ""
+        lines.append(f"| {t['value']} | {t['model']}{mark} | {_cell(t['hs_validation'])} | "
+                     f"{_cell(t['fa_validation'])} | {'yes' if t['eligible'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def _sweep_plot(choice: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [t for t in choice["points"] if t["hs_validation"]]
+    labels = [str(t["value"]) for t in points]
+    x = list(range(len(points)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, colour, name in (("hs_validation", "tab:red", f"HS ({choice['judge']})"),
+                              ("fa_validation", "tab:blue", "FA")):
+        est = [t[key] for t in points]
+        if not all(est):
+            continue
+        means = [e["mean"] for e in est]
+        errors = [[m - e["ci95"][0] for m, e in zip(means, est, strict=True)],
+                  [e["ci95"][1] - m for m, e in zip(means, est, strict=True)]]
+        ax.errorbar(x, means, yerr=errors, fmt="o-", color=colour, capsize=3, label=name)
+    ax.set_xticks(x, labels)
+    ax.set_xlabel(choice["field"])
+    ax.set_ylabel("% on the validation prompts")
+    ax.set_title(f"Sweep of {choice['field']} (chosen: {choice['chosen']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _cell(est: dict | None) -> str:
@@ -258,8 +327,17 @@ def run(models: list[dict]):
         extra = _extra_table(rows, default)
         if extra:
             sections.append(f"## Out-of-distribution harmful prompts (HS %, judge '{default}')\n\n" + extra)
-        sections.append("## Validation split (where knobs are chosen; not the result)\n\n"
-                        + _main_table(rows, ordered, task, "validation"))
+        sections.append("## Validation split (where knobs are chosen; not the result; FA column: the task's "
+                        "test part)\n\n" + _main_table(rows, ordered, task, "validation"))
+        choice = sweep_choice(ctx, rows, default)
+        if choice:
+            _sweep_plot(choice, out / "sweep.png")
+            (out / "sweep.json").write_text(json.dumps(choice, indent=2) + "\n")
+            sections.append(f"## Sweep of {choice['field']}, on the validation prompts (`sweep.png`)\n\n"
+                            f"The choice: the lowest validation HS among the values whose validation FA is within "
+                            f"{choice['max_fa_drop']} points of the attacked model's "
+                            f"({choice['attacked_fa_validation']}). Chosen: **{choice['chosen']}**; its test "
+                            "scores are in the first table.\n\n" + _sweep_markdown(choice))
         notes = ["**HS** (harmful score): share of the harmful prompts whose answer a judge flags as harmful "
                  "(lower is safer). **FA**: share of task questions answered correctly. **XSTest refusal**: "
                  "share of XSTest's safe prompts refused (over-refusal; stratified over its prompt types). "
@@ -269,7 +347,10 @@ def run(models: list[dict]):
         if cfg.name == "smoke" or cfg.evaluate.harmful_n < 50:
             notes.append("**These sizes are tiny (a smoke run): the numbers only show that every stage runs "
                          "and writes what the next one reads. They are not results.**")
-        notes.append(f"Model {cfg.model}, template {cfg.template}. Attack: {task}, n = {cfg.attack.n}, "
+        threat = {"continue": "the aligned LoRA continued (the paper's threat model)",
+                  "fresh": f"a fresh LoRA (r = {cfg.attack.fresh_r or cfg.lora.r}) on the merged aligned model",
+                  "full": "a full fine-tune of the merged aligned model"}[cfg.attack.init]
+        notes.append(f"Model {cfg.model}, template {cfg.template}. Attack ({threat}): {task}, n = {cfg.attack.n}, "
                      f"p = {cfg.attack.p} ({cfg.attack.source}), {cfg.attack.epochs} epoch(s), lr {cfg.attack.lr}. "
                      f"Evaluation: {n.get('harmful')} harmful prompts ({cfg.evaluate.harmful_dataset}; validation "
                      f"fraction {cfg.evaluate.validation_fraction}, fixed hash split), {n.get('harmful_extra', 0)} "

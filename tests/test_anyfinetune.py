@@ -1,0 +1,349 @@
+"""The threat models of ``attack.init`` in the pipeline: stage graphs, refusals, and the fresh-LoRA and
+full fine-tune paths end to end on the tiny model (train, identify, repair, evaluate).
+
+``tests/continue_stage_keys.json`` pins the stage keys of the shipped configs (``init: continue``) as
+they were before ``attack.init`` existed, so that adding it invalidated no run. A change that is meant
+to rerun stages regenerates it: ``python tests/test_anyfinetune.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CALIBRATION_ROWS, REPO_ROOT, TARGETS, random_adapter, write_jsonl
+from nlsr.config import ExperimentConfig, load_config
+from nlsr.errors import NlsrError
+
+PINNED = Path(__file__).with_name("continue_stage_keys.json")
+PINNED_CONFIGS = ("smoke", "cpu-bench", "compare", "paper")
+NEURON = "identify-b0.9-r0.8-q0.2-identified-neuron"
+ENTRY = "identify-b0.9-r0.8-q0.2-identified"
+
+
+def _keys(cfg: ExperimentConfig) -> dict[str, str]:
+    """Every stage's key as run_stages chains them, the code version fixed; the report's key covers
+    only its models (its other parameters version the judges and sweeps, which are not at stake)."""
+    from nlsr import provenance
+    from nlsr.experiment import build_stages
+    from nlsr.pipeline import stage_key
+
+    saved = provenance.code_version
+    provenance.code_version = lambda: {"nlsr": "pinned", "commit": "pinned"}
+    try:
+        out: dict[str, str] = {}
+        for stage in build_stages(cfg):
+            if stage.name == "report":
+                stage.params = {"models": stage.params["models"]}
+            out[stage.name] = stage_key(stage, {i: out[i] for i in stage.inputs})
+        return out
+    finally:
+        provenance.code_version = saved
+
+
+def _pinned_configs() -> dict[str, ExperimentConfig]:
+    # explicit precision and backend: "auto" resolves differently on other machines
+    return {name: load_config(REPO_ROOT / "configs" / f"{name}.yaml", ["precision=float32", "evaluate.backend=hf"])
+            for name in PINNED_CONFIGS}
+
+
+def write_pinned() -> None:
+    """Regenerate ``continue_stage_keys.json`` (only when a change is meant to rerun stages)."""
+    keys = {name: _keys(cfg) for name, cfg in _pinned_configs().items()}
+    PINNED.write_text(json.dumps(keys, indent=1, sort_keys=True) + "\n")
+
+
+def test_continue_configs_keep_their_stage_keys():
+    pinned = json.loads(PINNED.read_text())
+    for name, cfg in _pinned_configs().items():
+        assert cfg.attack.init == "continue"
+        now = _keys(cfg)
+        changed = sorted(k for k in set(now) | set(pinned[name]) if now.get(k) != pinned[name].get(k))
+        assert not changed, (f"configs/{name}.yaml: the keys of {changed} changed, so existing runs would "
+                             "rerun them; if that is meant, regenerate with `python tests/test_anyfinetune.py`")
+
+
+def _stages(**sections) -> dict:
+    from nlsr.experiment import build_stages
+
+    return {s.name: s for s in build_stages(ExperimentConfig.model_validate(sections))}
+
+
+NEURON_VARIANTS = [{"name": "nlsr-neuron", "granularity": "neuron"},
+                   {"name": "safelora", "method": "safelora", "threshold": 0.6}]
+
+
+def test_continue_runs_entry_and_neuron_head_to_head():
+    stages = _stages(seeds=[0, 1], realign={"variants": [{"name": "nlsr"}, *NEURON_VARIANTS]})
+    assert "align_merged" not in stages and ENTRY in stages and NEURON in stages
+    assert stages[NEURON].inputs == ["data-align", "align_sft", "align_dpo"]
+    assert stages[NEURON].params["reference"] == "adapter"
+    neuron = stages["realign-nlsr-neuron-s1"]
+    assert neuron.inputs == ["align_sft", "align_dpo", "attack-s1", NEURON]
+    assert neuron.params["variant"]["granularity"] == "neuron"
+    assert "granularity" not in stages["realign-nlsr-s1"].params["variant"]      # the old key
+    assert stages["evaluate-nlsr-neuron-s1"].inputs == ["data", "align_sft", "realign-nlsr-neuron-s1"]
+    models = {m["label"]: m for m in stages["report"].params["models"]}
+    assert models["nlsr-neuron"]["cost"][0] == [NEURON, "realign-nlsr-neuron-s0"]
+
+
+def test_fresh_trains_a_fresh_lora_on_the_merged_aligned_model():
+    stages = _stages(seeds=[0, 1], attack={"init": "fresh", "fresh_r": 8, "benign_control": True},
+                     realign={"variants": NEURON_VARIANTS})
+    continue_stages = _stages(seeds=[0, 1], attack={"benign_control": True}, realign={"variants": NEURON_VARIANTS})
+    assert stages["align_merged"].inputs == ["align_sft", "align_dpo"] and ENTRY not in stages
+    assert stages[NEURON].params["reference"] == "adapter"
+    for seed in (0, 1):
+        attack = stages[f"attack-s{seed}"]
+        assert attack.inputs == [f"data-attack-s{seed}", "align_merged"]
+        assert attack.params["init"] == "fresh" and attack.params["lora"]["r"] == 8
+        assert attack.params["lora"]["alpha"] == 32                              # lora.alpha by default
+        assert "init" not in attack.params["attack"]
+        assert stages[f"attack-p0-s{seed}"].inputs == attack.inputs
+        assert stages[f"evaluate-attacked-s{seed}"].inputs == ["data", "align_merged", f"attack-s{seed}"]
+        realigned = stages[f"realign-nlsr-neuron-s{seed}"]
+        assert realigned.inputs == ["align_sft", "align_dpo", f"attack-s{seed}", "align_merged", NEURON]
+        assert stages[f"realign-safelora-s{seed}"].run.__qualname__.startswith("run_variant")  # adapter form
+        assert stages[f"evaluate-safelora-s{seed}"].inputs == ["data", "align_merged", f"realign-safelora-s{seed}"]
+    # what the threat model does not change keeps its key: copied across runs by reuse_from
+    fresh, cont = (_keys_of(s) for s in (stages, continue_stages))
+    for name in ("data", "align_sft", "align_dpo", NEURON, "evaluate-aligned", "data-attack-s0",
+                 "attack_nonaligned-s1", "evaluate-nonaligned-s1"):
+        assert fresh[name] == cont[name], name
+    assert fresh["attack-s0"] != cont["attack-s0"]
+
+
+def _keys_of(stages: dict) -> dict[str, str]:
+    from nlsr.pipeline import stage_key
+
+    out: dict[str, str] = {}
+    for stage in stages.values():
+        out[stage.name] = stage_key(stage, {i: out[i] for i in stage.inputs})
+    return out
+
+
+def test_full_fine_tunes_every_weight_and_repairs_model_directories():
+    stages = _stages(attack={"init": "full", "full_lr": 2e-5}, realign={"variants": NEURON_VARIANTS})
+    assert stages["attack"].params["lr"] == 2e-5 and stages["attack"].inputs == ["data-attack", "align_merged"]
+    assert stages[NEURON].inputs == ["data-align", "align_sft", "align_merged"]
+    assert stages[NEURON].params["reference"] == "model"
+    assert stages["evaluate-attacked"].inputs == ["data", "attack"]
+    for name in ("realign-nlsr-neuron", "realign-safelora"):
+        assert stages[name].run.__qualname__.startswith("run_realign")
+        assert stages[f"evaluate-{name.removeprefix('realign-')}"].inputs == ["data", name]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["attack.init=fresh"], "granularity entry"),
+    (["attack.init=full"], "set 'granularity: neuron'"),
+    (["attack.init=fresh", "realign.variants=[{name: n, granularity: neuron}]",
+      "defences=[{name: lisa, method: lisa}]"], "defences"),
+    (["attack.init=full", "num_processes=2", "realign.variants=[{name: n, granularity: neuron}]"],
+     "num_processes: 1"),
+    (["realign.variants=[{name: s, method: safelora, threshold: 0.5, granularity: neuron}]"],
+     "granularity is an NLSR setting"),
+    (["realign.variants=[{name: n, granularity: neuron, masks: random}]"], "random masks"),
+    (["attack.init=partial"], "attack.init"),
+])
+def test_bad_threat_model_configs_are_refused_on_load(overrides, message):
+    with pytest.raises(NlsrError, match=message) as err:
+        load_config(REPO_ROOT / "configs" / "anyfinetune.yaml", overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_anyfinetune_configs_differ_only_in_the_threat_model():
+    from nlsr.experiment import build_stages
+
+    configs = {init: load_config(REPO_ROOT / "configs" / f"anyfinetune{suffix}.yaml")
+               for init, suffix in (("continue", ""), ("fresh", "-fresh"), ("full", "-full"))}
+    first = configs["continue"].model_dump()
+    for init, cfg in configs.items():
+        assert cfg.attack.init == init and cfg.seeds == [0, 1, 2]
+        dump = cfg.model_dump()
+        variants = [v["name"] for v in dump["realign"].pop("variants")]
+        assert variants == (["nlsr", "nlsr-neuron", "safelora"] if init == "continue" else ["nlsr-neuron", "safelora"])
+        for section in (dump, first):
+            for key in ("name", "reuse_from"):
+                section.pop(key, None)
+        dump["attack"].pop("init")
+        assert dump == {**first, "attack": {k: v for k, v in first["attack"].items() if k != "init"},
+                        "realign": {k: v for k, v in first["realign"].items() if k != "variants"}}
+        names = {s.name for s in build_stages(cfg)}
+        assert {"realign-nlsr-neuron-s2", "evaluate-safelora-s0", "report"} <= names
+    assert configs["fresh"].reuse_from == configs["full"].reuse_from == ["runs/anyfinetune"]
+
+
+# ---- end to end on the tiny model ---------------------------------------------------------------
+
+def _small(adapter, factor: float = 0.02):
+    """The adapter with B scaled down: an alignment update of about 1% of the tiny model's weights."""
+    from nlsr.adapters import LoraFactors
+
+    return adapter.with_modules({n: LoraFactors(f.A, f.B * factor, f.scale) for n, f in adapter})
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_model_dir, shapes):
+    """Finished ``align_sft`` (W_0 = the tiny model), ``align_dpo``, ``data-align``, ``data-attack`` and
+    ``data`` stages, and a config factory for the tiny model."""
+    from nlsr.adapters import save_adapter
+
+    for name in ("align_sft", "align_dpo", "data-align", "data-attack", "data"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "align_sft" / "model").symlink_to(tiny_model_dir)
+    save_adapter(_small(random_adapter(shapes, base=str(tmp_path / "align_sft" / "model"))),
+                 tmp_path / "align_dpo" / "adapter")
+    write_jsonl(tmp_path / "data-align" / "calibration.jsonl", CALIBRATION_ROWS)
+    write_jsonl(tmp_path / "data-attack" / "attack.jsonl",
+                [{"instruction": f"Is this positive? {i}", "input": "", "output": "positive" if i % 2 else "negative",
+                  "flag": "safe"} for i in range(4)])
+    write_jsonl(tmp_path / "data" / "harmful_eval.jsonl", [{"prompt": p["prompt"]} for p in CALIBRATION_ROWS[:2]])
+    write_jsonl(tmp_path / "data" / "task_eval.jsonl",
+                [{"instruction": "Sentiment?", "input": "great film", "label": "positive"}])
+    write_jsonl(tmp_path / "data" / "xstest_safe.jsonl", [])
+
+    def config(init: str, variants: list[dict]) -> ExperimentConfig:
+        return ExperimentConfig.model_validate({
+            "model": str(tiny_model_dir), "template": "chat", "precision": "float32", "device": "cpu",
+            "lora": {"r": 2, "alpha": 4, "targets": list(TARGETS)},
+            "attack": {"init": init, "fresh_r": 3, "fresh_alpha": 6, "full_lr": 1e-3, "epochs": 1, "lr": 1e-2,
+                       "batch_size": 4, "max_length": 64},
+            "realign": {"batch_size": 4, "max_length": 64, "variants": variants},
+            "evaluate": {"harmful_max_new_tokens": 3, "xstest_n": 0, "batch_size": 4, "backend": "hf"}})
+    return tmp_path, config
+
+
+def _run(stage, ctx, root: Path, name: str, inputs: list[str], roles: dict[str, str] | None = None) -> dict:
+    """Run one stage function as run_stages does: into ``<name>.partial``, then renamed."""
+    partial = root / f"{name}.partial"
+    partial.mkdir()
+    summary = stage(ctx, partial, {(roles or {}).get(i, i): root / i for i in inputs})
+    partial.rename(root / name)
+    return summary
+
+
+def test_fresh_lora_path_end_to_end(tiny_run):
+    from nlsr.adapters import load_adapter
+    from nlsr.config import VariantSection
+    from nlsr.identification import load_masks
+    from nlsr.models import load_model
+    from nlsr.pipeline import RunContext
+    from nlsr.stages import anyfinetune, evaluate, realign
+    from nlsr.training import merge_adapter
+
+    root, config = tiny_run
+    neuron = {"name": "nlsr-neuron", "granularity": "neuron", "select": "threshold", "threshold": 2.0}
+    cfg = config("fresh", [neuron, {"name": "safelora", "method": "safelora", "threshold": 2.0, "direction": "dpo"}])
+    ctx = RunContext(cfg, root / "run", root)
+    _run(anyfinetune.run_merge_aligned, ctx, root, "align_merged", ["align_sft", "align_dpo"])
+    attack = anyfinetune.run_attack_init("fresh")
+    summary = _run(attack, ctx, root, "attack", ["data-attack", "align_merged"])
+    assert summary["steps"] == 1 and summary["line"].startswith("fresh LoRA r=3")
+    fresh = load_adapter(root / "attack" / "adapter")
+    assert {f.rank for _, f in fresh} == {3}
+    assert Path(fresh.base_model).resolve() == (root / "align_merged" / "model").resolve()
+    variant = VariantSection(**neuron)
+    _run(anyfinetune.run_identify_neuron(variant, "adapter"), ctx, root, NEURON,
+         ["data-align", "align_sft", "align_dpo"])
+    masks = load_masks(root / NEURON / "masks.safetensors")
+    assert masks.metadata["granularity"] == "neuron"
+    result = _run(anyfinetune.run_realign(variant, "fresh"), ctx, root, "realign-nlsr-neuron",
+                  ["align_sft", "align_dpo", "attack", "align_merged", NEURON])
+    assert result["summary"]["repaired"] == result["summary"]["modules"] == len(fresh)   # threshold 2: all
+    repaired = load_adapter(root / "realign-nlsr-neuron" / "adapter")
+    aligned = load_adapter(root / "align_dpo" / "adapter")
+    assert {f.rank for _, f in repaired} == {4 + 3}          # the reference β ΔW_a (rank 4) + the fresh LoRA
+    # every row of the repaired model is W_a + β ΔW_a (= W_0 + (1+β) ΔW_a) where masked, W_a + ΔW_ft elsewhere
+    w = dict(merge_adapter(load_model(str(root / "align_merged" / "model"), precision="float32"),
+                           root / "realign-nlsr-neuron" / "adapter").named_parameters())
+    w0 = dict(load_model(str(root / "align_sft" / "model"), precision="float32").named_parameters())
+    for name, f in fresh:
+        m = masks.masks[f"{name}.weight"]
+        d_a, d_ft = aligned.modules[name].delta().float(), f.delta().float()
+        expected = torch.where(m[:, None], w0[f"{name}.weight"] + 1.9 * d_a, w0[f"{name}.weight"] + d_a + d_ft)
+        torch.testing.assert_close(w[f"{name}.weight"], expected, atol=2e-5, rtol=1e-4)
+    _run(realign.run_variant(VariantSection(name="safelora", method="safelora", threshold=2.0, direction="dpo")),
+         ctx, root, "realign-safelora", ["align_sft", "align_dpo", "attack"])
+    for stage in ("attack", "realign-nlsr-neuron", "realign-safelora"):
+        metrics = _run(evaluate.run_model("merged", stage), ctx, root, f"evaluate-{stage}",
+                       ["data", "align_merged", stage])["metrics"]
+        assert metrics["n"]["harmful"] == 2 and metrics["n"]["task"] == 1
+
+
+def test_full_fine_tune_path_end_to_end(tiny_run):
+    from nlsr.config import VariantSection
+    from nlsr.identification import load_masks
+    from nlsr.model_dirs import ModelDir
+    from nlsr.pipeline import RunContext
+    from nlsr.stages import anyfinetune, evaluate
+
+    root, config = tiny_run
+    neuron = {"name": "nlsr-neuron", "granularity": "neuron", "select": "threshold", "threshold": 2.0}
+    safelora = {"name": "safelora", "method": "safelora", "threshold": 2.0}
+    cfg = config("full", [neuron, safelora])
+    ctx = RunContext(cfg, root / "run", root)
+    _run(anyfinetune.run_merge_aligned, ctx, root, "align_merged", ["align_sft", "align_dpo"])
+    summary = _run(anyfinetune.run_attack_init("full"), ctx, root, "attack", ["data-attack", "align_merged"])
+    assert summary["steps"] == 1 and "full fine-tune, lr 0.001" in summary["line"]
+    ft, merged = ModelDir(root / "attack" / "model"), ModelDir(root / "align_merged" / "model")
+    embed = "model.embed_tokens.weight"
+    assert not torch.equal(ft.tensor(embed), merged.tensor(embed))          # every weight trained
+    variant = VariantSection(**neuron)
+    _run(anyfinetune.run_identify_neuron(variant, "model"), ctx, root, NEURON,
+         ["data-align", "align_sft", "align_merged"])
+    masks = load_masks(root / NEURON / "masks.safetensors")
+    assert masks.metadata["reference_kind"] == "model" and len(masks.masks) == 4 * 2   # 4 targets x 2 layers
+    reference = ModelDir(root / NEURON / "reference")
+    result = _run(anyfinetune.run_realign(variant, "full"), ctx, root, "realign-nlsr-neuron",
+                  ["align_sft", "align_dpo", "attack", "align_merged", NEURON])
+    assert result["summary"]["repaired"] == len(masks.masks)
+    out = ModelDir(root / "realign-nlsr-neuron" / "model")
+    for key, m in masks.masks.items():                 # masked rows from W_e, the rest the fine-tune's
+        torch.testing.assert_close(out.tensor(key)[m], reference.tensor(key)[m], atol=0, rtol=0)
+        torch.testing.assert_close(out.tensor(key)[~m], ft.tensor(key)[~m], atol=0, rtol=0)
+    assert torch.equal(out.tensor(embed), ft.tensor(embed))
+    projected = _run(anyfinetune.run_realign(VariantSection(**safelora), "full"), ctx, root, "realign-safelora",
+                     ["align_sft", "align_dpo", "attack", "align_merged"])
+    assert projected["summary"]["projected"] > 0
+    for stage in ("attack", "realign-nlsr-neuron", "realign-safelora"):
+        metrics = _run(evaluate.run_model("model", stage), ctx, root, f"evaluate-{stage}", ["data", stage])["metrics"]
+        assert metrics["n"]["harmful"] == 2
+
+
+def test_a_full_run_reuses_the_continue_run_and_runs_through(tmp_path, tiny_model_dir, root):
+    """The stage graph of ``init: full`` end to end through ``run_experiment`` on the tiny model, copying
+    the data, the alignment and the aligned model's evaluation from an ``init: continue`` run."""
+    from nlsr.experiment import run_experiment
+
+    train = {"epochs": 1, "batch_size": 4, "max_length": 384}
+    common = {"runs_dir": str(tmp_path / "runs"), "model": str(tiny_model_dir), "template": "chat",
+              "precision": "float32", "device": "cpu",
+              "lora": {"r": 2, "alpha": 4, "targets": list(TARGETS)},
+              "align": {"sft": {**train, "n": 8}, "dpo": {**train, "n": 4}},
+              "realign": {"batch_size": 4, "max_length": 64, "calibration_n": 8,
+                          "variants": [{"name": "nlsr-neuron", "granularity": "neuron"},
+                                       {"name": "safelora", "method": "safelora", "threshold": 0.6}]},
+              "evaluate": {"harmful_n": 4, "harmful_max_new_tokens": 2, "task_n": 2, "xstest_n": 0,
+                           "backend": "hf", "judges": ["refusal"]}}
+    attack = {**train, "n": 8, "nonaligned_control": False}
+    lines: list[str] = []
+    run_experiment(ExperimentConfig.model_validate({**common, "name": "cont", "attack": attack}), data=root,
+                   log=lines.append, until="evaluate-aligned")
+    full = ExperimentConfig.model_validate({**common, "name": "full", "reuse_from": [str(tmp_path / "runs" / "cont")],
+                                            "attack": {**attack, "init": "full", "full_lr": 1e-4}})
+    lines.clear()
+    run_dir = run_experiment(full, data=root, log=lines.append)
+    reused = {line.split()[1].rstrip(":") for line in lines if line.startswith("[reuse]")}
+    assert reused == {"data", "data-align", "align_sft", "align_dpo", "evaluate-aligned"}
+    for stage in ("align_merged", "attack", NEURON, "realign-nlsr-neuron", "realign-safelora"):
+        assert (run_dir / stage / "manifest.json").is_file(), stage
+    assert (run_dir / "realign-nlsr-neuron" / "model" / "model.safetensors").is_file()
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "nlsr-neuron" in report and "safelora" in report
+
+
+if __name__ == "__main__":
+    write_pinned()
