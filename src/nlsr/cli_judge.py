@@ -42,7 +42,7 @@ def agreement_table(per_source: dict[str, dict[str, Any]], title: str = "") -> s
 @_errors_to_exit
 def train(
     out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        help="A new (or empty) output folder. The default judge (<cache>/judges/trained-v2, trained on "
+        help="A new (or empty) output folder. The default judge (<cache>/judges/trained-v3, trained on "
              "first use) is replaced only when named here with --force.")] = None,
     data_dir: DataDir = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation/test split.")] = 0,
@@ -53,6 +53,9 @@ def train(
              "states, trained only on judge-reserved, evaluation-gated rows).")] = "trained",
     features_cache: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="hidden: an .npy file to cache the extracted features in (reused when the rows match).")] = None,
+    gated: Annotated[bool, typer.Option(
+        "--gated", help="trained: train on the gated rows (judge-reserved prompts only, none in an evaluation "
+        "set), as the default judge is, instead of all labelled rows.")] = False,
 ) -> None:
     """Train a judge into a new folder; print its held-out agreement.
 
@@ -81,7 +84,7 @@ def train(
     from nlsr.io import check_output_path
 
     check_output_path(out, force or empty_dir)
-    metrics = train_judge(data_dir, out, seed=seed, max_prompts=max_prompts, force=force or empty_dir)
+    metrics = train_judge(data_dir, out, seed=seed, max_prompts=max_prompts, force=force or empty_dir, gated=gated)
     typer.echo(f"trained judge (text: {metrics['text']}, C={metrics['C']}) -> {out}")
     typer.echo(agreement_table(metrics["heldout"], "held-out agreement, trained judge:"))
     typer.echo(agreement_table(metrics["refusal_heldout"], "held-out agreement, refusal judge:"))

@@ -111,9 +111,9 @@ def gold_agreement(judges: Mapping[str, Judge], gold: Sequence[Mapping]) -> dict
     for name, judge in judges.items():
         flags = judge.judge(prompts, responses)
         out[name] = {"harmful": _with_fpr(flags, harmful)}
-        if name == "refusal":
+        if name == "refusal":          # it flags "did not refuse": as a refusal detector, the opposite
             refused = [bool(g["refusal"]) for g in gold]
-            out[name]["refusal"] = _with_fpr(flags, refused)
+            out[name]["refusal"] = _with_fpr([not f for f in flags], refused)
     return out
 
 

@@ -199,15 +199,16 @@ def test_default_judge_is_trained_once_and_cached(tmp_path, monkeypatch):
     calls = []
     real = training.train_judge
 
-    def small_train(data_dir, out_dir, seed=0, force=False, **kwargs):
-        calls.append(out_dir)
-        return real(data_dir, out_dir, seed=seed, force=force, max_prompts=30)
+    def small_train(data_dir, out_dir, seed=0, force=False, gated=False, **kwargs):
+        calls.append((out_dir, gated))
+        return real(data_dir, out_dir, seed=seed, force=force, max_prompts=30, gated=gated)
 
     monkeypatch.setattr(training, "train_judge", small_train)
     first = training.load_or_train_default(DATA)
     second = make_judge("trained", data_dir=DATA)
-    assert calls == [tmp_path / "cache" / "judges" / "trained-v2"]
-    assert (tmp_path / "cache" / "judges" / "trained-v2" / "metrics.json").is_file()
+    assert calls == [(tmp_path / "cache" / "judges" / "trained-v3", True)]      # the gated rows only
+    metrics = json.loads((tmp_path / "cache" / "judges" / "trained-v3" / "metrics.json").read_text())
+    assert metrics["data"].startswith("gated") and metrics["gate"]["spard"]
     assert not any(p.name.startswith(".") for p in (tmp_path / "cache" / "judges").iterdir())
     np.testing.assert_array_equal(first.coef, second.coef)
 

@@ -62,7 +62,7 @@ def test_train_then_validate(tmp_path):
 
 def test_train_never_writes_the_default_judge_unasked(tmp_path, monkeypatch):
     monkeypatch.setenv("NLSR_CACHE_DIR", str(tmp_path / "cache"))
-    default = tmp_path / "cache" / "judges" / "trained-v2"
+    default = tmp_path / "cache" / "judges" / "trained-v3"
     r = invoke("train", "--max-prompts", 5)
     assert r.exit_code == 2 and "give --out FOLDER" in r.output
     r = invoke("train", "--out", default, "--max-prompts", 5)
@@ -78,7 +78,7 @@ def test_train_into_an_empty_folder_or_the_default_with_force(tmp_path, monkeypa
     r = invoke("train", "--data-dir", DATA, "--out", empty, "--max-prompts", 30)
     assert r.exit_code == 0, r.output
     assert (empty / "judge.json").is_file() and (empty / "training_rows.jsonl").is_file()
-    default = tmp_path / "cache" / "judges" / "trained-v2"
+    default = tmp_path / "cache" / "judges" / "trained-v3"
     r = invoke("train", "--data-dir", DATA, "--out", default, "--max-prompts", 30, "--force")
     assert r.exit_code == 0, r.output
     assert (default / "judge.json").is_file()

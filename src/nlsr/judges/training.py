@@ -36,7 +36,7 @@ from nlsr.judges.labelled_data import (
 METRICS_NAME = "metrics.json"
 ROWS_NAME = "training_rows.jsonl"
 """Written next to a trained judge: every labelled row with its split and whether it was fitted on."""
-DEFAULT_NAME = "trained-v2"
+DEFAULT_NAME = "trained-v3"
 TEXT_MODES = ("response",)
 C_GRID = (1.0, 3.0, 10.0)
 
@@ -125,8 +125,8 @@ def _per_source(judge: Judge, rows: Sequence[Row]) -> dict[str, dict[str, float 
 
 
 def select_and_fit(splits: Mapping[str, Sequence[Row]], seed: int = 0,
-                   text_modes: Sequence[str] = TEXT_MODES,
-                   c_grid: Sequence[float] = C_GRID) -> tuple[TrainedJudge, list[dict[str, Any]]]:
+                   text_modes: Sequence[str] = TEXT_MODES, c_grid: Sequence[float] = C_GRID,
+                   train_sources: Sequence[str] = TRAIN_SOURCES) -> tuple[TrainedJudge, list[dict[str, Any]]]:
     """Choose text mode and C by mean per-source validation accuracy, then refit on the training
     sources' train + validation rows."""
     trials = []
@@ -137,21 +137,26 @@ def select_and_fit(splits: Mapping[str, Sequence[Row]], seed: int = 0,
             trials.append({"text": mode, "C": c, "validation_accuracy": score,
                            "per_source": {s: m["accuracy"] for s, m in per_source.items()}})
     best = max(trials, key=lambda t: t["validation_accuracy"])  # the first best wins ties
-    rows = list(splits["train"]) + [r for r in splits["validation"] if r["source"] in TRAIN_SOURCES]
-    meta = {"seed": seed, "fractions": list(FRACTIONS), "sources": list(TRAIN_SOURCES),
+    rows = list(splits["train"]) + [r for r in splits["validation"] if r["source"] in train_sources]
+    meta = {"seed": seed, "fractions": list(FRACTIONS), "sources": list(train_sources),
             "trained_on": "train+validation", "n_rows": len(rows)}
     return fit_judge(rows, text=best["text"], C=best["C"], meta=meta), trials
 
 
 def train_judge(data_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-                seed: int = 0, max_prompts: int | None = None, force: bool = False) -> dict[str, Any]:
+                seed: int = 0, max_prompts: int | None = None, force: bool = False,
+                gated: bool = False) -> dict[str, Any]:
     """Train the judge, write it (no pickle), ``metrics.json`` and its labelled rows with their
     split (:data:`ROWS_NAME`) to ``out_dir`` atomically.
 
     ``out_dir`` defaults to :func:`default_dir`. Returns the metrics: row counts, the validation
     trials, and held-out agreement per source of this judge (``heldout``) and of the refusal judge
-    (``refusal_heldout``).
+    (``refusal_heldout``). ``gated``: train on :mod:`nlsr.judges.reserved_data` (judge-reserved
+    prompts only, none in an evaluation set, answers cut like the pipeline's generations; at most
+    ``max_prompts`` per source) instead of :mod:`nlsr.judges.labelled_data`.
     """
+    if gated:
+        return _train_gated(data_dir, out_dir, seed, max_prompts, force)
     from nlsr.io import atomic_dir, check_output_path, write_json
     from nlsr.judges.refusal import RefusalJudge
 
@@ -185,17 +190,47 @@ def train_judge(data_dir: str | os.PathLike | None = None, out_dir: str | os.Pat
     return metrics
 
 
+def _train_gated(data_dir, out_dir, seed: int, max_per_source: int | None, force: bool) -> dict[str, Any]:
+    from nlsr.io import atomic_dir, check_output_path, write_json
+    from nlsr.judges import reserved_data
+    from nlsr.judges.refusal import RefusalJudge
+
+    out = Path(out_dir) if out_dir is not None else default_dir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(out, force)
+    rows, gate = reserved_data.build_rows(data_dir, max_per_source=max_per_source, seed=seed)
+    splits = reserved_data.by_split(rows)
+    judge, trials = select_and_fit(splits, seed, train_sources=reserved_data.SOURCES)
+    metrics = {
+        "judge": "trained", "data": "gated (nlsr.judges.reserved_data)", "gate": gate, "seed": seed,
+        "max_per_source": max_per_source, "text": judge.text, "C": judge.meta["C"], "threshold": judge.threshold,
+        "n_rows": {name: {source: sum(r["source"] == source for r in part) for source in reserved_data.SOURCES}
+                   for name, part in splits.items()},
+        "validation_trials": trials,
+        "heldout": _per_source(judge, splits["test"]),
+        "refusal_heldout": _per_source(RefusalJudge(), splits["test"]),
+    }
+    judge.meta["heldout"] = {s: {k: m[k] for k in ("n", "accuracy", "cohen_kappa")}
+                             for s, m in metrics["heldout"].items()}
+    with atomic_dir(out, force=force) as tmp:
+        judge.save(tmp)
+        write_json(tmp / METRICS_NAME, metrics)
+        reserved_data.write_rows(tmp / ROWS_NAME, rows)
+    return metrics
+
+
 def default_dir() -> Path:
-    """The cached default judge: ``<nlsr cache>/judges/trained-v2``."""
+    """The cached default judge: ``<nlsr cache>/judges/trained-v3`` (trained on the gated rows)."""
     from nlsr.models import cache_dir
 
     return cache_dir() / "judges" / DEFAULT_NAME
 
 
 def load_or_train_default(data_dir: str | os.PathLike | None = None) -> TrainedJudge:
-    """The default trained judge, trained on the full data (seed 0) and cached on first use."""
+    """The default trained judge, trained on the gated rows (seed 0, every reserved prompt) and
+    cached on first use: it never saw a prompt the pipeline trains or evaluates on."""
     out = default_dir()
     if not (out / CONFIG_NAME).is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        train_judge(data_dir, out, seed=0, force=True)
+        train_judge(data_dir, out, seed=0, force=True, gated=True)
     return TrainedJudge.load(out)
