@@ -173,7 +173,8 @@ def test_anyfinetune_configs_differ_only_in_the_threat_model():
                         "realign": {k: v for k, v in first["realign"].items() if k != "variants"}}
         names = {s.name for s in build_stages(cfg)}
         assert {"realign-nlsr-neuron-s2", "evaluate-safelora-s0", "report"} <= names
-    assert configs["fresh"].reuse_from == configs["full"].reuse_from == ["runs/anyfinetune"]
+    assert configs["fresh"].reuse_from == ["runs/anyfinetune"]
+    assert configs["full"].reuse_from == ["runs/anyfinetune", "runs/anyfinetune-fresh"]
 
 
 # ---- end to end on the tiny model ---------------------------------------------------------------
