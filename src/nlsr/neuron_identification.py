@@ -31,6 +31,7 @@ from nlsr.ops.neuron_masks import (
     row_scores_lowrank,
     top_rows,
 )
+from nlsr.paths import portable_path
 
 NEURON = "neuron"
 ENTRY = "entry"
@@ -234,7 +235,7 @@ def identify_neurons_model(reference_model, reference: ModelDir, base: ModelDir,
         masks[key] = top_rows(torch.cat(parts), q)
     meta = {"nlsr_masks_format": MASKS_FORMAT,
             "reference_fingerprint": json.dumps(model_fingerprint(reference, names), sort_keys=True),
-            "reference": str(reference.path), "reference_kind": "model", "base": str(base.path),
+            "reference": portable_path(reference.path), "reference_kind": "model", "base": portable_path(base.path),
             **_common_metadata(rho, q, template, len(rows), tokens, stats, owner), **(metadata or {})}
     return SafetyMasks(masks=masks, metadata={k: str(v) for k, v in meta.items() if v is not None})
 

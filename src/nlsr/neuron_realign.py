@@ -58,6 +58,7 @@ from nlsr.ops.neuron_transplant import (
     row_transplant_lowrank,
     subtract_lowrank,
 )
+from nlsr.paths import portable_path
 from nlsr.realignment import ModuleDecision, layer_and_kind
 
 
@@ -350,8 +351,9 @@ def realign_neuron_models(reference: ModelDir, finetuned: ModelDir, base: ModelD
                      "fine-tune's dtype")
     settings = {"granularity": NEURON, "input": "model directories", "select": select,
                 "threshold": threshold, "p_base": p_base, "epsilon": epsilon, "seed": seed,
-                "rows_replaced": replaced, "reference": str(reference.path),
-                "finetuned": str(finetuned.path), "base": str(base.path), "masks": dict(masks.metadata)}
+                "rows_replaced": replaced, "reference": portable_path(reference.path),
+                "finetuned": portable_path(finetuned.path), "base": portable_path(base.path),
+                "masks": dict(masks.metadata)}
     result = NeuronRealignResult(decisions, settings, out=Path(out), notes=notes)
     report = json.dumps(result.report(), indent=2) + "\n"
     write_edited(finetuned, out, {neuron_key(d.module): edit for d in decisions if d.repaired},

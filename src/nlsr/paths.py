@@ -39,3 +39,18 @@ def check_model_spec(spec: str | os.PathLike) -> None:
     if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
         raise NlsrError(f"model path '{text}' does not exist; give an existing directory, a hub id "
                         "such as 'org/name', or 'smollm2' for the embedded default")
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as a report should record it: ``<nlsr cache>/...`` inside the model cache, relative
+    inside the working directory, else as given (no machine-specific prefix in committed files)."""
+    from nlsr.models import cache_dir
+
+    resolved = Path(path).resolve()
+    for root, label in ((cache_dir().resolve(), "<nlsr cache>"), (Path.cwd().resolve(), None)):
+        try:
+            rest = resolved.relative_to(root)
+        except ValueError:
+            continue
+        return str(Path(label) / rest) if label else str(rest)
+    return str(path)

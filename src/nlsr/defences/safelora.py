@@ -10,6 +10,7 @@ from nlsr.adapters import LoraAdapter, LoraFactors
 from nlsr.errors import NlsrError
 from nlsr.ops.layers import product_cosine
 from nlsr.ops.safelora import projection_cosine
+from nlsr.paths import portable_path
 from nlsr.realignment import layer_and_kind
 
 
@@ -189,8 +190,8 @@ def safelora_models(aligned, unaligned, finetuned, out, threshold: float | None 
         yield 0, w_a + projected_dense(V, delta)
 
     settings = {"threshold": threshold, "num_modules": num_modules, "form": "full-parameter",
-                "aligned": str(aligned.path), "unaligned": str(unaligned.path),
-                "finetuned": str(finetuned.path), "modules_without_update": skipped}
+                "aligned": portable_path(aligned.path), "unaligned": portable_path(unaligned.path),
+                "finetuned": portable_path(finetuned.path), "modules_without_update": skipped}
     result = SafeLoraResult(None, decisions, settings)
     write_edited(finetuned, out, {key: edit for i, key in enumerate(names) if chosen[i]}, force=force,
                  extra_files={"safelora_report.json": (json.dumps(result.report(), indent=2) + "\n").encode()})
