@@ -157,8 +157,7 @@ def train_judge(data_dir: str | os.PathLike | None = None, out_dir: str | os.Pat
     """
     if gated:
         return _train_gated(data_dir, out_dir, seed, max_prompts, force)
-    from nlsr.io import atomic_dir, check_output_path, write_json
-    from nlsr.judges.refusal import RefusalJudge
+    from nlsr.io import check_output_path
 
     if out_dir is None:
         default_dir().parent.mkdir(parents=True, exist_ok=True)
@@ -172,39 +171,22 @@ def train_judge(data_dir: str | os.PathLike | None = None, out_dir: str | os.Pat
             raise NlsrError(f"the {name} split has no rows from {', '.join(missing)}; use more "
                             "data (a larger --max-prompts)")
     judge, trials = select_and_fit(splits, seed)
-    counts = {name: {source: sum(r["source"] == source for r in rows) for source in SOURCES}
-              for name, rows in splits.items()}
-    metrics = {
-        "judge": "trained", "seed": seed, "max_prompts": max_prompts, "text": judge.text,
-        "C": judge.meta["C"], "threshold": judge.threshold, "n_rows": counts,
-        "validation_trials": trials,
-        "heldout": _per_source(judge, splits["test"]),
-        "refusal_heldout": _per_source(RefusalJudge(), splits["test"]),
-    }
-    judge.meta["heldout"] = {s: {k: m[k] for k in ("n", "accuracy", "cohen_kappa")}
-                             for s, m in metrics["heldout"].items()}
-    with atomic_dir(out, force=force) as tmp:
-        judge.save(tmp)
-        write_json(tmp / METRICS_NAME, metrics)
-        write_split_rows(tmp / ROWS_NAME, splits)
-    return metrics
+    return _measure_and_save(judge, trials, splits, SOURCES, out, force, {"max_prompts": max_prompts},
+                             lambda path: write_split_rows(path, splits))
 
 
-def _train_gated(data_dir, out_dir, seed: int, max_per_source: int | None, force: bool) -> dict[str, Any]:
-    from nlsr.io import atomic_dir, check_output_path, write_json
-    from nlsr.judges import reserved_data
+def _measure_and_save(judge: TrainedJudge, trials: list[dict[str, Any]], splits: Mapping[str, Sequence[Row]],
+                      sources: Sequence[str], out: Path, force: bool, extra: dict[str, Any],
+                      write_rows) -> dict[str, Any]:
+    """The judge's metrics (row counts per split and source, validation trials, held-out agreement
+    of it and of the refusal matcher), then judge, metrics and rows written to ``out`` atomically."""
+    from nlsr.io import atomic_dir, write_json
     from nlsr.judges.refusal import RefusalJudge
 
-    out = Path(out_dir) if out_dir is not None else default_dir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_output_path(out, force)
-    rows, gate = reserved_data.build_rows(data_dir, max_per_source=max_per_source, seed=seed)
-    splits = reserved_data.by_split(rows)
-    judge, trials = select_and_fit(splits, seed, train_sources=reserved_data.SOURCES)
     metrics = {
-        "judge": "trained", "data": "gated (nlsr.judges.reserved_data)", "gate": gate, "seed": seed,
-        "max_per_source": max_per_source, "text": judge.text, "C": judge.meta["C"], "threshold": judge.threshold,
-        "n_rows": {name: {source: sum(r["source"] == source for r in part) for source in reserved_data.SOURCES}
+        "judge": "trained", **extra, "seed": judge.meta.get("seed"), "text": judge.text, "C": judge.meta["C"],
+        "threshold": judge.threshold,
+        "n_rows": {name: {source: sum(r["source"] == source for r in part) for source in sources}
                    for name, part in splits.items()},
         "validation_trials": trials,
         "heldout": _per_source(judge, splits["test"]),
@@ -215,8 +197,23 @@ def _train_gated(data_dir, out_dir, seed: int, max_per_source: int | None, force
     with atomic_dir(out, force=force) as tmp:
         judge.save(tmp)
         write_json(tmp / METRICS_NAME, metrics)
-        reserved_data.write_rows(tmp / ROWS_NAME, rows)
+        write_rows(tmp / ROWS_NAME)
     return metrics
+
+
+def _train_gated(data_dir, out_dir, seed: int, max_per_source: int | None, force: bool) -> dict[str, Any]:
+    from nlsr.io import check_output_path
+    from nlsr.judges import reserved_data
+
+    out = Path(out_dir) if out_dir is not None else default_dir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(out, force)
+    rows, gate = reserved_data.build_rows(data_dir, max_per_source=max_per_source, seed=seed)
+    splits = reserved_data.by_split(rows)
+    judge, trials = select_and_fit(splits, seed, train_sources=reserved_data.SOURCES)
+    extra = {"data": "gated (nlsr.judges.reserved_data)", "gate": gate, "max_per_source": max_per_source}
+    return _measure_and_save(judge, trials, splits, reserved_data.SOURCES, out, force, extra,
+                             lambda path: reserved_data.write_rows(path, rows))
 
 
 def default_dir() -> Path:

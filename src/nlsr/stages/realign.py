@@ -100,10 +100,13 @@ def alignment_directions(ctx, align_sft: Path, aligned) -> dict[str, torch.Tenso
     from nlsr.model_dirs import ModelDir
     from nlsr.stages.common import load_base
 
-    base = load_base(ctx).state_dict()
-    weak = ModelDir(align_sft / "model")
-    return {name: (weak.tensor(f"{name}.weight").float() - base[f"{name}.weight"].float()
-                   + f.scale * (f.B.float() @ f.A.float())) for name, f in aligned}
+    key = ("alignment_directions", str(align_sft), str(aligned.source))
+    if key not in ctx.cache:          # the same for every seed of a run: load the base model once
+        base = load_base(ctx).state_dict()
+        weak = ModelDir(align_sft / "model")
+        ctx.cache[key] = {name: (weak.tensor(f"{name}.weight").float() - base[f"{name}.weight"].float()
+                                 + f.scale * (f.B.float() @ f.A.float())) for name, f in aligned}
+    return ctx.cache[key]
 
 
 def identify_id(variant: VariantSection) -> str:
