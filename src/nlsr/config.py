@@ -71,6 +71,10 @@ class HelpfulSection(_Section):
     dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(32, gt=0)
+    dpo_pairs: int = Field(
+        0, ge=0, description="Also add this many DPO pairs on harmless prompts: chosen = the base model's "
+                             "own helpful answer, rejected = a refusal (one of the SFT refusals), so the DPO "
+                             "adapter learns where not to refuse as well as where to refuse (0 = none).")
 
 
 class AlignSection(_Section):
@@ -301,6 +305,9 @@ class EvaluateSection(_Section):
     task_n: int = Field(872, gt=0, description="Task evaluation rows (first n).")
     xstest_n: int = Field(250, ge=0, description="XSTest safe prompts for over-refusal (0 = skip).")
     xstest_max_new_tokens: int = Field(48, gt=0)
+    xstest_validation_n: int = Field(
+        0, ge=0, description="Further XSTest safe prompts (stratified by type, disjoint from the xstest_n "
+                             "test prompts) on which knobs such as the alignment recipe are chosen (0 = none).")
     judges: list[JudgeSpec] = Field(
         default_factory=lambda: [JudgeSpec(name="refusal"), JudgeSpec(name="trained")],
         description="Judges of the harmful score: names, or {name, model, device, dtype} mappings.")

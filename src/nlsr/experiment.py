@@ -15,7 +15,10 @@ def evaluation_data_params(sections: dict, task: str) -> dict:
     ev = sections["evaluate"]
     keys = ("harmful_dataset", "harmful_n", "validation_fraction", "extra_harmful", "extra_harmful_n",
             "task_n", "xstest_n")
-    return {"evaluate": {k: ev[k] for k in keys}, "task": task}
+    params = {k: ev[k] for k in keys}
+    if ev.get("xstest_validation_n"):      # only when used: configs without it keep their keys
+        params["xstest_validation_n"] = ev["xstest_validation_n"]
+    return {"evaluate": params, "task": task}
 
 
 def gate_params(sections: dict) -> dict:
@@ -95,6 +98,12 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     common = {**data_common, "precision": resolve_precision(cfg.precision, cfg.device).dtype}
     gate = gate_params(sections)
     helpful = cfg.align.helpful.n > 0
+    # DPO pairs on harmless prompts (align.helpful.dpo_pairs): in the DPO stages' keys only, and only when
+    # used, so that the answers (data-helpful) and the stages of configs without them keep their keys
+    sections["align"]["helpful"] = {k: v for k, v in sections["align"]["helpful"].items() if k != "dpo_pairs"}
+    dpo_pairs = cfg.align.helpful.dpo_pairs if helpful else 0
+    helpful_pairs = {"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}
+    helpful_input = ["data-helpful"] if dpo_pairs else []
     stages = [
         Stage("data", data.run_eval, {**data_common, **evaluation_data_params(sections, cfg.attack.task)},
               content=reads.eval_content),
@@ -107,8 +116,8 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     stages += [
         Stage("align_sft", align.run_sft, {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
               ["data-align", *(["data-helpful"] if helpful else [])]),
-        Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"]},
-              ["data-align", "align_sft"]),
+        Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"],
+                                          **helpful_pairs}, ["data-align", "align_sft", *helpful_input]),
     ]
     init = cfg.attack.init
     merged = anyfinetune.MERGED
@@ -161,11 +170,13 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
             stages.append(Stage(aligned_stage_of[defence.name],
                                 align.run_dpo_vaccine(rho) if "dpo" in defence.vaccine_stages else align.run_dpo,
                                 {**common, "defence": defence.model_dump(), "dpo": sections["align"]["dpo"],
-                                 "lora": sections["lora"]}, ["data-align", weak], roles={weak: "align_sft"}))
+                                 "lora": sections["lora"], **helpful_pairs}, ["data-align", weak, *helpful_input],
+                                roles={weak: "align_sft"}))
 
     from nlsr.generation import resolve_backend
 
-    generation = {k: v for k, v in sections["evaluate"].items() if k not in ("judges", "gold_labels")}
+    generation = {k: v for k, v in sections["evaluate"].items() if k not in ("judges", "gold_labels")
+                  and not (k == "xstest_validation_n" and not v)}
     generation["backend"] = resolve_backend(cfg.evaluate.backend)   # auto -> what runs here
     eval_params = {**common, "evaluate": generation, "task": cfg.attack.task}
     models: dict[str, dict] = {}

@@ -78,10 +78,16 @@ def collect(label: str, seeds: Sequence[int], generations: Sequence[list[dict]],
         put("fa", [float(bool(r["correct"])) for r in task if r.get("split", "test") == "test"])
         put("fa/validation", [float(bool(r["correct"])) for r in task if r.get("split") == "validation"])
         put("task_refusal", [float(is_refusal(r["output"])) for r in task if r.get("split", "test") == "test"])
-        if xstest:
-            put("xstest_refusal", [float(is_refusal(r["output"])) for r in xstest])
-            for kind in sorted({r.get("type", "") for r in xstest}):
-                put(f"xstest_refusal/{kind}", [float(is_refusal(r["output"])) for r in xstest if r.get("type") == kind])
+        if xstest:      # the test prompts; the validation ones (where knobs are chosen) apart
+            xs_test = [r for r in xstest if r.get("split", "test") == "test"]
+            xs_validation = [r for r in xstest if r.get("split") == "validation"]
+            put("xstest_refusal", [float(is_refusal(r["output"])) for r in xs_test])
+            for kind in sorted({r.get("type", "") for r in xs_test}):
+                put(f"xstest_refusal/{kind}",
+                    [float(is_refusal(r["output"])) for r in xs_test if r.get("type") == kind])
+            if xs_validation:
+                put("xstest_refusal_validation", [float(is_refusal(r["output"])) for r in xs_validation])
+        put("task_refusal/validation", [float(is_refusal(r["output"])) for r in task if r.get("split") == "validation"])
         put("harmful_refused/test", [float(is_refusal(r["output"])) for r in harmful
                                      if r.get("split", "test") == "test"])
     for key, rows in per_seed.items():

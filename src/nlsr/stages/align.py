@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 from pathlib import Path
 
 from nlsr.data.templates import model_prompt
@@ -92,8 +93,13 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     cfg = ctx.config
     set_seed(cfg.seed)
     tokenizer = ctx.tokenizer()
+    pairs = read_jsonl(inputs["data-align"] / "dpo.jsonl")
+    if cfg.align.helpful.dpo_pairs and "data-helpful" in inputs:
+        pairs += helpful_dpo_pairs(read_jsonl(inputs["data-helpful"] / "helpful.jsonl"),
+                                   [r["response"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")],
+                                   cfg.align.helpful.dpo_pairs, cfg.seed)
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
-             "rejected": r["rejected"]} for r in read_jsonl(inputs["data-align"] / "dpo.jsonl")]
+             "rejected": r["rejected"]} for r in pairs]
     if cfg.num_processes > 1:       # Vaccine's trainer is refused there (one process only)
         from nlsr.distributed import train_stage_job
 
@@ -109,6 +115,27 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     stats = train_dpo(model, tokenizer, rows, cfg.align.dpo, out / "adapter", cfg.seed,
                       lora=lora_config(cfg.lora), bf16=ctx.precision.bf16, **extra)
     return {**stats, "line": training_line(len(rows), "pairs", stats)}
+
+
+def helpful_dpo_pairs(helpful: list[dict], refusals: list[str], n: int, seed: int) -> list[dict]:
+    """``n`` DPO pairs on harmless prompts: chosen = the base model's own answer, rejected = a refusal.
+
+    The safety pairs teach the DPO adapter where to refuse; these teach it where not to (a model
+    aligned on refusals alone learns to refuse everything). The prompts are a seeded sample of the
+    helpful answers, the refusals the SFT set's, assigned in a seeded order (their topics do not match
+    the prompt: the pair contrasts answering with refusing, whatever is asked)."""
+    from nlsr.errors import NlsrError
+
+    if n > len(helpful):
+        raise NlsrError(f"align.helpful.dpo_pairs = {n}, but only {len(helpful)} helpful answers were kept: "
+                        "lower align.helpful.dpo_pairs or raise align.helpful.n")
+    if not refusals:
+        raise NlsrError("align.helpful.dpo_pairs needs refusals to reject, but the SFT set is empty")
+    rng = random.Random(seed)
+    chosen = rng.sample(helpful, n)
+    order = rng.sample(range(len(refusals)), len(refusals))
+    return [{"prompt": row["prompt"], "chosen": row["response"], "rejected": refusals[order[i % len(order)]]}
+            for i, row in enumerate(chosen)]
 
 
 def run_dpo_vaccine(rho: float):

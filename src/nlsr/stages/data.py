@@ -27,6 +27,8 @@ from nlsr.io import write_json
 from nlsr.stages.common import read_jsonl, write_jsonl
 
 XSTEST = "xstest"
+XSTEST_VALIDATION_SEED = 1
+"""Seed of the XSTest validation draw (the test draw keeps seed 0, the prompts it always had)."""
 SPLIT_SALT = "nlsr-harmful-split-v1"   # the validation/test split of the harmful prompts; never change
 EXTRA_SAMPLE_SEED = 0                  # the fixed sample of each extra harmful set
 
@@ -130,7 +132,16 @@ def run_eval(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     task_eval = _take(task.eval_dataset, load_records(task.eval_dataset, d), ev.task_n, "evaluate.task_n")
     task_eval = [{**r, "split": harmful_split(prompt_of(r), ev.validation_fraction)} for r in task_eval]
     safe = [r for r in load_records(XSTEST, d) if r["label"] == "safe"]
-    xstest = stratified_xstest(safe, ev.xstest_n)
+    xstest = [{**r, "split": "test"} for r in stratified_xstest(safe, ev.xstest_n)]
+    if ev.xstest_validation_n:
+        taken = {r["prompt"] for r in xstest}
+        rest = [r for r in safe if r["prompt"] not in taken]
+        if ev.xstest_validation_n > len(rest):
+            raise NlsrError(f"evaluate.xstest_validation_n = {ev.xstest_validation_n}, but only {len(rest)} XSTest "
+                              f"safe prompts are left after the {len(xstest)} test prompts: lower "
+                              "evaluate.xstest_validation_n or evaluate.xstest_n")
+        xstest += [{**r, "split": "validation"}
+                   for r in stratified_xstest(rest, ev.xstest_validation_n, seed=XSTEST_VALIDATION_SEED)]
     card = _write(out, [("harmful_eval", harmful), ("harmful_extra", extra), ("task_eval", task_eval),
                         ("xstest_safe", xstest)],
                   {"harmful_eval": ev.harmful_dataset, "harmful_extra": ", ".join(ev.extra_harmful),
@@ -140,6 +151,7 @@ def run_eval(ctx, out: Path, inputs: dict[str, Path]) -> dict:
                                           f"{ev.validation_fraction} -> validation")
     card["task_eval"]["split"] = {s: sum(r["split"] == s for r in task_eval) for s in ("validation", "test")}
     card["xstest_safe"]["types"] = {k: sum(r["type"] == k for r in xstest) for k in sorted({r["type"] for r in xstest})}
+    card["xstest_safe"]["split"] = {s: sum(r["split"] == s for r in xstest) for s in ("validation", "test")}
     return _finish(out, card)
 
 

@@ -55,7 +55,7 @@ def evaluate_model(ctx, model, out: Path, data_dir: Path, vllm=None) -> dict:
         return 100.0 * sum(flags) / len(flags) if flags else None
 
     correct = [task.scorer(o, r["label"]) for o, r in zip(task_out, task_rows, strict=True)]
-    xs_refused = [is_refusal(o) for o in xstest_out]
+    xs_refused = [is_refusal(o) for r, o in zip(xstest, xstest_out, strict=True) if r.get("split", "test") == "test"]
     metrics = {
         "harmful_refused": percent([is_refusal(o) for o in harmful_out]),
         "fa": 100.0 * accuracy(cfg.attack.task, task_out, [r["label"] for r in task_rows]),
@@ -73,7 +73,8 @@ def evaluate_model(ctx, model, out: Path, data_dir: Path, vllm=None) -> dict:
                 + [{"set": "task", "split": r.get("split", "test"), "prompt": r["instruction"],
                     "input": r.get("input", ""), "label": r["label"], "output": o, "correct": c}
                    for r, o, c in zip(task_rows, task_out, correct, strict=True)]
-                + [{"set": "xstest", "type": r.get("type", ""), "prompt": r["prompt"], "output": o}
+                + [{"set": "xstest", "type": r.get("type", ""), "split": r.get("split", "test"), "prompt": r["prompt"],
+                    "output": o}
                    for r, o in zip(xstest, xstest_out, strict=True)])
     for cache in out.glob("*.cache.jsonl"):
         cache.unlink()

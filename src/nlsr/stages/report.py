@@ -81,6 +81,8 @@ def _scores(outcomes: Outcomes, judges: list[str]) -> dict:
         "hs_extra": {j: {src: get(f"hs_extra/{j}/{src}") for src in extra_sources} for j in judges},
         "fa": get("fa"), "fa_validation": get("fa/validation"), "task_refusal": get("task_refusal"),
         "xstest_refusal": get("xstest_refusal"),
+        "xstest_refusal_validation": get("xstest_refusal_validation"),
+        "task_refusal_validation": get("task_refusal/validation"),
         "xstest_refusal_by_type": {t: get(f"xstest_refusal/{t}") for t in types},
         "harmful_refused": get("harmful_refused/test"),
     }
@@ -169,6 +171,11 @@ def _main_table(rows: list[dict], judges: list[str], task: str, split: str) -> s
         sc = row["scores"]
         cells = [row["model"], ",".join(map(str, row["seeds"]))]
         cells += [_cell(sc["hs"].get(j, {}).get(split)) for j in judges]
+        if split == "validation":        # every column on its validation part, where one was measured
+            cells += [_cell(sc["fa_validation"]), _cell(sc["xstest_refusal_validation"]),
+                      _cell(sc["task_refusal_validation"]), f"{row['seconds']:.0f}", f"{row['eval_seconds']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         cells += [_cell(sc["fa"]), _cell(sc["xstest_refusal"]), _cell(sc["task_refusal"]),
                   f"{row['seconds']:.0f}", f"{row['eval_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -327,8 +334,9 @@ def run(models: list[dict]):
         extra = _extra_table(rows, default)
         if extra:
             sections.append(f"## Out-of-distribution harmful prompts (HS %, judge '{default}')\n\n" + extra)
-        sections.append("## Validation split (where knobs are chosen; not the result; FA column: the task's "
-                        "test part)\n\n" + _main_table(rows, ordered, task, "validation"))
+        sections.append("## Validation split (where knobs are chosen, the alignment recipe included; not the "
+                        "result; an empty cell: no validation part was measured)\n\n"
+                        + _main_table(rows, ordered, task, "validation"))
         choice = sweep_choice(ctx, rows, default)
         if choice:
             _sweep_plot(choice, out / "sweep.png")
