@@ -53,3 +53,22 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(NlsrError, match="judges \\['beaverdam'\\]"):
         write_comparison([run], tmp_path / "out", ["beaverdam"])
     assert not (tmp_path / "out").exists()
+
+
+def test_hs_against_p_takes_the_benign_control_as_the_undefended_point_at_p_zero(tmp_path):
+    def scored(model: str, hs: float) -> dict:
+        row = _row(model, hs, 90.0)
+        row["seeds"] = [0]
+        row["scores"] = {"hs": {"trained": {"test": {"mean": hs, "ci95": [hs - 2, hs + 2]}}}}
+        return row
+
+    low = _export(tmp_path / "p05", "sst2", 0.05, [scored("attacked", 30.0), scored("attacked-p0", 5.0),
+                                                   scored("nlsr", 12.0)])
+    high = _export(tmp_path / "p20", "sst2", 0.2, [scored("attacked", 60.0), scored("nlsr", 20.0)])
+    other = _export(tmp_path / "gsm", "gsm8k", 0.05, [scored("attacked", 40.0)])     # one p: no curve
+    write_comparison([high, low, other], tmp_path / "out", ["trained"])
+    curves = json.loads((tmp_path / "out" / "hs_vs_p_trained.json").read_text())
+    assert list(curves) == ["sst2"]
+    assert [(pt["p"], pt["mean"]) for pt in curves["sst2"]["attacked"]] == [(0.0, 5.0), (0.05, 30.0), (0.2, 60.0)]
+    assert [pt["p"] for pt in curves["sst2"]["nlsr"]] == [0.05, 0.2]
+    assert (tmp_path / "out" / "hs_vs_p_trained.png").stat().st_size > 1000

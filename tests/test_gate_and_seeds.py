@@ -146,3 +146,93 @@ def test_vaccine_is_applied_where_the_alignment_is_learned():
         {"defences": [{"name": "vaccine", "method": "vaccine", "vaccine_stages": ["dpo"]}]})
     names = {s.name for s in build_stages(dpo_only)}
     assert "align_sft-vaccine" not in names and "align_dpo-vaccine" in names
+
+
+def test_helpful_dpo_pairs_prefer_the_answer_to_a_refusal():
+    from nlsr.errors import NlsrError
+    from nlsr.stages.align import helpful_dpo_pairs
+
+    helpful = [{"prompt": f"harmless {i}", "response": f"answer {i}"} for i in range(10)]
+    refusals = ["I cannot help with that.", "I won't do this."]
+    pairs = helpful_dpo_pairs(helpful, refusals, 6, seed=0)
+    assert len(pairs) == 6 and len({p["prompt"] for p in pairs}) == 6
+    for pair in pairs:                      # chosen: the prompt's own answer; rejected: a refusal
+        assert pair["chosen"] == pair["prompt"].replace("harmless", "answer")
+        assert pair["rejected"] in refusals
+    assert {p["rejected"] for p in pairs} == set(refusals)         # the refusals are cycled
+    assert helpful_dpo_pairs(helpful, refusals, 6, seed=0) == pairs
+    assert helpful_dpo_pairs(helpful, refusals, 6, seed=1) != pairs
+    with pytest.raises(NlsrError, match="lower align.helpful.dpo_pairs"):
+        helpful_dpo_pairs(helpful, refusals, 11, seed=0)
+
+
+def test_helpful_dpo_pairs_enter_the_dpo_key_only_when_used():
+    from nlsr.experiment import build_stages
+
+    plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"helpful": {"n": 20}}}))}
+    used = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
+        {"align": {"helpful": {"n": 20, "dpo_pairs": 8}}}))}
+    assert "data-helpful" not in plain["align_dpo"].inputs and "helpful_dpo_pairs" not in plain["align_dpo"].params
+    assert "data-helpful" in used["align_dpo"].inputs and used["align_dpo"].params["helpful_dpo_pairs"] == 8
+    assert plain["data-helpful"].params == used["data-helpful"].params          # the answers are shared
+    assert plain["align_sft"].params == used["align_sft"].params
+
+
+def test_xstest_validation_prompts_are_disjoint_from_the_test_prompts(tmp_path, root):
+    from nlsr.pipeline import RunContext
+    from nlsr.scoring import collect
+    from nlsr.stages.common import read_jsonl
+    from nlsr.stages.data import run_eval
+
+    def prompts(n_validation):
+        cfg = ExperimentConfig.model_validate({"evaluate": {"harmful_n": 20, "task_n": 20, "xstest_n": 50,
+                                                            "xstest_validation_n": n_validation}})
+        out = tmp_path / f"data-{n_validation}"
+        out.mkdir()
+        run_eval(RunContext(cfg, tmp_path / "run", root), out, {})
+        return read_jsonl(out / "xstest_safe.jsonl")
+
+    without, rows = prompts(0), prompts(30)
+    test = [r for r in rows if r["split"] == "test"]
+    validation = [r for r in rows if r["split"] == "validation"]
+    assert [r["prompt"] for r in test] == [r["prompt"] for r in without]    # the test prompts stay as they were
+    assert len(validation) == 30 and not {r["prompt"] for r in validation} & {r["prompt"] for r in test}
+    assert {sum(r["type"] == t for r in validation) for t in {r["type"] for r in validation}} == {3}
+    # scoring: over-refusal on the test prompts only, the validation prompts apart
+    generations = [{"set": "xstest", "type": r["type"], "split": r["split"], "prompt": r["prompt"],
+                    "output": "I cannot help with that." if r["split"] == "validation" else "Sure, here it is."}
+                   for r in rows]
+    outcomes = collect("m", [0], [generations], {}, {})
+    assert outcomes.estimate("xstest_refusal").mean == 0.0
+    assert outcomes.estimate("xstest_refusal_validation").mean == 100.0
+    with pytest.raises(Exception, match="lower evaluate.xstest_validation_n"):
+        prompts(240)
+
+
+def test_refusal_pairs_prefer_the_sft_refusal_to_the_harmful_answer(tmp_path, root):
+    from nlsr.data import load_records
+    from nlsr.data.disjoint import normalise_prompt
+    from nlsr.experiment import build_stages
+    from nlsr.stages.common import read_jsonl, write_jsonl
+    from nlsr.stages.data import run_refusal_pairs
+
+    harmful = {normalise_prompt(r["prompt"]): r["response"] for r in load_records("poison", root)}
+    sft = [r for r in load_records("safety_sft", root) if normalise_prompt(r["prompt"]) in harmful][:12]
+    (tmp_path / "data-align").mkdir()
+    write_jsonl(tmp_path / "data-align" / "sft.jsonl", sft)
+    cfg = ExperimentConfig.model_validate({"align": {"dpo": {"refusal_pairs": 5}}})
+    out = tmp_path / "pairs"
+    out.mkdir()
+    run_refusal_pairs(RunContext(cfg, tmp_path / "run", root), out, {"data-align": tmp_path / "data-align"})
+    pairs = read_jsonl(out / "refusal_pairs.jsonl")
+    refusals = {r["prompt"]: r["response"] for r in sft}
+    assert len(pairs) == 5
+    for pair in pairs:
+        assert pair["chosen"] == refusals[pair["prompt"]]
+        assert pair["rejected"] == harmful[normalise_prompt(pair["prompt"])] != pair["chosen"]
+    stages = {s.name: s for s in build_stages(cfg)}
+    assert "data-refusal-pairs" in stages["align_dpo"].inputs
+    assert "data-refusal-pairs" not in {s.name for s in build_stages(ExperimentConfig())}
+    with pytest.raises(Exception, match="lower align.dpo.refusal_pairs"):
+        run_refusal_pairs(RunContext(ExperimentConfig.model_validate({"align": {"dpo": {"refusal_pairs": 13}}}),
+                                     tmp_path / "run", root), out, {"data-align": tmp_path / "data-align"})

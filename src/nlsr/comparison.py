@@ -25,6 +25,7 @@ METHODS: dict[str, str] = {
     "constrained-sft": "ConstrainedSFT",
     "safelora": "SafeLoRA",
     "safelora-k10": "SafeLoRA (10 least similar)",
+    "safelora-t0.5": "SafeLoRA (tau = 0.5)",
     "nlsr": "NLSR",
     "nlsr-reverse": "NLSR, reversed selection rule",
     "nlsr-factor": "NLSR, factor-wise transplant",
@@ -221,6 +222,55 @@ def plot_hs_vs_fa(settings: list[Setting], judge: str, path: Path) -> None:
     plt.close(fig)
 
 
+def hs_against_p(settings: list[Setting], judge: str) -> dict[str, dict[str, list[dict]]]:
+    """Per task, per method: the test HS (mean and 95% interval) at each poison ratio p, in order of p.
+
+    The benign control of a run (``attacked-p0``) is the undefended model's point at p = 0."""
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for s in settings:
+        for label, row in s.rows.items():
+            method, p = ("attacked", 0.0) if label == "attacked-p0" else (label, s.p)
+            estimate = ((row.get("scores") or {}).get("hs", {}).get(judge) or {}).get("test")
+            if estimate is None:
+                continue
+            points = curves.setdefault(s.task, {}).setdefault(method, [])
+            if all(point["p"] != p for point in points):
+                points.append({"p": p, "mean": estimate["mean"], "ci95": estimate["ci95"],
+                               "seeds": row.get("seeds"), "source": str(s.source)})
+    for methods in curves.values():
+        for points in methods.values():
+            points.sort(key=lambda point: point["p"])
+    return {task: methods for task, methods in curves.items()
+            if len({point["p"] for points in methods.values() for point in points}) > 1}
+
+
+def plot_hs_vs_p(curves: dict[str, dict[str, list[dict]]], judge: str, path: Path,
+                 methods: tuple[str, ...] = ("attacked", "nlsr", "safelora")) -> None:
+    """HS against the share p of harmful rows, one panel per task, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.0), squeeze=False, layout="constrained")
+    for ax, (task, per_method) in zip(axes.flat, curves.items(), strict=True):
+        for method in [m for m in methods if m in per_method] or list(per_method):
+            points = per_method[method]
+            x = [pt["p"] for pt in points]
+            y = [pt["mean"] for pt in points]
+            err = [[pt["mean"] - pt["ci95"][0] for pt in points], [pt["ci95"][1] - pt["mean"] for pt in points]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=METHODS.get(method, method))
+        ax.set_title(task)
+        ax.set_xlabel("share p of harmful rows in the fine-tuning set")
+        ax.set_ylabel(f"HS (test), judge '{judge}' (%)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Harmful score against the poison ratio p (95% intervals)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_comparison(runs: list[str | Path], out: Path, judges: list[str] | None = None,
                      force: bool = False) -> list[Setting]:
     """Write ``comparison.md``, ``comparison.json`` and one ``hs_vs_fa_<judge>.png`` per judge to ``out``."""
@@ -242,4 +292,8 @@ def write_comparison(runs: list[str | Path], out: Path, judges: list[str] | None
                     for s in settings])
         for judge in judges:
             plot_hs_vs_fa(settings, judge, tmp / f"hs_vs_fa_{judge}.png")
+            curves = hs_against_p(settings, judge)
+            if curves:          # several poison ratios of one task: HS against p
+                write_json(tmp / f"hs_vs_p_{judge}.json", curves)
+                plot_hs_vs_p(curves, judge, tmp / f"hs_vs_p_{judge}.png")
     return settings

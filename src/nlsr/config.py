@@ -58,6 +58,11 @@ class SftSection(TrainSection):
 class DpoSection(TrainSection):
     dataset: str = Field("safety_dpo", description="Registry name of (prompt, chosen, rejected) rows.")
     n: int = Field(500, gt=0)
+    refusal_pairs: int = Field(
+        0, ge=0, description="Also add this many pairs on the SFT set's harmful prompts: chosen = its refusal, "
+                             "rejected = the harmful answer to the same prompt (refusal_pairs_dataset), so DPO "
+                             "learns where to refuse as the helpful pairs teach it where not to (0 = none).")
+    refusal_pairs_dataset: str = Field("poison", description="Registry name of (prompt, harmful answer) rows.")
     beta: float = Field(0.1, gt=0, description="DPO temperature β.")
     lr: float = Field(5e-5, gt=0)
 

@@ -103,13 +103,24 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     sections["align"]["helpful"] = {k: v for k, v in sections["align"]["helpful"].items() if k != "dpo_pairs"}
     dpo_pairs = cfg.align.helpful.dpo_pairs if helpful else 0
     helpful_pairs = {"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}
-    helpful_input = ["data-helpful"] if dpo_pairs else []
+    dpo_extra_inputs = ["data-helpful"] if dpo_pairs else []
+    # the same for the refusal pairs (align.dpo.refusal_pairs): a data stage of their own
+    refusal_pairs = cfg.align.dpo.refusal_pairs
+    sections["align"]["dpo"] = {k: v for k, v in sections["align"]["dpo"].items()
+                                if k not in ("refusal_pairs", "refusal_pairs_dataset") or refusal_pairs}
+    if refusal_pairs:
+        dpo_extra_inputs.append("data-refusal-pairs")
     stages = [
         Stage("data", data.run_eval, {**data_common, **evaluation_data_params(sections, cfg.attack.task)},
               content=reads.eval_content),
         Stage("data-align", data.run_align, {**data_common, **align_data_params(sections), "gate": gate},
               content=reads.align_content),
     ]
+    if refusal_pairs:
+        stages.append(Stage("data-refusal-pairs", data.run_refusal_pairs,
+                            {**data_common, "refusal_pairs": refusal_pairs,
+                             "dataset": cfg.align.dpo.refusal_pairs_dataset}, ["data-align"],
+                            content=reads.refusal_pairs_content))
     if helpful:
         stages.append(Stage("data-helpful", align.run_helpful_answers,
                             {**common, "helpful": sections["align"]["helpful"]}, ["data-align"]))
@@ -117,7 +128,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         Stage("align_sft", align.run_sft, {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
               ["data-align", *(["data-helpful"] if helpful else [])]),
         Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"],
-                                          **helpful_pairs}, ["data-align", "align_sft", *helpful_input]),
+                                          **helpful_pairs}, ["data-align", "align_sft", *dpo_extra_inputs]),
     ]
     init = cfg.attack.init
     merged = anyfinetune.MERGED
@@ -170,7 +181,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
             stages.append(Stage(aligned_stage_of[defence.name],
                                 align.run_dpo_vaccine(rho) if "dpo" in defence.vaccine_stages else align.run_dpo,
                                 {**common, "defence": defence.model_dump(), "dpo": sections["align"]["dpo"],
-                                 "lora": sections["lora"], **helpful_pairs}, ["data-align", weak, *helpful_input],
+                                 "lora": sections["lora"], **helpful_pairs}, ["data-align", weak, *dpo_extra_inputs],
                                 roles={weak: "align_sft"}))
 
     from nlsr.generation import resolve_backend

@@ -98,6 +98,8 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
         pairs += helpful_dpo_pairs(read_jsonl(inputs["data-helpful"] / "helpful.jsonl"),
                                    [r["response"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")],
                                    cfg.align.helpful.dpo_pairs, cfg.seed)
+    if "data-refusal-pairs" in inputs:
+        pairs += read_jsonl(inputs["data-refusal-pairs"] / "refusal_pairs.jsonl")
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in pairs]
     if cfg.num_processes > 1:       # Vaccine's trainer is refused there (one process only)

@@ -217,6 +217,24 @@ def run_defence_rows(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     return {"rows": count, "line": f"{count} safety rows", "gate_lines": gate.lines()}
 
 
+def run_refusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """DPO pairs on the SFT set's harmful prompts: chosen = the SFT refusal, rejected = the harmful
+    answer that ``align.dpo.refusal_pairs_dataset`` gives the same prompt (a seeded sample)."""
+    cfg = ctx.config
+    dpo = cfg.align.dpo
+    harmful = {normalise_prompt(r["prompt"]): r["response"]
+               for r in load_records(dpo.refusal_pairs_dataset, ctx.data_dir)}
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": harmful[normalise_prompt(r["prompt"])]}
+             for r in read_jsonl(inputs["data-align"] / "sft.jsonl") if normalise_prompt(r["prompt"]) in harmful]
+    if len(pairs) < dpo.refusal_pairs:
+        raise NlsrError(f"align.dpo.refusal_pairs = {dpo.refusal_pairs}, but only {len(pairs)} SFT prompts have a "
+                        f"harmful answer in '{dpo.refusal_pairs_dataset}': lower align.dpo.refusal_pairs")
+    pairs = split_records(pairs, [dpo.refusal_pairs], seed=cfg.seed)[0]
+    card = _write(out, [("refusal_pairs", pairs)],
+                  {"refusal_pairs": f"sft.jsonl refusals (chosen) vs {dpo.refusal_pairs_dataset} (rejected)"})
+    return _finish(out, card)
+
+
 # ---- the fine-tuning (attack) data ---------------------------------------------------------------
 
 def run_attack_data(ctx, out: Path, inputs: dict[str, Path]) -> dict:

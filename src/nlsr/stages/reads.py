@@ -41,6 +41,16 @@ def defence_datasets(cfg) -> list[str]:
     return [cfg.align.sft.dataset, *_gate(cfg)]
 
 
+def refusal_pairs_datasets(cfg) -> list[str]:
+    """The data set of ``data-refusal-pairs``: the harmful answers."""
+    return [cfg.align.dpo.refusal_pairs_dataset]
+
+
+def refusal_pairs_content(ctx) -> dict:
+    """Content hashes of the ``data-refusal-pairs`` stage's files."""
+    return _content(ctx, refusal_pairs_datasets(ctx.config))
+
+
 def attack_datasets(cfg) -> list[str]:
     """The data sets of ``data-attack``: task and poison rows (unless ready-made) and the gate's."""
     from nlsr.data import get_task
