@@ -110,3 +110,34 @@ def test_reserved_and_duplicate_model_names():
         ExperimentConfig.model_validate({"defences": [{"name": "nlsr", "method": "lisa"}]})
     with pytest.raises(ValueError, match="clashing"):
         ExperimentConfig.model_validate({"realign": {"variants": [{"name": "attacked"}]}})
+
+
+def test_configs_that_reuse_the_cpu_bench_run_share_its_aligned_model():
+    """cpu-bench-defences and cpu-bench-p reuse runs/cpu-bench: their alignment stages must have its keys."""
+    from nlsr import provenance
+    from nlsr.experiment import build_stages
+    from nlsr.pipeline import stage_key
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+
+    def keys(name: str) -> dict[str, str]:
+        cfg = load_config(configs / f"{name}.yaml", ["precision=float32", "evaluate.backend=hf"])
+        out: dict[str, str] = {}
+        for stage in build_stages(cfg):
+            if stage.name in ("data-align", "data-refusal-pairs", "data-helpful", "align_sft", "align_dpo",
+                              "data-attack-s0", "attack-s0"):
+                out[stage.name] = stage_key(stage, {i: out[i] for i in stage.inputs if i in out})
+        return out
+
+    saved = provenance.code_version
+    provenance.code_version = lambda: {"nlsr": "pinned", "commit": "pinned"}
+    try:
+        bench = keys("cpu-bench")
+        for name in ("cpu-bench-defences", "cpu-bench-p"):
+            other = keys(name)
+            for stage in ("data-align", "data-helpful", "align_sft", "align_dpo"):
+                assert other[stage] == bench[stage], f"{name}: {stage} would not reuse runs/cpu-bench"
+        assert keys("cpu-bench-defences")["attack-s0"] == bench["attack-s0"]
+        assert keys("cpu-bench-p")["data-attack-s0"] != bench["data-attack-s0"]      # another p
+    finally:
+        provenance.code_version = saved
