@@ -99,3 +99,27 @@ def test_make_judge_rejects_what_the_spec_cannot_give():
         from nlsr.judges import make_judge
 
         make_judge("refusal", model="x")
+
+
+def test_summary_has_the_shape_issue_10_asks_for():
+    from nlsr.stages.report import summary
+
+    def est(m):
+        return {"mean": m, "ci95": [m - 1, m + 1], "n": 10}
+
+    def row(model, hs, fa, paired=None):
+        return {"model": model, "seeds": [0, 1, 2], "paired": paired or {},
+                "scores": {"hs": {"trained": {"test": est(hs), "validation": est(hs + 1)}}, "fa": est(fa),
+                           "xstest_refusal": est(10.0), "task_refusal": est(0.0)}}
+
+    nlsr = row("nlsr", 10.0, 88.0, {"hs/trained/test": {"difference": est(-30.0), "relative_cut": est(75.0)},
+                                    "fa": {"difference": est(-1.0)}})
+    out = summary([row("attacked", 40.0, 89.0), nlsr], "trained", [0, 1, 2], {}, "nlsr")
+    assert out["judge"] == "trained" and out["seeds"] == [0, 1, 2] and out["split"] == "test"
+    assert out["chosen_on_validation"] == "nlsr"
+    for model in ("attacked", "nlsr"):
+        for key in ("hs", "fa", "xstest_refusal", "task_refusal"):
+            assert set(out["models"][model][key]) == {"mean", "ci95"}
+    assert out["models"]["nlsr"]["hs_relative_cut_vs_attacked"]["mean"] == 75.0
+    assert out["models"]["nlsr"]["fa_difference_vs_attacked"] == {"mean": -1.0, "ci95": [-2.0, 0.0]}
+    assert "fa_difference_vs_attacked" not in out["models"]["attacked"]

@@ -382,7 +382,8 @@ def run(models: list[dict]):
         text = "# Results\n\n" + "\n\n".join(sections) + "\n\n" + "\n\n".join(notes) + "\n"
         (out / "report.md").write_text(text)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary(rows, default, seeds, gold), indent=2) + "\n")
+        main = summary(rows, default, seeds, gold, choice and choice["chosen"])
+        (out / "summary.json").write_text(json.dumps(main, indent=2) + "\n")
         (out / "timings.json").write_text(json.dumps({"machine": ctx.precision.record(), "stages": timings},
                                                      indent=2) + "\n")
         for judge in names:
@@ -395,9 +396,11 @@ def run(models: list[dict]):
     return run_report
 
 
-def summary(rows: list[dict], judge: str, seeds: list[int], gold: dict) -> dict:
+def summary(rows: list[dict], judge: str, seeds: list[int], gold: dict, chosen: str | None = None) -> dict:
     """The main numbers in a stable shape: per model HS (default judge, test split), FA, XSTest
-    refusal and task refusal as ``{"mean", "ci95"}`` in %, plus each defence's paired HS cut."""
+    refusal and task refusal as ``{"mean", "ci95"}`` in %, plus each defence's paired HS cut and FA
+    difference; ``chosen_on_validation`` names the variant the sweep chose (None: no sweep, or no
+    value kept FA within the allowed drop)."""
     def pick(est: dict | None) -> dict | None:
         return None if est is None else {"mean": est["mean"], "ci95": est["ci95"]}
 
@@ -412,7 +415,11 @@ def summary(rows: list[dict], judge: str, seeds: list[int], gold: dict) -> dict:
             entry["hs_difference_vs_attacked"] = pick(paired["difference"])
             if "relative_cut" in paired:
                 entry["hs_relative_cut_vs_attacked"] = pick(paired["relative_cut"])
+        fa_paired = (row.get("paired") or {}).get("fa")
+        if fa_paired:
+            entry["fa_difference_vs_attacked"] = pick(fa_paired["difference"])
         models[row["model"]] = entry
     return {"judge": judge, "seeds": seeds, "split": "test",
             "judge_gold_kappa": gold.get(judge, {}).get("harmful", {}).get("cohen_kappa") if gold else None,
-            "models": models, "summary_models": [m for m in SUMMARY_MODELS if m in models]}
+            "models": models, "summary_models": [m for m in SUMMARY_MODELS if m in models],
+            "chosen_on_validation": chosen}
