@@ -14,11 +14,8 @@ def evaluation_data_params(sections: dict, task: str) -> dict:
     """The settings that change the evaluation sets (and so the disjointness gate)."""
     ev = sections["evaluate"]
     keys = ("harmful_dataset", "harmful_n", "validation_fraction", "extra_harmful", "extra_harmful_n",
-            "task_n", "xstest_n")
-    params = {k: ev[k] for k in keys}
-    if ev.get("xstest_validation_n"):      # only when used: configs without it keep their keys
-        params["xstest_validation_n"] = ev["xstest_validation_n"]
-    return {"evaluate": params, "task": task}
+            "task_n", "xstest_n", "xstest_validation_n")
+    return {"evaluate": {k: ev[k] for k in keys if k in ev}, "task": task}
 
 
 def gate_params(sections: dict) -> dict:
@@ -98,18 +95,17 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     common = {**data_common, "precision": resolve_precision(cfg.precision, cfg.device).dtype}
     gate = gate_params(sections)
     helpful = cfg.align.helpful.n > 0
-    # DPO pairs on harmless prompts (align.helpful.dpo_pairs): in the DPO stages' keys only, and only when
-    # used, so that the answers (data-helpful) and the stages of configs without them keep their keys
-    sections["align"]["helpful"] = {k: v for k, v in sections["align"]["helpful"].items() if k != "dpo_pairs"}
-    dpo_pairs = cfg.align.helpful.dpo_pairs if helpful else 0
-    helpful_pairs = {"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}
-    dpo_extra_inputs = ["data-helpful"] if dpo_pairs else []
-    # the same for the refusal pairs (align.dpo.refusal_pairs): a data stage of their own
+    # Fields added after runs were made enter the stage keys only when used, so that those runs keep
+    # their keys. The helpful DPO pairs enter the DPO stages' keys only (not data-helpful's: the answers
+    # are the same).
+    if not cfg.evaluate.xstest_validation_n:
+        del sections["evaluate"]["xstest_validation_n"]
     refusal_pairs = cfg.align.dpo.refusal_pairs
-    sections["align"]["dpo"] = {k: v for k, v in sections["align"]["dpo"].items()
-                                if k not in ("refusal_pairs", "refusal_pairs_dataset") or refusal_pairs}
-    if refusal_pairs:
-        dpo_extra_inputs.append("data-refusal-pairs")
+    if not refusal_pairs:
+        del sections["align"]["dpo"]["refusal_pairs"], sections["align"]["dpo"]["refusal_pairs_dataset"]
+    dpo_pairs = sections["align"]["helpful"].pop("dpo_pairs") if helpful else 0
+    helpful_pairs = {"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}
+    dpo_extra_inputs = (["data-helpful"] if dpo_pairs else []) + (["data-refusal-pairs"] if refusal_pairs else [])
     stages = [
         Stage("data", data.run_eval, {**data_common, **evaluation_data_params(sections, cfg.attack.task)},
               content=reads.eval_content),
@@ -186,8 +182,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
 
     from nlsr.generation import resolve_backend
 
-    generation = {k: v for k, v in sections["evaluate"].items() if k not in ("judges", "gold_labels")
-                  and not (k == "xstest_validation_n" and not v)}
+    generation = {k: v for k, v in sections["evaluate"].items() if k not in ("judges", "gold_labels")}
     generation["backend"] = resolve_backend(cfg.evaluate.backend)   # auto -> what runs here
     eval_params = {**common, "evaluate": generation, "task": cfg.attack.task}
     models: dict[str, dict] = {}

@@ -171,12 +171,9 @@ def _main_table(rows: list[dict], judges: list[str], task: str, split: str) -> s
         sc = row["scores"]
         cells = [row["model"], ",".join(map(str, row["seeds"]))]
         cells += [_cell(sc["hs"].get(j, {}).get(split)) for j in judges]
-        if split == "validation":        # every column on its validation part, where one was measured
-            cells += [_cell(sc["fa_validation"]), _cell(sc["xstest_refusal_validation"]),
-                      _cell(sc["task_refusal_validation"]), f"{row['seconds']:.0f}", f"{row['eval_seconds']:.0f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-            continue
-        cells += [_cell(sc["fa"]), _cell(sc["xstest_refusal"]), _cell(sc["task_refusal"]),
+        # every column on the split's part (an empty cell where no validation part was measured)
+        part = "_validation" if split == "validation" else ""
+        cells += [_cell(sc["fa" + part]), _cell(sc["xstest_refusal" + part]), _cell(sc["task_refusal" + part]),
                   f"{row['seconds']:.0f}", f"{row['eval_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
