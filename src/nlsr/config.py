@@ -82,10 +82,28 @@ class HelpfulSection(_Section):
                              "adapter learns where not to refuse as well as where to refuse (0 = none).")
 
 
+class OverrefusalSection(_Section):
+    """DPO pairs mined from the weak model's own over-refusals (on-policy).
+
+    W_0 (the base with the safety SFT merged in) answers ``pool`` harmless prompts that are neither
+    in the helpful set nor in any evaluation set; on each prompt it refuses, the pair prefers the base
+    model's answer to W_0's refusal. The prompts are the ones this model actually over-refuses, so the
+    DPO adapter learns where the SFT refusals overreach without any prompt picked by hand."""
+
+    pool: int = Field(0, ge=0, description="Harmless prompts W_0 is probed on (0 = no mined pairs).")
+    max_pairs: int = Field(192, gt=0, description="At most this many pairs (the first refused prompts of "
+                                                  "the seeded pool order).")
+    dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
+    probe_max_new_tokens: int = Field(24, gt=0, description="Tokens generated to tell a refusal.")
+    max_new_tokens: int = Field(96, gt=0, description="Tokens of the chosen and rejected answers.")
+    batch_size: int = Field(48, gt=0)
+
+
 class AlignSection(_Section):
     sft: SftSection = SftSection()
     dpo: DpoSection = DpoSection()
     helpful: HelpfulSection = HelpfulSection()
+    overrefusal: OverrefusalSection = OverrefusalSection()
 
 
 class AttackSection(TrainSection):

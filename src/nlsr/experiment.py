@@ -88,6 +88,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     from nlsr.judges.training import default_dir  # its name versions the trained judge
     from nlsr.precision import resolve_precision
     from nlsr.stages import align, anyfinetune, attack, data, evaluate, reads, realign, report
+    from nlsr.stages.overrefusal import run_overrefusal_pairs
 
     sections = cfg.model_dump()
     data_common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
@@ -105,7 +106,9 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         del sections["align"]["dpo"]["refusal_pairs"], sections["align"]["dpo"]["refusal_pairs_dataset"]
     dpo_pairs = sections["align"]["helpful"].pop("dpo_pairs") if helpful else 0
     helpful_pairs = {"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}
-    dpo_extra_inputs = (["data-helpful"] if dpo_pairs else []) + (["data-refusal-pairs"] if refusal_pairs else [])
+    overrefusal = cfg.align.overrefusal.pool > 0
+    dpo_extra_inputs = ((["data-helpful"] if dpo_pairs else []) + (["data-refusal-pairs"] if refusal_pairs else [])
+                        + (["data-overrefusal-pairs"] if overrefusal else []))
     stages = [
         Stage("data", data.run_eval, {**data_common, **evaluation_data_params(sections, cfg.attack.task)},
               content=reads.eval_content),
@@ -120,12 +123,16 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     if helpful:
         stages.append(Stage("data-helpful", align.run_helpful_answers,
                             {**common, "helpful": sections["align"]["helpful"]}, ["data-align"]))
-    stages += [
-        Stage("align_sft", align.run_sft, {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
-              ["data-align", *(["data-helpful"] if helpful else [])]),
-        Stage("align_dpo", align.run_dpo, {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"],
-                                          **helpful_pairs}, ["data-align", "align_sft", *dpo_extra_inputs]),
-    ]
+    stages.append(Stage("align_sft", align.run_sft,
+                        {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
+                        ["data-align", *(["data-helpful"] if helpful else [])]))
+    if overrefusal:
+        stages.append(Stage("data-overrefusal-pairs", run_overrefusal_pairs,
+                            {**common, "overrefusal": sections["align"]["overrefusal"]}, ["data-align", "align_sft"],
+                            content=reads.overrefusal_content))
+    stages.append(Stage("align_dpo", align.run_dpo,
+                        {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"], **helpful_pairs},
+                        ["data-align", "align_sft", *dpo_extra_inputs]))
     init = cfg.attack.init
     merged = anyfinetune.MERGED
     if init != "continue":      # the released aligned model W_a, shared by every seed

@@ -100,6 +100,8 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
                                    cfg.align.helpful.dpo_pairs, cfg.seed)
     if "data-refusal-pairs" in inputs:
         pairs += read_jsonl(inputs["data-refusal-pairs"] / "refusal_pairs.jsonl")
+    if "data-overrefusal-pairs" in inputs:
+        pairs += read_jsonl(inputs["data-overrefusal-pairs"] / "overrefusal_pairs.jsonl")
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in pairs]
     if cfg.num_processes > 1:       # Vaccine's trainer is refused there (one process only)

@@ -188,14 +188,35 @@ def run_align(ctx, out: Path, inputs: dict[str, Path]) -> dict:
                "dpo": cfg.align.dpo.dataset}
     helpful_cfg = cfg.align.helpful
     if helpful_cfg.n:
-        # harmless prompts must not be harmful ones either: gate them against the safety prompts too
-        gate.add("safety_prompts", sft + calibration + dpo, training=True)
-        helpful_all = gate.filter("helpful_prompts", _unique_prompts(load_records(helpful_cfg.dataset, d)))
-        helpful = _take(helpful_cfg.dataset, split_records(helpful_all, [1.0], seed)[0], helpful_cfg.n,
-                        "align.helpful.n")
+        helpful = _take(helpful_cfg.dataset, harmless_prompts(gate, sft + calibration + dpo, helpful_cfg.dataset, d,
+                                                              seed), helpful_cfg.n, "align.helpful.n")
         parts.append(("helpful_prompts", helpful))
         sources["helpful_prompts"] = helpful_cfg.dataset
     return _finish(out, _write(out, parts, sources), gate)
+
+
+def harmless_prompts(gate: Gate, safety_rows: list[dict], dataset: str, data_dir: Path, seed: int) -> list[dict]:
+    """The harmless prompts of ``dataset`` in their seeded order, each prompt once, gated against the
+    evaluation sets and the safety prompts (a harmless prompt must not be a harmful one either).
+
+    The helpful set is the first ``align.helpful.n`` of them; the over-refusal probe takes its pool
+    from the rest."""
+    gate.add("safety_prompts", safety_rows, training=True)
+    rows = gate.filter("helpful_prompts", _unique_prompts(load_records(dataset, data_dir)))
+    return split_records(rows, [1.0], seed)[0]
+
+
+def overrefusal_pool(ctx, align_dir: Path) -> list[str]:
+    """The ``align.overrefusal.pool`` harmless prompts W_0 is probed on: the seeded order of
+    :func:`harmless_prompts` without the helpful set's prompts."""
+    cfg = ctx.config
+    section = cfg.align.overrefusal
+    safety = [r for name in ("sft", "calibration", "dpo") for r in read_jsonl(align_dir / f"{name}.jsonl")]
+    helpful_file = align_dir / "helpful_prompts.jsonl"
+    taken = {normalise_prompt(r["prompt"]) for r in (read_jsonl(helpful_file) if helpful_file.exists() else [])}
+    rows = [r for r in harmless_prompts(evaluation_gate(cfg, ctx.data_dir), safety, section.dataset, ctx.data_dir,
+                                        cfg.seed) if normalise_prompt(r["prompt"]) not in taken]
+    return [r["prompt"] for r in _take(section.dataset, rows, section.pool, "align.overrefusal.pool")]
 
 
 def run_defence_rows(ctx, out: Path, inputs: dict[str, Path]) -> dict:
