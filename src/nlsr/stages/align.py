@@ -48,25 +48,33 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     return {**stats, "line": training_line(len(rows), "rows", stats)}
 
 
+def greedy_answers(ctx, model, prompts: list[str], max_new_tokens: int, batch_size: int, cache_file: Path,
+                   description: str) -> list[str]:
+    """``model``'s greedy answers to ``prompts`` (in the run's template and precision; resumable
+    through ``cache_file``)."""
+    from nlsr.generation import generate
+    from nlsr.stages.evaluate import cast_parameters
+
+    tokenizer = ctx.tokenizer()
+    cast_parameters(model, ctx.precision.torch_dtype)
+    model.eval()
+    return generate(model, tokenizer, [model_prompt(p, ctx.config.template, tokenizer) for p in prompts],
+                    max_new_tokens, batch_size=batch_size, cache_file=cache_file, description=description)
+
+
 def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """The base model's own greedy answers to the harmless prompts of ``data-align``.
 
     Mixed into the SFT set, they teach the model to keep answering harmless requests in its own
     style while it learns to refuse harmful ones. Answers that are empty or that the refusal
     matcher flags are dropped (and counted): the helpful half must not teach refusals."""
-    from nlsr.generation import generate
     from nlsr.judges.refusal import is_refusal
-    from nlsr.stages.evaluate import cast_parameters
 
-    cfg, section = ctx.config, ctx.config.align.helpful
+    section = ctx.config.align.helpful
     tokenizer = ctx.tokenizer()
     prompts = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "helpful_prompts.jsonl")]
-    model = load_base(ctx)
-    cast_parameters(model, ctx.precision.torch_dtype)
-    model.eval()
-    answers = generate(model, tokenizer, [model_prompt(p, cfg.template, tokenizer) for p in prompts],
-                       section.max_new_tokens, batch_size=section.batch_size,
-                       cache_file=out / "helpful.cache.jsonl", description="helpful answers")
+    answers = greedy_answers(ctx, load_base(ctx), prompts, section.max_new_tokens, section.batch_size,
+                             out / "helpful.cache.jsonl", "helpful answers")
     rows, dropped = [], {"empty": 0, "refusal": 0}
     for prompt, answer in zip(prompts, answers, strict=True):
         answer = answer.strip()

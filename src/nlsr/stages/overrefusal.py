@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nlsr.data.templates import model_prompt
 from nlsr.io import write_json
+from nlsr.stages.align import greedy_answers
 from nlsr.stages.common import load_base, load_weak, write_jsonl
 
 
@@ -32,19 +32,6 @@ def mined_pairs(prompts: list[str], chosen: list[str], rejected: list[str], is_r
     return pairs, dropped
 
 
-def _answers(ctx, model, prompts: list[str], max_new_tokens: int, out: Path, name: str) -> list[str]:
-    from nlsr.generation import generate
-    from nlsr.stages.evaluate import cast_parameters
-
-    cfg = ctx.config
-    tokenizer = ctx.tokenizer()
-    cast_parameters(model, ctx.precision.torch_dtype)
-    model.eval()
-    return generate(model, tokenizer, [model_prompt(p, cfg.template, tokenizer) for p in prompts], max_new_tokens,
-                    batch_size=cfg.align.overrefusal.batch_size, cache_file=out / f"{name}.cache.jsonl",
-                    description=name)
-
-
 def run_overrefusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """Probe W_0 on the pool, keep the prompts it refuses (at most ``max_pairs``), and pair the base
     model's answer (chosen) with W_0's refusal (rejected) on each."""
@@ -56,17 +43,22 @@ def run_overrefusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     section = ctx.config.align.overrefusal
     pool = overrefusal_pool(ctx, inputs["data-align"])
     weak = load_weak(ctx, inputs["align_sft"])
-    probe = _answers(ctx, weak, pool, section.probe_max_new_tokens, out, "probe")
-    refused = [p for p, answer in zip(pool, probe, strict=True) if is_refusal(answer)][:section.max_pairs]
+    def answers(model, prompts: list[str], max_new_tokens: int, name: str) -> list[str]:
+        return greedy_answers(ctx, model, prompts, max_new_tokens, section.batch_size, out / f"{name}.cache.jsonl",
+                              name) if prompts else []
+
+    probe = answers(weak, pool, section.probe_max_new_tokens, "probe")
+    all_refused = [p for p, answer in zip(pool, probe, strict=True) if is_refusal(answer)]
+    refused = all_refused[:section.max_pairs]
     # Greedy decoding: the longer answer starts with the probe's tokens, so it is still the refusal.
-    rejected = _answers(ctx, weak, refused, section.max_new_tokens, out, "rejected") if refused else []
+    rejected = answers(weak, refused, section.max_new_tokens, "rejected")
     weak = None
     gc.collect()
-    chosen = _answers(ctx, load_base(ctx), refused, section.max_new_tokens, out, "chosen") if refused else []
+    chosen = answers(load_base(ctx), refused, section.max_new_tokens, "chosen")
     pairs, dropped = mined_pairs(refused, chosen, rejected, is_refusal)
     count = write_jsonl(out / "overrefusal_pairs.jsonl", pairs)
     card = {"overrefusal_pairs": {"rows": count, "probed": len(pool),
-                                  "refused": sum(is_refusal(a) for a in probe), "mined": len(refused),
+                                  "refused": len(all_refused), "mined": len(refused),
                                   "dropped": dropped},
             "sources": {"overrefusal_pairs": f"{section.dataset}: base model's answer (chosen) vs W_0's refusal "
                                              "(rejected), on the prompts W_0 refuses"}}
