@@ -113,7 +113,7 @@ def test_reserved_and_duplicate_model_names():
 
 
 def test_configs_that_reuse_the_cpu_bench_run_share_its_aligned_model():
-    """cpu-bench-defences and cpu-bench-p reuse runs/cpu-bench: their alignment stages must have its keys."""
+    """The configs that reuse runs/cpu-bench (defences, p, other tasks) must have its alignment keys."""
     from nlsr import provenance
     from nlsr.experiment import build_stages
     from nlsr.pipeline import stage_key
@@ -133,11 +133,12 @@ def test_configs_that_reuse_the_cpu_bench_run_share_its_aligned_model():
     provenance.code_version = lambda: {"nlsr": "pinned", "commit": "pinned"}
     try:
         bench = keys("cpu-bench")
-        for name in ("cpu-bench-defences", "cpu-bench-p"):
+        for name in ("cpu-bench-defences", "cpu-bench-p", "cpu-bench-agnews", "cpu-bench-gsm8k"):
             other = keys(name)
             for stage in ("data-align", "data-helpful", "align_sft", "align_dpo"):
                 assert other[stage] == bench[stage], f"{name}: {stage} would not reuse runs/cpu-bench"
         assert keys("cpu-bench-defences")["attack-s0"] == bench["attack-s0"]
         assert keys("cpu-bench-p")["data-attack-s0"] != bench["data-attack-s0"]      # another p
+        assert keys("cpu-bench-agnews")["data-attack-s0"] != bench["data-attack-s0"]  # another task
     finally:
         provenance.code_version = saved
