@@ -11,6 +11,7 @@ import pytest
 from conftest import shared_data_dir
 from nlsr import provenance
 from nlsr.config import ExperimentConfig
+from nlsr.data.disjoint import prompt_keys
 from nlsr.experiment import build_stages
 from nlsr.pipeline import RunContext, Stage, run_stages, stage_key
 from nlsr.stages import reads
@@ -161,6 +162,12 @@ def test_every_data_set_a_data_stage_loads_is_hashed_into_its_key(tmp_path, monk
         (tmp_path / name).mkdir()
         run(ctx, tmp_path / name, {"data-align": tmp_path / "data-align"})
         assert loaded and set(loaded) <= set(declared(cfg)), (name, sorted(set(loaded) - set(declared(cfg))))
+    loaded.clear()
+    attack = [json.loads(line) for line in (tmp_path / "data-attack" / "attack.jsonl").read_text().splitlines()]
+    drawn = data.task_calibration_rows(cfg, Path(DATA), attack, 16, seed=0)   # protect_task's clean task rows
+    assert loaded and set(loaded) <= set(reads.task_calibration_datasets(cfg)), sorted(set(loaded))
+    assert len(drawn) == 16 and not prompt_keys(drawn) & prompt_keys(attack)
+    assert drawn == data.task_calibration_rows(cfg, Path(DATA), attack, 16, seed=0)
     ready = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"source": "ready_made", "n": 1000})})
     loaded.clear()
     (tmp_path / "ready").mkdir()

@@ -18,6 +18,7 @@ from nlsr.errors import NlsrError
 class CalibrationRow:
     prompt: str
     response: str
+    input: str = ""      # a task's input (SST-2 sentence, news article), shown after the instruction
 
 
 def read_calibration_jsonl(path: str | os.PathLike, limit: int | None = None,
@@ -60,10 +61,11 @@ def resolve_template(tokenizer, template: str | None = None) -> str:
     return template
 
 
-def prompt_text(tokenizer, prompt: str, template: str | None = None) -> str:
+def prompt_text(tokenizer, prompt: str, template: str | None = None, input: str = "") -> str:
     """The prompt as the model sees it before its answer, in ``template`` ("alpaca" or "chat");
-    by default the chat template when the tokenizer has one, else the paper's Alpaca template."""
-    return model_prompt(prompt, resolve_template(tokenizer, template), tokenizer)
+    by default the chat template when the tokenizer has one, else the paper's Alpaca template.
+    ``input``: a task's input, as in the fine-tuning rows."""
+    return model_prompt(prompt, resolve_template(tokenizer, template), tokenizer, input)
 
 
 def encode_row(tokenizer, row: CalibrationRow, max_length: int,
@@ -72,7 +74,7 @@ def encode_row(tokenizer, row: CalibrationRow, max_length: int,
 
     Prompt and response are tokenized separately so that the boundary is exact.
     """
-    prompt_ids = tokenizer(prompt_text(tokenizer, row.prompt, template),
+    prompt_ids = tokenizer(prompt_text(tokenizer, row.prompt, template, row.input),
                            add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(row.response, add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]

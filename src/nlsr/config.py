@@ -170,6 +170,14 @@ class VariantSection(_Section):
     ibm_conventions: bool = Field(
         False, description="SafeLoRA: IBM's reference rules (cosines rounded to 5 decimals, projected at <= "
                            "threshold, top-k ties projected).")
+    protect_task: float | None = Field(
+        None, gt=0, le=1,
+        description="NLSR (entry granularity): leave out of the transplant the entries that are task-critical "
+                    "in the fine-tuned adapter: the top fraction of its factors projected on the activations "
+                    "of clean task rows (the paper's identification applied to the task). None: the paper.")
+    task_calibration_n: int = Field(
+        128, gt=0, description="protect_task: clean task rows (the task's training set, disjoint from the "
+                               "fine-tuning rows and every evaluation set) the task-critical entries come from.")
     granularity: Literal["entry", "neuron"] = Field(
         "entry", description="NLSR: 'entry' compares LoRA factors entry by entry (only for attack.init="
                              "continue); 'neuron' compares weight rows (any fine-tune: continue, fresh, full).")
@@ -197,13 +205,16 @@ class VariantSection(_Section):
         if self.granularity == "neuron" and self.method != "nlsr":
             raise ValueError(f"variant '{self.name}': granularity is an NLSR setting; drop 'granularity: "
                              "neuron' from this safelora variant (SafeLoRA takes whatever the attack wrote)")
+        if self.protect_task is not None and (self.method != "nlsr" or self.granularity != "entry"):
+            raise ValueError(f"variant '{self.name}': protect_task is an option of NLSR at entry granularity; "
+                             "drop it from this variant")
         if self.granularity == "neuron" and self.masks == "random":
             raise ValueError(f"variant '{self.name}': random masks exist at entry granularity only; use "
                              "masks: identified with granularity: neuron")
         return self
 
 
-SWEEP_FIELDS = ("beta", "rho", "q", "select", "transplant", "threshold", "num_modules")
+SWEEP_FIELDS = ("beta", "rho", "q", "select", "transplant", "threshold", "num_modules", "protect_task")
 
 
 class SweepSection(_Section):
@@ -212,7 +223,7 @@ class SweepSection(_Section):
     names the value it would choose (tables report the test prompts)."""
 
     variant: str = Field(description="The variant whose knob is swept (its other settings are kept).")
-    field: Literal["beta", "rho", "q", "select", "transplant", "threshold", "num_modules"]
+    field: Literal["beta", "rho", "q", "select", "transplant", "threshold", "num_modules", "protect_task"]
     values: list[float | int | str] = Field(min_length=1)
     max_fa_drop: float = Field(2.0, ge=0, description="The choice: lowest validation HS among the values whose "
                                                       "validation FA is within this many points of the "

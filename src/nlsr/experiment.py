@@ -72,6 +72,8 @@ def variant_params(variant) -> dict:
     if variant.method == "nlsr":
         for name in SAFELORA_ONLY:
             params.pop(name, None)
+    if variant.protect_task is None:          # added later: older runs keep their keys
+        del params["protect_task"], params["task_calibration_n"]
     return params
 
 
@@ -247,10 +249,12 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
                                 {**seeded, "attack": attack_params(sections), "lora": sections["lora"]},
                                 [data_attack], seed=seed, roles=roles))
             add_eval("nonaligned", "base", nonaligned, [nonaligned], seed, {nonaligned: "attack_nonaligned"})
+        task_idents: set[str] = set()
         for variant in all_variants:
             name = per_seed(f"realign-{variant.name}")
             inputs = ["align_sft", "align_dpo", attacked]
             cost = [name]
+            stage_roles: dict[str, str] = {}
             params = {**data_common, "seed": seed, "variant": variant_params(variant)}
             run = realign.run_variant(variant)          # entry-wise NLSR; SafeLoRA on adapters
             if init != "continue":
@@ -264,9 +268,23 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
             elif variant.method == "nlsr":
                 inputs.append(f"identify-{realign.identify_id(variant)}")
                 cost.insert(0, f"identify-{realign.identify_id(variant)}")
+                if variant.protect_task is not None:    # this seed's task masks, shared by the variants
+                    task_ident = per_seed(realign.task_identify_name(variant))
+                    if task_ident not in task_idents:
+                        task_idents.add(task_ident)
+                        stages.append(Stage(task_ident, realign.run_identify_task(variant),
+                                            {**common, "seed": seed, "realign": realign_section,
+                                             "rho": variant.rho, "q": variant.protect_task,
+                                             "n": variant.task_calibration_n, "task": cfg.attack.task},
+                                            [data_attack, "align_sft", attacked], seed=seed,
+                                            roles={**roles, attacked: "attack"},
+                                            content=reads.task_calibration_content))
+                    inputs.append(task_ident)
+                    cost.insert(1, task_ident)
+                    stage_roles[task_ident] = "identify-task"
             elif init == "full":                        # SafeLoRA's full-parameter form
                 run = anyfinetune.run_realign(variant, init)
-            stages.append(Stage(name, run, params, inputs, seed=seed, roles={attacked: "attack"}))
+            stages.append(Stage(name, run, params, inputs, seed=seed, roles={attacked: "attack", **stage_roles}))
             add_eval(variant.name, eval_base, name, cost, seed, {name: f"realign-{variant.name}"})
         for defence in cfg.defences:
             aligned_stage, weak = aligned_stage_of[defence.name], weak_stage_of[defence.name]

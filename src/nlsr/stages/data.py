@@ -280,3 +280,19 @@ def run_attack_data(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     card["attack"]["seed"] = seed
     return _finish(out, card, gate)
 
+
+
+def task_calibration_rows(cfg, data_dir: Path, attack_rows: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` clean rows of the attack's task for NLSR's ``protect_task``: from the task's training set,
+    gated against every evaluation set and disjoint from this seed's fine-tuning rows, drawn with
+    ``seed``. They stand for the clean task examples a defender holds (never the fine-tuning rows:
+    which of those are harmful is unknown, and their long harmful answers would outweigh the task's
+    short ones)."""
+    task = get_task(cfg.attack.task)
+    gate = evaluation_gate(cfg, data_dir)
+    gate.add("attack", attack_rows, training=True)
+    rows = gate.filter("task_calibration", load_records(task.train_dataset, data_dir))
+    if len(rows) < n:
+        raise NlsrError(f"protect_task needs {n} clean {cfg.attack.task} rows outside the fine-tuning and "
+                        f"evaluation sets, but only {len(rows)} remain; lower the variant's task_calibration_n")
+    return random.Random(f"task-calibration-{seed}").sample(rows, n)

@@ -70,6 +70,18 @@ def attack_datasets(cfg) -> list[str]:
     return own + _gate(cfg)
 
 
+def task_calibration_datasets(cfg) -> list[str]:
+    """The data sets of an ``identify-task`` stage: the task's training set and the gate's."""
+    from nlsr.data import get_task
+
+    return [get_task(cfg.attack.task).train_dataset, *_gate(cfg)]
+
+
+def task_calibration_content(ctx) -> dict:
+    """Content hashes of an ``identify-task`` stage's files."""
+    return _content(ctx, task_calibration_datasets(ctx.config))
+
+
 def _content(ctx, names: list[str], files: list[Path] | None = None) -> dict:
     out: dict = {"datasets": datasets_content(names, ctx.data_dir)}
     if files:

@@ -10,10 +10,11 @@ import torch
 from nlsr.adapters import load_adapter, save_adapter, weight_key
 from nlsr.calibration import CalibrationRow
 from nlsr.config import VariantSection
+from nlsr.errors import NlsrError
 from nlsr.identification import SafetyMasks, identify, load_masks, provenance, save_masks
 from nlsr.io import file_sha256
 from nlsr.reference import extrapolate
-from nlsr.stages.common import load_weak, read_jsonl
+from nlsr.stages.common import load_weak, read_jsonl, write_jsonl
 
 
 def random_masks(adapter, q: float, seed: int, **metadata) -> SafetyMasks:
@@ -61,6 +62,44 @@ def run_identify(variant: VariantSection):
     return run
 
 
+def run_identify_task(variant: VariantSection):
+    """A stage function for ``protect_task``: the task-critical entries of this seed's fine-tuned
+    adapter, by the paper's identification (same ρ) run on the fine-tuned adapter over clean task rows."""
+    def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+        from nlsr.stages.data import task_calibration_rows
+
+        attack_rows = read_jsonl(inputs["data-attack"] / "attack.jsonl")
+        rows = task_calibration_rows(ctx.config, ctx.data_dir, attack_rows, variant.task_calibration_n, ctx.seed)
+        write_jsonl(out / "task_calibration.jsonl", rows)
+        finetuned = load_adapter(inputs["attack"] / "adapter")
+        model = load_weak(ctx, inputs["align_sft"], precision=ctx.precision.dtype)
+        section = ctx.config.realign
+        masks = identify(model, finetuned, [CalibrationRow(r["instruction"], r["output"], r.get("input", ""))
+                                            for r in rows],
+                         ctx.tokenizer(), rho=variant.rho, q=variant.protect_task, batch_size=section.batch_size,
+                         max_length=section.max_length, template=ctx.config.template,
+                         metadata={"task": ctx.config.attack.task, "calibration": "task_calibration.jsonl"})
+        save_masks(masks, out / "task_masks.safetensors", force=True)
+        tokens = masks.metadata.get("response_tokens", "-")
+        return {"metadata": masks.metadata, "line": f"task masks of the fine-tuned adapter, {len(rows)} "
+                                                    f"{ctx.config.attack.task} rows, {tokens} response tokens"}
+    return run
+
+
+def without_task_entries(safety: SafetyMasks, task: SafetyMasks) -> tuple[SafetyMasks, float]:
+    """``safety`` with the task-critical entries removed (``M ∧ ¬M_task``), and the share of the
+    safety entries removed. The metadata stays the safety masks' (they still belong to the reference)."""
+    kept, before, after = {}, 0, 0
+    for key, mask in safety.masks.items():
+        if key not in task.masks or task.masks[key].shape != mask.shape:
+            raise NlsrError(f"the task masks lack '{key}' or differ in shape; identify them again")
+        kept[key] = mask & ~task.masks[key]
+        before += int(mask.sum())
+        after += int(kept[key].sum())
+    metadata = {**safety.metadata, "protect_task": "true"}
+    return SafetyMasks(kept, metadata, source=safety.source), (1 - after / before) if before else 0.0
+
+
 def run_variant(variant: VariantSection):
     """A stage function that repairs the attacked adapter with ``variant``."""
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
@@ -81,11 +120,18 @@ def run_variant(variant: VariantSection):
             from nlsr.realignment import realign
 
             ident = inputs[f"identify-{identify_id(variant)}"]
-            result = realign(load_adapter(ident / "reference"), attacked, load_masks(ident / "masks.safetensors"),
+            masks, protected = load_masks(ident / "masks.safetensors"), None
+            if variant.protect_task is not None:
+                task = load_masks(inputs["identify-task"] / "task_masks.safetensors")
+                masks, protected = without_task_entries(masks, task)
+            result = realign(load_adapter(ident / "reference"), attacked, masks,
                              select=variant.select, transplant=variant.transplant, threshold=variant.threshold,
                              p_base=variant.p_base, epsilon=variant.epsilon, seed=variant.seed)
             report = result.report()
             line = f"repaired {report['summary']['repaired']} of {report['summary']['modules']} modules"
+            if protected is not None:
+                report["summary"]["task_protected_share"] = protected
+                line += f"; {100 * protected:.1f}% of the safety entries left out as task-critical"
             plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png",
                                      title=f"{variant.name}: safety-region similarity by layer")
         save_adapter(result.adapter, out / "adapter", force=True)
@@ -107,6 +153,11 @@ def alignment_directions(ctx, align_sft: Path, aligned) -> dict[str, torch.Tenso
         ctx.cache[key] = {name: (weak.tensor(f"{name}.weight").float() - base[f"{name}.weight"].float()
                                  + f.scale * (f.B.float() @ f.A.float())) for name, f in aligned}
     return ctx.cache[key]
+
+
+def task_identify_name(variant: VariantSection) -> str:
+    """The stage of ``protect_task``'s task masks (one per ρ, fraction and row count, per seed)."""
+    return f"identify-task-r{variant.rho:g}-q{variant.protect_task:g}-n{variant.task_calibration_n}"
 
 
 def identify_id(variant: VariantSection) -> str:
