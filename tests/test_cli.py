@@ -134,3 +134,25 @@ def test_threshold_rule_without_threshold(adapters):
     r = invoke("realign", "--reference", d / "aligned", "--finetuned", d / "finetuned", "--masks",
                d / "none.safetensors", "--select", "threshold", "--out", d / "x")
     assert r.exit_code == 2 and not (d / "x").exists()
+
+
+def test_export_force_keeps_the_files_it_did_not_write(tmp_path):
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "manifest.json").write_text(json.dumps({"key": "k"}))
+    (run / "report" / "report.md").write_text("new report")
+    (run / "attack").mkdir()
+    (run / "attack" / "manifest.json").write_text(json.dumps({"key": "a"}))
+    (run / "attack" / "report.json").write_text("{}")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "README.md").write_text("the command that made this")
+    (out / "report.md").write_text("old report")
+    (out / "realign-gone.report.json").write_text("{}")              # a stage the new run lacks
+    result = invoke("export", run, out)
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = invoke("export", run, out, "--force")
+    assert result.exit_code == 0, result.output
+    assert (out / "README.md").read_text() == "the command that made this"
+    assert (out / "report.md").read_text() == "new report"
+    assert _entries(out) == ["README.md", "attack.report.json", "manifest.json", "manifests.json", "report.md"]

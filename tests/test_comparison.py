@@ -72,3 +72,22 @@ def test_hs_against_p_takes_the_benign_control_as_the_undefended_point_at_p_zero
     assert [(pt["p"], pt["mean"]) for pt in curves["sst2"]["attacked"]] == [(0.0, 5.0), (0.05, 30.0), (0.2, 60.0)]
     assert [pt["p"] for pt in curves["sst2"]["nlsr"]] == [0.05, 0.2]
     assert (tmp_path / "out" / "hs_vs_p_trained.png").stat().st_size > 1000
+
+
+def test_force_replaces_only_the_comparisons_own_files(tmp_path):
+    run = _export(tmp_path / "a", "sst2", 0.05, [_row("attacked", 60.0, 91.0), _row("nlsr", 30.0, 90.0)])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("how this folder was made")        # the user's notes
+    (out / "run-p0.2").mkdir()                                         # an export kept beside it
+    (out / "run-p0.2" / "report.md").write_text("kept")
+    (out / "hs_vs_fa_refusal.png").write_bytes(b"stale plot of a judge no longer compared")
+    (out / "comparison.md").write_text("old table")
+    with pytest.raises(NlsrError, match="already exists"):
+        write_comparison([run], out, ["trained"])
+    write_comparison([run], out, ["trained"], force=True)
+    assert (out / "README.md").read_text() == "how this folder was made"
+    assert (out / "run-p0.2" / "report.md").read_text() == "kept"
+    assert "old table" not in (out / "comparison.md").read_text()
+    assert not (out / "hs_vs_fa_refusal.png").exists()                 # its own stale output is replaced
+    assert not list(tmp_path.glob(".out.*"))                           # no temporary folder left behind

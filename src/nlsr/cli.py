@@ -474,6 +474,17 @@ def validate(
     _say("stages: " + ", ".join(s.name for s in build_stages(cfg)))
 
 
+EXPORTED_REPORT_FILES = ("report.md", "results.json", "summary.json", "timings.json", "manifest.json",
+                         "sweep.json", "manifests.json")
+
+
+def is_export_output(name: str) -> bool:
+    """Whether ``name`` is a file `nlsr export` writes: ``--force`` replaces those and keeps the rest
+    of the folder (a README written beside the export, say)."""
+    return (name in EXPORTED_REPORT_FILES or name.endswith(".png")
+            or name.endswith((".report.json", ".data_card.json", ".train_log.json")))
+
+
 @app.command()
 @_errors_to_exit
 def export(
@@ -495,7 +506,7 @@ def export(
     if read_manifest(report) is None:
         raise NlsrError(f"'{run_dir}' has no finished report stage; run `nlsr run` to the end first")
     manifests = {}
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, owned=is_export_output) as tmp:
         for path in report.iterdir():
             if path.suffix in (".md", ".json", ".png"):
                 shutil.copy(path, tmp / path.name)

@@ -271,6 +271,11 @@ def plot_hs_vs_p(curves: dict[str, dict[str, list[dict]]], judge: str, path: Pat
     plt.close(fig)
 
 
+def is_comparison_output(name: str) -> bool:
+    """Whether ``name`` is a file :func:`write_comparison` writes (``--force`` replaces only those)."""
+    return name in ("comparison.md", "comparison.json") or name.startswith(("hs_vs_fa_", "hs_vs_p_"))
+
+
 def write_comparison(runs: list[str | Path], out: Path, judges: list[str] | None = None,
                      force: bool = False) -> list[Setting]:
     """Write ``comparison.md``, ``comparison.json`` and one ``hs_vs_fa_<judge>.png`` per judge to ``out``."""
@@ -284,7 +289,7 @@ def write_comparison(runs: list[str | Path], out: Path, judges: list[str] | None
     unknown = [j for j in judges if j not in available]
     if unknown:
         raise NlsrError(f"judges {unknown} are not in these runs' results; they have {available}")
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, owned=is_comparison_output) as tmp:
         (tmp / "comparison.md").write_text(comparison_markdown(settings, judges))
         write_json(tmp / "comparison.json",
                    [{"source": str(s.source), "task": s.task, "p": s.p, "n": s.n, "eval_sizes": s.eval_sizes,

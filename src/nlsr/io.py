@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,17 @@ def _chmod_like_new(path: Path, mode: int) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, force: bool = False,
+               owned: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that becomes ``path`` only on success.
 
     On an exception the temporary directory is removed, so a failed or killed run never leaves
     a half-written output under the final name.
+
+    ``owned``: for a folder that other files may share (a results folder with its README), the
+    names this command writes. When ``force`` replaces an existing folder, every entry whose name
+    is not ``owned`` (and that the new output does not hold) is carried into the new folder, so
+    only the command's own earlier outputs are replaced. Without it the whole folder is replaced.
     """
     out = check_output_path(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -79,6 +85,10 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
+        if old.is_dir() and owned is not None:      # killed in this loop: the rest stays in ``old``
+            for entry in sorted(old.iterdir()):
+                if not owned(entry.name) and not (out / entry.name).exists():
+                    os.replace(entry, out / entry.name)
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
