@@ -134,7 +134,7 @@ def test_configs_that_reuse_the_cpu_bench_run_share_its_aligned_model():
     try:
         bench = keys("cpu-bench")
         for name in ("cpu-bench-defences", "cpu-bench-p", "cpu-bench-agnews", "cpu-bench-gsm8k", "cpu-bench-protect",
-                     "cpu-bench-variants"):
+                     "cpu-bench-variants", "cpu-bench-fisher"):
             other = keys(name)
             for stage in ("data-align", "data-helpful", "align_sft", "align_dpo"):
                 assert other[stage] == bench[stage], f"{name}: {stage} would not reuse runs/cpu-bench"

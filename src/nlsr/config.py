@@ -175,6 +175,12 @@ class VariantSection(_Section):
         description="NLSR (entry granularity): leave out of the transplant the entries that are task-critical "
                     "in the fine-tuned adapter: the top fraction of its factors projected on the activations "
                     "of clean task rows (the paper's identification applied to the task). None: the paper.")
+    protect_task_score: Literal["magnitude", "fisher"] = Field(
+        "magnitude", description="protect_task: which entries count as task-critical. 'magnitude': the top "
+                                 "fraction of the fine-tuned factors projected on the task activations (the "
+                                 "paper's identification run on the task); 'fisher': the top fraction by the "
+                                 "task loss moving the entry to the reference would cost, ½ F (e - t)² with "
+                                 "the diagonal Fisher F on the clean task rows.")
     task_calibration_n: int = Field(
         128, gt=0, description="protect_task: clean task rows (the task's training set, disjoint from the "
                                "fine-tuning rows and every evaluation set) the task-critical entries come from.")

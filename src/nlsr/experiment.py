@@ -74,6 +74,8 @@ def variant_params(variant) -> dict:
             params.pop(name, None)
     if variant.protect_task is None:          # added later: older runs keep their keys
         del params["protect_task"], params["task_calibration_n"]
+    if variant.protect_task is None or variant.protect_task_score == "magnitude":
+        del params["protect_task_score"]
     return params
 
 
@@ -272,9 +274,10 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
                     task_ident = per_seed(realign.task_identify_name(variant))
                     if task_ident not in task_idents:
                         task_idents.add(task_ident)
+                        task_params = ({"score": "fisher"} if variant.protect_task_score == "fisher"
+                                       else {"rho": variant.rho, "q": variant.protect_task})
                         stages.append(Stage(task_ident, realign.run_identify_task(variant),
-                                            {**common, "seed": seed, "realign": realign_section,
-                                             "rho": variant.rho, "q": variant.protect_task,
+                                            {**common, "seed": seed, "realign": realign_section, **task_params,
                                              "n": variant.task_calibration_n, "task": cfg.attack.task},
                                             [data_attack, "align_sft", attacked], seed=seed,
                                             roles={**roles, attacked: "attack"},

@@ -63,27 +63,50 @@ def run_identify(variant: VariantSection):
 
 
 def run_identify_task(variant: VariantSection):
-    """A stage function for ``protect_task``: the task-critical entries of this seed's fine-tuned
-    adapter, by the paper's identification (same ρ) run on the fine-tuned adapter over clean task rows."""
+    """A stage function for ``protect_task`` on this seed's fine-tuned adapter and clean task rows:
+    the task-critical masks by the paper's identification (same ρ; ``magnitude``), or the diagonal
+    Fisher information of the factor entries (``fisher``; the masks depend on the reference too and
+    are drawn in the realign stage)."""
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         from nlsr.stages.data import task_calibration_rows
 
         attack_rows = read_jsonl(inputs["data-attack"] / "attack.jsonl")
         rows = task_calibration_rows(ctx.config, ctx.data_dir, attack_rows, variant.task_calibration_n, ctx.seed)
         write_jsonl(out / "task_calibration.jsonl", rows)
+        calibration = [CalibrationRow(r["instruction"], r["output"], r.get("input", "")) for r in rows]
         finetuned = load_adapter(inputs["attack"] / "adapter")
+        section, task = ctx.config.realign, ctx.config.attack.task
+        if variant.protect_task_score == "fisher":
+            from safetensors.torch import save_file
+
+            from nlsr.task_fisher import fisher_diagonal
+
+            model = load_weak(ctx, inputs["align_sft"], precision="float32")     # gradients in float32
+            fisher = fisher_diagonal(model, finetuned, calibration, ctx.tokenizer(), max_length=section.max_length,
+                                     template=ctx.config.template)
+            save_file({k: v.contiguous() for k, v in fisher.items()}, out / "task_fisher.safetensors")
+            return {"line": f"diagonal Fisher of the fine-tuned adapter on {len(rows)} {task} rows"}
         model = load_weak(ctx, inputs["align_sft"], precision=ctx.precision.dtype)
-        section = ctx.config.realign
-        masks = identify(model, finetuned, [CalibrationRow(r["instruction"], r["output"], r.get("input", ""))
-                                            for r in rows],
+        masks = identify(model, finetuned, calibration,
                          ctx.tokenizer(), rho=variant.rho, q=variant.protect_task, batch_size=section.batch_size,
                          max_length=section.max_length, template=ctx.config.template,
-                         metadata={"task": ctx.config.attack.task, "calibration": "task_calibration.jsonl"})
+                         metadata={"task": task, "calibration": "task_calibration.jsonl"})
         save_masks(masks, out / "task_masks.safetensors", force=True)
         tokens = masks.metadata.get("response_tokens", "-")
         return {"metadata": masks.metadata, "line": f"task masks of the fine-tuned adapter, {len(rows)} "
-                                                    f"{ctx.config.attack.task} rows, {tokens} response tokens"}
+                                                    f"{task} rows, {tokens} response tokens"}
     return run
+
+
+def task_masks(variant: VariantSection, folder: Path, reference, finetuned) -> SafetyMasks:
+    """The task-critical masks of ``protect_task`` from its ``identify-task`` stage folder."""
+    if variant.protect_task_score == "fisher":
+        from nlsr.adapters import read_safetensors
+        from nlsr.task_fisher import costliest_entries, transplant_cost
+
+        fisher = read_safetensors(folder / "task_fisher.safetensors", "Fisher file", "run the stage again")
+        return costliest_entries(transplant_cost(fisher, reference, finetuned), variant.protect_task, finetuned)
+    return load_masks(folder / "task_masks.safetensors")
 
 
 def without_task_entries(safety: SafetyMasks, task: SafetyMasks) -> tuple[SafetyMasks, float]:
@@ -120,11 +143,12 @@ def run_variant(variant: VariantSection):
             from nlsr.realignment import realign
 
             ident = inputs[f"identify-{identify_id(variant)}"]
+            reference = load_adapter(ident / "reference")
             masks, protected = load_masks(ident / "masks.safetensors"), None
             if variant.protect_task is not None:
-                task = load_masks(inputs["identify-task"] / "task_masks.safetensors")
+                task = task_masks(variant, inputs["identify-task"], reference, attacked)
                 masks, protected = without_task_entries(masks, task)
-            result = realign(load_adapter(ident / "reference"), attacked, masks,
+            result = realign(reference, attacked, masks,
                              select=variant.select, transplant=variant.transplant, threshold=variant.threshold,
                              p_base=variant.p_base, epsilon=variant.epsilon, seed=variant.seed)
             report = result.report()
@@ -156,7 +180,10 @@ def alignment_directions(ctx, align_sft: Path, aligned) -> dict[str, torch.Tenso
 
 
 def task_identify_name(variant: VariantSection) -> str:
-    """The stage of ``protect_task``'s task masks (one per ρ, fraction and row count, per seed)."""
+    """The stage of ``protect_task``'s task masks (one per ρ, fraction and row count, per seed) or
+    Fisher information (one per row count, per seed)."""
+    if variant.protect_task_score == "fisher":
+        return f"identify-task-fisher-n{variant.task_calibration_n}"
     return f"identify-task-r{variant.rho:g}-q{variant.protect_task:g}-n{variant.task_calibration_n}"
 
 
