@@ -83,7 +83,7 @@ def run_identify_task(variant: VariantSection):
 
             model = load_weak(ctx, inputs["align_sft"], precision="float32")     # gradients in float32
             fisher = fisher_diagonal(model, finetuned, calibration, ctx.tokenizer(), max_length=section.max_length,
-                                     template=ctx.config.template)
+                                     template=ctx.config.template, batch_size=section.batch_size)
             save_file({k: v.contiguous() for k, v in fisher.items()}, out / "task_fisher.safetensors")
             return {"line": f"diagonal Fisher of the fine-tuned adapter on {len(rows)} {task} rows"}
         model = load_weak(ctx, inputs["align_sft"], precision=ctx.precision.dtype)
