@@ -18,13 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from nlsr.data import get_task
-
-
-def predicted(output: str, labels: tuple[str, ...]) -> str:
-    """The label word that comes first in ``output`` (case-insensitive, whole word), or "other"."""
-    hits = [(m.start(), label) for label in labels
-            for m in [re.search(rf"\b{re.escape(label.lower())}\b", output.lower())] if m]
-    return min(hits)[1] if hits else "other"
+from nlsr.data.tasks import first_label
 
 
 def main(run: str, models: list[str]) -> None:
@@ -47,7 +41,7 @@ def main(run: str, models: list[str]) -> None:
                 continue
             rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
             answers = [r["output"] for r in rows if r["set"] == "task"]
-            guess = {i: predicted(answers[i], task.labels) for i in test}
+            guess = {i: first_label(answers[i], task.labels) or "other" for i in test}
             made = Counter(guess.values())
             wrong = Counter(gold[i]["label"] for i in test if guess[i].lower() != gold[i]["label"].lower())
             print(f"| {model} | {folder.name.rsplit('-s', 1)[1]} | " + " | ".join(str(made[label]) for label in labels)

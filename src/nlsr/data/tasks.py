@@ -95,6 +95,14 @@ def _contains_class(output: str, label: str, classes: Sequence[str], strict: boo
     return True
 
 
+def first_label(output: str, classes: Sequence[str]) -> str | None:
+    """The class whose name comes first in ``output`` as a whole word (case-insensitive), or None:
+    what a classification answer predicts, for diagnostics such as the label prior of a model."""
+    hits = [(m.start(), c) for c in classes
+            for m in [re.search(rf"\b{re.escape(c.lower())}\b", output.lower())] if m]
+    return min(hits)[1] if hits else None
+
+
 def _check_label(task: str, label: str, classes: Sequence[str]) -> None:
     if label.lower() not in {c.lower() for c in classes}:
         raise NlsrError(f"{task} label {label!r} is not one of {', '.join(classes)}")
