@@ -16,6 +16,25 @@ def _masks(values: dict[str, list[bool]], **metadata) -> SafetyMasks:
     return SafetyMasks({k: torch.tensor(v) for k, v in values.items()}, dict(metadata))
 
 
+def _save_attacked(root, seed: int):
+    """The tiny run's aligned adapter, nudged as a fine-tune would (same origin), saved as ``attack``."""
+    from nlsr.adapters import LoraFactors, load_adapter, save_adapter
+
+    aligned = load_adapter(root / "align_dpo" / "adapter")
+    gen = torch.Generator().manual_seed(seed)
+    attacked = aligned.with_modules({n: LoraFactors(f.A + 0.1 * torch.randn(f.A.shape, generator=gen),
+                                                    f.B + 0.01 * torch.randn(f.B.shape, generator=gen), f.scale)
+                                     for n, f in aligned})
+    (root / "attack").mkdir()
+    save_adapter(attacked, root / "attack" / "adapter")
+    return attacked
+
+
+def _assert_same_deltas(repaired, expected) -> None:
+    for name, f in expected:
+        torch.testing.assert_close(repaired.modules[name].delta(), f.delta())
+
+
 def test_without_task_entries_removes_exactly_the_task_critical_ones():
     from nlsr.stages.realign import without_task_entries
 
@@ -68,20 +87,14 @@ def test_task_masks_are_one_stage_per_seed_shared_by_the_variants_that_use_them(
 
 
 def test_protect_task_repairs_with_the_task_entries_left_out(tiny_run, monkeypatch):  # noqa: F811
-    from nlsr.adapters import LoraFactors, load_adapter, save_adapter
+    from nlsr.adapters import load_adapter
     from nlsr.identification import load_masks
     from nlsr.pipeline import RunContext
     from nlsr.realignment import realign as realign_adapters
     from nlsr.stages import data, realign
 
     root, config = tiny_run
-    aligned = load_adapter(root / "align_dpo" / "adapter")
-    gen = torch.Generator().manual_seed(1)
-    attacked = aligned.with_modules({n: LoraFactors(f.A + 0.1 * torch.randn(f.A.shape, generator=gen),
-                                                    f.B + 0.01 * torch.randn(f.B.shape, generator=gen), f.scale)
-                                     for n, f in aligned})
-    (root / "attack").mkdir()
-    save_adapter(attacked, root / "attack" / "adapter")
+    attacked = _save_attacked(root, seed=1)
     rows = [{"instruction": "Sentiment?", "input": f"a {w} film", "output": w} for w in ("good", "bad", "fine")]
     drawn = []
     monkeypatch.setattr(data, "task_calibration_rows",
@@ -104,9 +117,7 @@ def test_protect_task_repairs_with_the_task_entries_left_out(tiny_run, monkeypat
     expected_kept, share = realign.without_task_entries(safety, task)
     assert summary["task_protected_share"] == pytest.approx(share) and 0 < share < 1
     expected = realign_adapters(load_adapter(root / ident / "reference"), attacked, expected_kept, select="all")
-    repaired = load_adapter(root / "realign" / "adapter")
-    for name, f in expected.adapter:
-        torch.testing.assert_close(repaired.modules[name].delta(), f.delta())
+    _assert_same_deltas(load_adapter(root / "realign" / "adapter"), expected.adapter)
     # without protection the repair differs: the task-critical entries would have been transplanted
     plain = realign_adapters(load_adapter(root / ident / "reference"), attacked, safety, select="all")
     assert any(not torch.allclose(plain.adapter.modules[n].delta(), f.delta()) for n, f in expected.adapter)
@@ -206,7 +217,7 @@ def test_fisher_protection_is_one_stage_per_seed_for_every_fraction():
 
 
 def test_fisher_protection_end_to_end(tiny_run, monkeypatch):  # noqa: F811
-    from nlsr.adapters import LoraFactors, load_adapter, read_safetensors, save_adapter
+    from nlsr.adapters import load_adapter, read_safetensors
     from nlsr.identification import load_masks
     from nlsr.pipeline import RunContext
     from nlsr.realignment import realign as realign_adapters
@@ -214,13 +225,7 @@ def test_fisher_protection_end_to_end(tiny_run, monkeypatch):  # noqa: F811
     from nlsr.task_fisher import costliest_entries, transplant_cost
 
     root, config = tiny_run
-    aligned = load_adapter(root / "align_dpo" / "adapter")
-    gen = torch.Generator().manual_seed(3)
-    attacked = aligned.with_modules({n: LoraFactors(f.A + 0.1 * torch.randn(f.A.shape, generator=gen),
-                                                    f.B + 0.01 * torch.randn(f.B.shape, generator=gen), f.scale)
-                                     for n, f in aligned})
-    (root / "attack").mkdir()
-    save_adapter(attacked, root / "attack" / "adapter")
+    attacked = _save_attacked(root, seed=3)
     rows = [{"instruction": p, "output": r, "input": i} for p, r, i in TASK_ROWS]
     monkeypatch.setattr(data, "task_calibration_rows", lambda cfg, d, attack, n, seed: rows)
     spec = {"name": "nlsr-f", "select": "all", "protect_task": 0.3, "protect_task_score": "fisher"}
@@ -240,6 +245,4 @@ def test_fisher_protection_end_to_end(tiny_run, monkeypatch):  # noqa: F811
     kept, share = realign.without_task_entries(load_masks(root / ident / "masks.safetensors"), task)
     assert summary["task_protected_share"] == pytest.approx(share) and 0 < share < 1
     expected = realign_adapters(reference, attacked, kept, select="all")
-    repaired = load_adapter(root / "realign" / "adapter")
-    for name, f in expected.adapter:
-        torch.testing.assert_close(repaired.modules[name].delta(), f.delta())
+    _assert_same_deltas(load_adapter(root / "realign" / "adapter"), expected.adapter)

@@ -13,7 +13,6 @@ ranks an entry by what reverting *it* would cost, whatever its size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +21,7 @@ from nlsr.adapters import LoraAdapter, attach_adapter, weight_key
 from nlsr.calibration import CalibrationRow, make_batches
 from nlsr.errors import NlsrError
 from nlsr.identification import SafetyMasks, provenance
+from nlsr.ops.neurons import top_fraction_mask
 
 
 def fisher_diagonal(model, adapter: LoraAdapter, rows: Sequence[CalibrationRow], tokenizer,
@@ -105,12 +105,5 @@ def transplant_cost(fisher: dict[str, torch.Tensor], reference: LoraAdapter,
 
 def costliest_entries(cost: dict[str, torch.Tensor], fraction: float, finetuned: LoraAdapter) -> SafetyMasks:
     """Masks of the ``ceil(fraction · numel)`` costliest entries of each factor (ties: first)."""
-    masks = {}
-    for key, value in cost.items():
-        flat = value.flatten()
-        count = min(flat.numel(), math.ceil(fraction * flat.numel() - 1e-9))
-        mask = torch.zeros(flat.numel(), dtype=torch.bool)
-        if count > 0:
-            mask[torch.topk(flat, count, sorted=False).indices] = True
-        masks[key] = mask.view_as(value)
+    masks = {key: top_fraction_mask(value, fraction) for key, value in cost.items()}   # costs are >= 0
     return SafetyMasks(masks, provenance(finetuned, score="fisher", keep_fraction=fraction))
