@@ -134,11 +134,11 @@ def test_configs_that_reuse_the_cpu_bench_run_share_its_aligned_model():
     try:
         bench = keys("cpu-bench")
         for name in ("cpu-bench-defences", "cpu-bench-p", "cpu-bench-agnews", "cpu-bench-gsm8k", "cpu-bench-protect",
-                     "cpu-bench-variants", "cpu-bench-fisher"):
+                     "cpu-bench-variants", "cpu-bench-fisher", "cpu-bench-factor"):
             other = keys(name)
             for stage in ("data-align", "data-helpful", "align_sft", "align_dpo"):
                 assert other[stage] == bench[stage], f"{name}: {stage} would not reuse runs/cpu-bench"
-        for name in ("cpu-bench-defences", "cpu-bench-protect", "cpu-bench-variants"):
+        for name in ("cpu-bench-defences", "cpu-bench-protect", "cpu-bench-variants", "cpu-bench-factor"):
             assert keys(name)["attack-s0"] == bench["attack-s0"]
         assert keys("cpu-bench-p")["data-attack-s0"] != bench["data-attack-s0"]      # another p
         assert keys("cpu-bench-agnews")["data-attack-s0"] != bench["data-attack-s0"]  # another task

@@ -99,11 +99,25 @@ class OverrefusalSection(_Section):
     batch_size: int = Field(48, gt=0)
 
 
+class ContrastSection(_Section):
+    """Lexical contrast rows mixed into the SFT set: the harmless prompts richest in the words that
+    mark the SFT set's harmful prompts ("steal one's thunder", "break a bad habit"), answered by the
+    base model, so the SFT does not learn to refuse on a word (:mod:`nlsr.data.contrast`)."""
+
+    n: int = Field(0, ge=0, description="Contrast prompts answered by the base model (0 = none).")
+    dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
+    min_count: int = Field(3, gt=0, description="A word enters the lexicon when at least this many SFT "
+                                                "harmful prompts contain it.")
+    max_new_tokens: int = Field(96, gt=0)
+    batch_size: int = Field(48, gt=0)
+
+
 class AlignSection(_Section):
     sft: SftSection = SftSection()
     dpo: DpoSection = DpoSection()
     helpful: HelpfulSection = HelpfulSection()
     overrefusal: OverrefusalSection = OverrefusalSection()
+    contrast: ContrastSection = ContrastSection()
 
 
 class AttackSection(TrainSection):

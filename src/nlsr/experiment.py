@@ -92,6 +92,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     from nlsr.judges.training import default_dir  # its name versions the trained judge
     from nlsr.precision import resolve_precision
     from nlsr.stages import align, anyfinetune, attack, data, evaluate, reads, realign, report
+    from nlsr.stages.contrast import run_contrast_answers
     from nlsr.stages.overrefusal import run_overrefusal_pairs
 
     sections = cfg.model_dump()
@@ -111,6 +112,8 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     dpo_pairs = sections["align"]["helpful"].pop("dpo_pairs") if helpful else 0
     helpful_pairs = {"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}
     overrefusal = cfg.align.overrefusal.pool > 0
+    sft_inputs = ["data-align", *(["data-helpful"] if helpful else []),
+                  *(["data-contrast"] if cfg.align.contrast.n else [])]
     dpo_extra_inputs = ((["data-helpful"] if dpo_pairs else []) + (["data-refusal-pairs"] if refusal_pairs else [])
                         + (["data-overrefusal-pairs"] if overrefusal else []))
     stages = [
@@ -127,9 +130,12 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     if helpful:
         stages.append(Stage("data-helpful", align.run_helpful_answers,
                             {**common, "helpful": sections["align"]["helpful"]}, ["data-align"]))
+    if cfg.align.contrast.n:
+        stages.append(Stage("data-contrast", run_contrast_answers,
+                            {**common, "contrast": sections["align"]["contrast"]}, ["data-align"],
+                            content=reads.contrast_content))
     stages.append(Stage("align_sft", align.run_sft,
-                        {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]},
-                        ["data-align", *(["data-helpful"] if helpful else [])]))
+                        {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]}, sft_inputs))
     if overrefusal:
         stages.append(Stage("data-overrefusal-pairs", run_overrefusal_pairs,
                             {**common, "overrefusal": sections["align"]["overrefusal"]}, ["data-align", "align_sft"],
@@ -182,7 +188,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
                 weak_stage_of[defence.name] = f"align_sft-{defence.name}"
                 stages.append(Stage(weak_stage_of[defence.name], align.run_sft_vaccine(rho),
                                     {**common, "defence": defence.model_dump(), "sft": sections["align"]["sft"],
-                                     "lora": sections["lora"]}, ["data-align", *(["data-helpful"] if helpful else [])]))
+                                     "lora": sections["lora"]}, sft_inputs))
             weak = weak_stage_of[defence.name]
             aligned_stage_of[defence.name] = f"align_dpo-{defence.name}"
             stages.append(Stage(aligned_stage_of[defence.name],

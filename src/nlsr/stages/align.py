@@ -20,9 +20,11 @@ def run_sft(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     tokenizer = ctx.tokenizer()
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "completion": r["response"]}
             for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
-    if "data-helpful" in inputs:          # helpful answers to harmless prompts, mixed in
-        rows += [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "completion": r["response"]}
-                 for r in read_jsonl(inputs["data-helpful"] / "helpful.jsonl")]
+    # helpful answers to harmless prompts, and to the lexical contrast prompts, mixed in
+    for stage, file in (("data-helpful", "helpful.jsonl"), ("data-contrast", "contrast.jsonl")):
+        if stage in inputs:
+            rows += [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "completion": r["response"]}
+                     for r in read_jsonl(inputs[stage] / file)]
     if cfg.num_processes > 1:
         from nlsr.distributed import train_stage_job
 
@@ -62,19 +64,11 @@ def greedy_answers(ctx, model, prompts: list[str], max_new_tokens: int, batch_si
                     max_new_tokens, batch_size=batch_size, cache_file=cache_file, description=description)
 
 
-def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
-    """The base model's own greedy answers to the harmless prompts of ``data-align``.
-
-    Mixed into the SFT set, they teach the model to keep answering harmless requests in its own
-    style while it learns to refuse harmful ones. Answers that are empty or that the refusal
-    matcher flags are dropped (and counted): the helpful half must not teach refusals."""
+def real_answers(prompts: list[str], answers: list[str]) -> tuple[list[dict], dict[str, int]]:
+    """The rows ``{prompt, response}`` whose answer is neither empty nor a refusal (by the refusal
+    matcher), and the count of each reason a row was dropped: a helpful row must not teach refusals."""
     from nlsr.judges.refusal import is_refusal
 
-    section = ctx.config.align.helpful
-    tokenizer = ctx.tokenizer()
-    prompts = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "helpful_prompts.jsonl")]
-    answers = greedy_answers(ctx, load_base(ctx), prompts, section.max_new_tokens, section.batch_size,
-                             out / "helpful.cache.jsonl", "helpful answers")
     rows, dropped = [], {"empty": 0, "refusal": 0}
     for prompt, answer in zip(prompts, answers, strict=True):
         answer = answer.strip()
@@ -84,6 +78,21 @@ def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
             dropped["refusal"] += 1
         else:
             rows.append({"prompt": prompt, "response": answer})
+    return rows, dropped
+
+
+def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """The base model's own greedy answers to the harmless prompts of ``data-align``.
+
+    Mixed into the SFT set, they teach the model to keep answering harmless requests in its own
+    style while it learns to refuse harmful ones. Answers that are empty or that the refusal
+    matcher flags are dropped (and counted): the helpful half must not teach refusals."""
+    section = ctx.config.align.helpful
+    tokenizer = ctx.tokenizer()
+    prompts = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "helpful_prompts.jsonl")]
+    answers = greedy_answers(ctx, load_base(ctx), prompts, section.max_new_tokens, section.batch_size,
+                             out / "helpful.cache.jsonl", "helpful answers")
+    rows, dropped = real_answers(prompts, answers)
     from nlsr.stages.common import write_jsonl
 
     write_jsonl(out / "helpful.jsonl", rows)

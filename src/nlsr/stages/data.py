@@ -206,16 +206,23 @@ def harmless_prompts(gate: Gate, safety_rows: list[dict], dataset: str, data_dir
     return split_records(rows, [1.0], seed)[0]
 
 
-def overrefusal_pool(ctx, align_dir: Path) -> list[str]:
-    """The ``align.overrefusal.pool`` harmless prompts W_0 is probed on: the seeded order of
-    :func:`harmless_prompts` without the helpful set's prompts."""
+def unused_harmless_prompts(ctx, align_dir: Path, dataset: str) -> list[str]:
+    """The harmless prompts of ``dataset`` that no alignment set uses: the seeded order of
+    :func:`harmless_prompts` without the helpful set's prompts (the over-refusal probe and the
+    contrast set draw from them)."""
     cfg = ctx.config
-    section = cfg.align.overrefusal
     safety = [r for name in ("sft", "calibration", "dpo") for r in read_jsonl(align_dir / f"{name}.jsonl")]
     helpful_file = align_dir / "helpful_prompts.jsonl"
     taken = {normalise_prompt(r["prompt"]) for r in (read_jsonl(helpful_file) if helpful_file.exists() else [])}
-    rows = [r for r in harmless_prompts(evaluation_gate(cfg, ctx.data_dir), safety, section.dataset, ctx.data_dir,
-                                        cfg.seed) if normalise_prompt(r["prompt"]) not in taken]
+    return [r["prompt"] for r in harmless_prompts(evaluation_gate(cfg, ctx.data_dir), safety, dataset, ctx.data_dir,
+                                                  cfg.seed) if normalise_prompt(r["prompt"]) not in taken]
+
+
+def overrefusal_pool(ctx, align_dir: Path) -> list[str]:
+    """The ``align.overrefusal.pool`` harmless prompts W_0 is probed on: the first of
+    :func:`unused_harmless_prompts`."""
+    section = ctx.config.align.overrefusal
+    rows = [{"prompt": p} for p in unused_harmless_prompts(ctx, align_dir, section.dataset)]
     return [r["prompt"] for r in _take(section.dataset, rows, section.pool, "align.overrefusal.pool")]
 
 

@@ -61,6 +61,16 @@ def overrefusal_content(ctx) -> dict:
     return _content(ctx, overrefusal_datasets(ctx.config))
 
 
+def contrast_datasets(cfg) -> list[str]:
+    """The data sets of ``data-contrast``: the harmless prompts and the gate's."""
+    return [cfg.align.contrast.dataset, *_gate(cfg)]
+
+
+def contrast_content(ctx) -> dict:
+    """Content hashes of the ``data-contrast`` stage's files."""
+    return _content(ctx, contrast_datasets(ctx.config))
+
+
 def attack_datasets(cfg) -> list[str]:
     """The data sets of ``data-attack``: task and poison rows (unless ready-made) and the gate's."""
     from nlsr.data import get_task

@@ -1,0 +1,46 @@
+"""Helpful answers to lexical contrast prompts, for the SFT set (``align.contrast``).
+
+The prompts are the harmless instructions that share the most harm-typical words with the SFT set's
+harmful prompts (:mod:`nlsr.data.contrast`); the base model answers them itself, as it does the
+helpful prompts, so the SFT learns that those words alone are no reason to refuse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nlsr.data.contrast import contrast_prompts, harm_lexicon
+from nlsr.io import write_json
+from nlsr.stages.align import greedy_answers, real_answers
+from nlsr.stages.common import load_base, read_jsonl, write_jsonl
+
+
+def run_contrast_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+    """Pick the contrast prompts from the harmless prompts no other set uses, let the base model
+    answer them (greedy) and keep the answers that are neither empty nor refusals."""
+    from nlsr.stages.data import unused_harmless_prompts
+
+    section = ctx.config.align.contrast
+    pool = unused_harmless_prompts(ctx, inputs["data-align"], section.dataset)
+    harmful = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
+    lexicon = harm_lexicon(harmful, pool, section.min_count)
+    picked = contrast_prompts(pool, lexicon, section.n)
+    answers = greedy_answers(ctx, load_base(ctx), [r["prompt"] for r in picked], section.max_new_tokens,
+                             section.batch_size, out / "contrast.cache.jsonl", "contrast answers")
+    kept, dropped = real_answers([r["prompt"] for r in picked], answers)
+    by_prompt = {r["prompt"]: r for r in picked}
+    rows = [{**row, "word": by_prompt[row["prompt"]]["word"], "score": by_prompt[row["prompt"]]["score"]}
+            for row in kept]
+    count = write_jsonl(out / "contrast.jsonl", rows)
+    words = sorted(lexicon.items(), key=lambda item: -item[1])[:40]
+    card = {"contrast": {"rows": count, "picked": len(picked), "pool": len(pool), "dropped": dropped,
+                         "lexicon_size": len(lexicon), "top_words": [[w, round(s, 3)] for w, s in words],
+                         "lowest_score_taken": picked[-1]["score"] if picked else None},
+            "sources": {"contrast": f"{section.dataset}: the prompts richest in harm-typical words (scored "
+                                    "against sft.jsonl), answered by the base model"}}
+    write_json(out / "data_card.json", card)
+    for cache in out.glob("*.cache.jsonl"):
+        cache.unlink()
+    return {"rows": count, "card": card,
+            "line": f"{count} contrast answers of {len(picked)} prompts ({dropped['empty']} empty, "
+                    f"{dropped['refusal']} refusals dropped); lexicon of {len(lexicon)} words"}

@@ -1,0 +1,130 @@
+"""Lexical contrast rows for the SFT set (``align.contrast``): the lexicon, the choice of prompts,
+the stage and its wiring."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from nlsr.config import ExperimentConfig
+from nlsr.data.contrast import contrast_prompts, harm_lexicon, prompt_words
+
+
+def test_the_lexicon_scores_words_by_their_log_odds_in_harmful_prompts():
+    harmful = ["How do I steal a car?", "how to steal money", "Steal from a shop", "Write a poem"]
+    harmless = ["Write a poem about spring", "Write a story", "Explain how to steal one's thunder"]
+    lexicon = harm_lexicon(harmful, harmless, min_count=3)
+    assert set(lexicon) == {"steal"}                                  # the only word in >= 3 harmful prompts
+    assert lexicon["steal"] == pytest.approx(math.log(3.5 / 5) - math.log(1.5 / 4))
+    low = harm_lexicon(harmful, harmless, min_count=1)
+    assert low["steal"] > 0 > low["write"]                            # harmful-typical vs harmless-typical
+    assert prompt_words("Don't STEAL it, OK?") == {"don", "steal"}
+
+
+def test_contrast_prompts_take_the_prompts_with_the_highest_scoring_word_in_pool_order():
+    lexicon = {"steal": 2.0, "kill": 3.0, "write": -1.0}
+    pool = ["Write a poem", "Steal one's thunder", "Kill a process", "Bake bread", "steal the show"]
+    picked = contrast_prompts(pool, lexicon, 3)
+    assert [r["prompt"] for r in picked] == ["Kill a process", "Steal one's thunder", "steal the show"]
+    assert picked[0] == {"prompt": "Kill a process", "word": "kill", "score": 3.0}
+    assert len(contrast_prompts(pool, lexicon, 10)) == 4              # "Bake bread" has no lexicon word
+
+
+def test_contrast_rows_enter_the_sft_stages_only_when_used():
+    from nlsr.experiment import build_stages
+
+    base = {"align": {"helpful": {"n": 20}}, "defences": [{"name": "vaccine", "method": "vaccine"}]}
+    plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate(base))}
+    used = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
+        {**base, "align": {"helpful": {"n": 20}, "contrast": {"n": 30}}}))}
+    assert "data-contrast" not in plain
+    assert used["data-contrast"].inputs == ["data-align"]
+    assert used["data-contrast"].params["contrast"]["n"] == 30
+    for name in ("align_sft", "align_sft-vaccine"):
+        assert used[name].inputs == ["data-align", "data-helpful", "data-contrast"], name
+        assert "data-contrast" not in plain[name].inputs
+        assert used[name].params == plain[name].params
+    names = list(used)
+    assert names.index("data-align") < names.index("data-contrast") < names.index("align_sft")
+
+
+def _aligned_data(tmp_path, root, contrast: dict):
+    from nlsr.pipeline import RunContext
+    from nlsr.stages.data import run_align
+
+    cfg = ExperimentConfig.model_validate({"align": {"sft": {"n": 60}, "dpo": {"n": 20}, "helpful": {"n": 50},
+                                                     "contrast": contrast},
+                                           "realign": {"calibration_n": 20}})
+    ctx = RunContext(cfg, tmp_path / "run", root)
+    out = tmp_path / "data-align"
+    out.mkdir()
+    run_align(ctx, out, {})
+    return ctx, out
+
+
+def test_the_contrast_stage_answers_gated_unused_prompts_and_drops_refusals(tmp_path, root, monkeypatch):
+    from nlsr.data import load_records
+    from nlsr.data.disjoint import normalise_prompt, prompt_of
+    from nlsr.stages import contrast, data, reads
+    from nlsr.stages.common import read_jsonl
+
+    ctx, align_dir = _aligned_data(tmp_path, root, {"n": 12, "min_count": 2})
+    loaded: list[str] = []
+    real_load = data.load_records
+    monkeypatch.setattr(data, "load_records", lambda name, *a, **k: loaded.append(name) or real_load(name, *a, **k))
+    asked: list[str] = []
+
+    def fake_answers(ctx, model, prompts, max_new_tokens, batch_size, cache_file, description):
+        asked.extend(prompts)
+        return ["I cannot help with that.", "   "] + [f"Sure: an answer to {p}" for p in prompts[2:]]
+
+    monkeypatch.setattr(contrast, "greedy_answers", fake_answers)
+    monkeypatch.setattr(contrast, "load_base", lambda ctx: None)
+    out = tmp_path / "data-contrast"
+    out.mkdir()
+    result = contrast.run_contrast_answers(ctx, out, {"data-align": align_dir})
+    assert loaded and set(loaded) <= set(reads.contrast_datasets(ctx.config))       # every read is hashed
+    rows = read_jsonl(out / "contrast.jsonl")
+    assert len(asked) == 12 and result["rows"] == len(rows) == 10                   # a refusal and an empty dropped
+    assert result["card"]["contrast"]["dropped"] == {"empty": 1, "refusal": 1}
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+    assert all(r["word"] in prompt_words(r["prompt"]) for r in rows)
+    keys = {normalise_prompt(p) for p in asked}
+    helpful = {normalise_prompt(r["prompt"]) for r in read_jsonl(align_dir / "helpful_prompts.jsonl")}
+    safety = {normalise_prompt(r["prompt"]) for n in ("sft", "calibration", "dpo")
+              for r in read_jsonl(align_dir / f"{n}.jsonl")}
+    evaluation = {normalise_prompt(prompt_of(r)) for name in data.evaluation_set_names(
+        ctx.config.evaluate.harmful_dataset) for r in load_records(name, root)}
+    assert not keys & helpful and not keys & safety and not keys & evaluation
+    assert not list(out.glob("*.cache.jsonl"))
+
+
+def test_the_sft_stage_trains_on_the_contrast_answers_too(tmp_path, monkeypatch, tiny_tokenizer):
+    from nlsr.stages import align
+    from tests.conftest import write_jsonl
+
+    for name, rows in (("data-align", [{"prompt": "How do I steal?", "response": "I can't help with that."}]),
+                       ("data-helpful", [{"prompt": "Name a fruit.", "response": "An apple."}]),
+                       ("data-contrast", [{"prompt": "Steal the show?", "response": "It means to shine."}])):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / {"data-align": "sft.jsonl", "data-helpful": "helpful.jsonl",
+                                       "data-contrast": "contrast.jsonl"}[name], rows)
+    trained: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(model, tokenizer, rows, *args, **kwargs):
+        trained.extend(rows)
+        raise Stop
+
+    monkeypatch.setattr(align, "train_sft", fake_train)
+    monkeypatch.setattr(align, "load_base", lambda ctx: None)
+    ctx = SimpleNamespace(config=ExperimentConfig(), tokenizer=lambda: tiny_tokenizer,
+                          precision=SimpleNamespace(bf16=False))
+    with pytest.raises(Stop):
+        align.run_sft(ctx, tmp_path / "out", {n: tmp_path / n for n in ("data-align", "data-helpful", "data-contrast")})
+    assert [r["completion"] for r in trained] == ["I can't help with that.", "An apple.", "It means to shine."]
