@@ -48,6 +48,25 @@ def test_contrast_rows_enter_the_sft_stages_only_when_used():
         assert used[name].params == plain[name].params
     names = list(used)
     assert names.index("data-align") < names.index("data-contrast") < names.index("align_sft")
+    assert "data-contrast" not in used["align_dpo"].inputs and "contrast_dpo_pairs" not in used["align_dpo"].params
+    paired = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
+        {**base, "align": {"helpful": {"n": 20}, "contrast": {"n": 30, "dpo_pairs": 8}}}))}
+    assert paired["data-contrast"].params == used["data-contrast"].params      # the answers are shared
+    assert paired["align_sft"].inputs == used["align_sft"].inputs
+    for name in ("align_dpo", "align_dpo-vaccine"):
+        assert "data-contrast" in paired[name].inputs and paired[name].params["contrast_dpo_pairs"] == 8
+
+
+def test_contrast_dpo_pairs_prefer_the_answer_to_a_refusal_and_name_their_section():
+    from nlsr.errors import NlsrError
+    from nlsr.stages.align import helpful_dpo_pairs
+
+    rows = [{"prompt": f"Steal the show {i}?", "response": f"It means to shine ({i})."} for i in range(5)]
+    pairs = helpful_dpo_pairs(rows, ["I can't help with that."], 3, seed=0, section="align.contrast")
+    assert len(pairs) == 3 and all(p["rejected"] == "I can't help with that." for p in pairs)
+    assert all(p["chosen"].startswith("It means") and p["prompt"].startswith("Steal") for p in pairs)
+    with pytest.raises(NlsrError, match="lower align.contrast.dpo_pairs or raise align.contrast.n"):
+        helpful_dpo_pairs(rows, ["No."], 6, seed=0, section="align.contrast")
 
 
 def _aligned_data(tmp_path, root, contrast: dict):

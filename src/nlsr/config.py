@@ -110,6 +110,8 @@ class ContrastSection(_Section):
                                                 "harmful prompts contain it.")
     max_new_tokens: int = Field(96, gt=0)
     batch_size: int = Field(48, gt=0)
+    dpo_pairs: int = Field(0, ge=0, description="Also add this many DPO pairs on contrast prompts: chosen = "
+                                                "the base model's answer, rejected = an SFT refusal (0 = none).")
 
 
 class AlignSection(_Section):

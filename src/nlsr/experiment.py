@@ -110,11 +110,14 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     if not refusal_pairs:
         del sections["align"]["dpo"]["refusal_pairs"], sections["align"]["dpo"]["refusal_pairs_dataset"]
     dpo_pairs = sections["align"]["helpful"].pop("dpo_pairs") if helpful else 0
-    helpful_pairs = {"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}
+    contrast_dpo_pairs = sections["align"]["contrast"].pop("dpo_pairs") if cfg.align.contrast.n else 0
+    helpful_pairs = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (
+        {"contrast_dpo_pairs": contrast_dpo_pairs} if contrast_dpo_pairs else {})
     overrefusal = cfg.align.overrefusal.pool > 0
     sft_inputs = ["data-align", *(["data-helpful"] if helpful else []),
                   *(["data-contrast"] if cfg.align.contrast.n else [])]
-    dpo_extra_inputs = ((["data-helpful"] if dpo_pairs else []) + (["data-refusal-pairs"] if refusal_pairs else [])
+    dpo_extra_inputs = ((["data-helpful"] if dpo_pairs else []) + (["data-contrast"] if contrast_dpo_pairs else [])
+                        + (["data-refusal-pairs"] if refusal_pairs else [])
                         + (["data-overrefusal-pairs"] if overrefusal else []))
     stages = [
         Stage("data", data.run_eval, {**data_common, **evaluation_data_params(sections, cfg.attack.task)},

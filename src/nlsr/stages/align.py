@@ -111,10 +111,13 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     set_seed(cfg.seed)
     tokenizer = ctx.tokenizer()
     pairs = read_jsonl(inputs["data-align"] / "dpo.jsonl")
+    refusals = [r["response"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
     if cfg.align.helpful.dpo_pairs and "data-helpful" in inputs:
-        pairs += helpful_dpo_pairs(read_jsonl(inputs["data-helpful"] / "helpful.jsonl"),
-                                   [r["response"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")],
+        pairs += helpful_dpo_pairs(read_jsonl(inputs["data-helpful"] / "helpful.jsonl"), refusals,
                                    cfg.align.helpful.dpo_pairs, cfg.seed)
+    if cfg.align.contrast.dpo_pairs and "data-contrast" in inputs:
+        pairs += helpful_dpo_pairs(read_jsonl(inputs["data-contrast"] / "contrast.jsonl"), refusals,
+                                   cfg.align.contrast.dpo_pairs, cfg.seed, "align.contrast")
     if "data-refusal-pairs" in inputs:
         pairs += read_jsonl(inputs["data-refusal-pairs"] / "refusal_pairs.jsonl")
     if "data-overrefusal-pairs" in inputs:
@@ -138,7 +141,8 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     return {**stats, "line": training_line(len(rows), "pairs", stats)}
 
 
-def helpful_dpo_pairs(helpful: list[dict], refusals: list[str], n: int, seed: int) -> list[dict]:
+def helpful_dpo_pairs(helpful: list[dict], refusals: list[str], n: int, seed: int,
+                      section: str = "align.helpful") -> list[dict]:
     """``n`` DPO pairs on harmless prompts: chosen = the base model's own answer, rejected = a refusal.
 
     The safety pairs teach the DPO adapter where to refuse; these teach it where not to (a model
@@ -148,10 +152,10 @@ def helpful_dpo_pairs(helpful: list[dict], refusals: list[str], n: int, seed: in
     from nlsr.errors import NlsrError
 
     if n > len(helpful):
-        raise NlsrError(f"align.helpful.dpo_pairs = {n}, but only {len(helpful)} helpful answers were kept: "
-                        "lower align.helpful.dpo_pairs or raise align.helpful.n")
+        raise NlsrError(f"{section}.dpo_pairs = {n}, but only {len(helpful)} answers were kept: "
+                        f"lower {section}.dpo_pairs or raise {section}.n")
     if not refusals:
-        raise NlsrError("align.helpful.dpo_pairs needs refusals to reject, but the SFT set is empty")
+        raise NlsrError(f"{section}.dpo_pairs needs refusals to reject, but the SFT set is empty")
     rng = random.Random(seed)
     chosen = rng.sample(helpful, n)
     order = rng.sample(range(len(refusals)), len(refusals))
