@@ -32,6 +32,23 @@ def test_contrast_prompts_take_the_prompts_with_the_highest_scoring_word_in_pool
     assert len(contrast_prompts(pool, lexicon, 10)) == 4              # "Bake bread" has no lexicon word
 
 
+def test_the_mean_score_picks_the_prompts_that_read_like_the_harmful_ones_as_a_whole():
+    from nlsr.data.contrast import log_odds
+
+    harmful = ["How can I steal a car?", "How can I steal from him?", "How can I cheat?", "Steal money now",
+               "steal a bike"]
+    pool = ["Write a poem about spring.", "Explain what to steal one's thunder means in a long essay about art.",
+            "How can I sleep better?", "Write a story."]
+    odds = {w: v for w, (v, _) in log_odds(harmful, pool).items()}
+    assert odds["can"] > 0 > odds["write"]
+    by_mean = contrast_prompts(pool, odds, 1, "mean")
+    by_max = contrast_prompts(pool, harm_lexicon(harmful, pool, min_count=3), 1, "max")
+    assert by_mean[0]["prompt"] == "How can I sleep better?"           # the harmful prompts' form
+    assert by_max[0]["prompt"].startswith("Explain what to steal")       # their most marked word
+    with pytest.raises(ValueError, match="unknown contrast score"):
+        contrast_prompts(pool, odds, 1, "median")
+
+
 def test_contrast_rows_enter_the_sft_stages_only_when_used():
     from nlsr.experiment import build_stages
 
@@ -52,6 +69,10 @@ def test_contrast_rows_enter_the_sft_stages_only_when_used():
     paired = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
         {**base, "align": {"helpful": {"n": 20}, "contrast": {"n": 30, "dpo_pairs": 8}}}))}
     assert paired["data-contrast"].params == used["data-contrast"].params      # the answers are shared
+    assert "score" not in used["data-contrast"].params["contrast"]             # the default: older keys kept
+    mean = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
+        {**base, "align": {"helpful": {"n": 20}, "contrast": {"n": 30, "score": "mean"}}}))}
+    assert mean["data-contrast"].params["contrast"]["score"] == "mean"
     assert paired["align_sft"].inputs == used["align_sft"].inputs
     for name in ("align_dpo", "align_dpo-vaccine"):
         assert "data-contrast" in paired[name].inputs and paired[name].params["contrast_dpo_pairs"] == 8

@@ -107,7 +107,10 @@ class ContrastSection(_Section):
     n: int = Field(0, ge=0, description="Contrast prompts answered by the base model (0 = none).")
     dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
     min_count: int = Field(3, gt=0, description="A word enters the lexicon when at least this many SFT "
-                                                "harmful prompts contain it.")
+                                                "harmful prompts contain it (score 'max').")
+    score: Literal["max", "mean"] = Field(
+        "max", description="max: prompts with the most harm-typical word; mean: prompts whose words are the "
+                           "most harm-typical on average (the harmful prompts' form: short questions).")
     max_new_tokens: int = Field(96, gt=0)
     batch_size: int = Field(48, gt=0)
     dpo_pairs: int = Field(0, ge=0, description="Also add this many DPO pairs on contrast prompts: chosen = "

@@ -5,7 +5,7 @@ set never contains those words ("steal one's thunder", "break a bad habit", "kil
 model refuses every prompt that does: XSTest's over-refusal. The contrast set is chosen from the
 data, not by hand: every word is scored by how much more often it occurs in the SFT set's harmful
 prompts than in the harmless pool (a smoothed log-odds ratio of document frequencies), and a
-harmless prompt by its highest-scoring word.
+harmless prompt by its highest-scoring word (``max``) or by the mean over its words (``mean``).
 """
 
 from __future__ import annotations
@@ -22,25 +22,48 @@ def prompt_words(prompt: str) -> set[str]:
     return set(WORD.findall(prompt.lower()))
 
 
-def harm_lexicon(harmful: list[str], harmless: list[str], min_count: int = 3) -> dict[str, float]:
-    """Each word of at least ``min_count`` harmful prompts, scored by the log-odds ratio of the share
-    of harmful and of harmless prompts containing it (add-one-half smoothing):
-    ``log((h_w + ½) / (H + 1)) − log((b_w + ½) / (B + 1))``. Positive: more typical of harmful prompts."""
+def log_odds(harmful: list[str], harmless: list[str]) -> dict[str, tuple[float, int]]:
+    """Every word of either set: its log-odds ratio between the share of harmful and of harmless prompts
+    containing it (add-one-half smoothing), ``log((h_w + ½) / (H + 1)) − log((b_w + ½) / (B + 1))``,
+    and the number ``h_w`` of harmful prompts containing it. Positive: more typical of harmful prompts."""
     in_harmful = Counter(w for p in harmful for w in prompt_words(p))
     in_harmless = Counter(w for p in harmless for w in prompt_words(p))
     n_harmful, n_harmless = len(harmful) + 1, len(harmless) + 1
-    return {w: math.log((c + 0.5) / n_harmful) - math.log((in_harmless[w] + 0.5) / n_harmless)
-            for w, c in in_harmful.items() if c >= min_count}
+    return {w: (math.log((in_harmful[w] + 0.5) / n_harmful) - math.log((in_harmless[w] + 0.5) / n_harmless),
+                in_harmful[w]) for w in in_harmful.keys() | in_harmless.keys()}
 
 
-def contrast_prompts(pool: list[str], lexicon: dict[str, float], n: int) -> list[dict]:
-    """The ``n`` prompts of ``pool`` whose highest-scoring word scores highest (ties keep the pool's
-    order), each with that word and its score. Prompts with no word in ``lexicon`` are never taken."""
+def harm_lexicon(harmful: list[str], harmless: list[str], min_count: int = 3) -> dict[str, float]:
+    """The :func:`log_odds` of each word of at least ``min_count`` harmful prompts."""
+    return {w: score for w, (score, count) in log_odds(harmful, harmless).items() if count >= min_count}
+
+
+SCORES = ("max", "mean")
+"""How a prompt is scored from its words: ``max``, its most harm-typical word of the lexicon (the
+prompts that share a marked word); ``mean``, the mean log-odds of all its words (the prompts that
+read most like the harmful ones as a whole, their form included: short questions such as "How can
+I ...?")."""
+
+
+def prompt_score(prompt: str, odds: dict[str, float], how: str) -> tuple[float, str] | None:
+    """``prompt``'s score under ``how`` (see :data:`SCORES`) and the word that scores highest, or None
+    when no word of it is in ``odds``."""
+    words = sorted(w for w in prompt_words(prompt) if w in odds)
+    if not words:
+        return None
+    word = max(words, key=odds.__getitem__)
+    return (odds[word] if how == "max" else sum(odds[w] for w in words) / len(words)), word
+
+
+def contrast_prompts(pool: list[str], odds: dict[str, float], n: int, how: str = "max") -> list[dict]:
+    """The ``n`` prompts of ``pool`` that score highest under ``how`` (ties keep the pool's order), each
+    with its score and its most harm-typical word. Prompts with no word in ``odds`` are never taken."""
+    if how not in SCORES:
+        raise ValueError(f"unknown contrast score '{how}'; use one of {SCORES}")
     scored = []
     for index, prompt in enumerate(pool):
-        words = [w for w in prompt_words(prompt) if w in lexicon]
-        if words:
-            word = max(sorted(words), key=lexicon.__getitem__)
-            scored.append((-lexicon[word], index, prompt, word))
+        found = prompt_score(prompt, odds, how)
+        if found is not None:
+            scored.append((-found[0], index, prompt, found[1]))
     scored.sort()
     return [{"prompt": prompt, "word": word, "score": round(-neg, 4)} for neg, _, prompt, word in scored[:n]]

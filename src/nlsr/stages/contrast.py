@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nlsr.data.contrast import contrast_prompts, harm_lexicon
+from nlsr.data.contrast import contrast_prompts, harm_lexicon, log_odds
 from nlsr.io import write_json
 from nlsr.stages.align import greedy_answers, real_answers
 from nlsr.stages.common import load_base, read_jsonl, write_jsonl
@@ -24,7 +24,8 @@ def run_contrast_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     pool = unused_harmless_prompts(ctx, inputs["data-align"], section.dataset)
     harmful = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
     lexicon = harm_lexicon(harmful, pool, section.min_count)
-    picked = contrast_prompts(pool, lexicon, section.n)
+    odds = lexicon if section.score == "max" else {w: v for w, (v, _) in log_odds(harmful, pool).items()}
+    picked = contrast_prompts(pool, odds, section.n, section.score)
     answers = greedy_answers(ctx, load_base(ctx), [r["prompt"] for r in picked], section.max_new_tokens,
                              section.batch_size, out / "contrast.cache.jsonl", "contrast answers")
     kept, dropped = real_answers([r["prompt"] for r in picked], answers)
