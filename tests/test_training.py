@@ -24,6 +24,7 @@ def test_sft_is_reproducible_and_keeps_eos_target(tmp_path, tiny_model_dir, tiny
     stats, first = _train(tiny_model_dir, tiny_tokenizer, tmp_path / "a")
     _, second = _train(tiny_model_dir, tiny_tokenizer, tmp_path / "b")
     assert stats["steps"] == 2 and stats["first_loss"] is not None
+    assert stats["tenth_steps"] == 1 and stats["first_tenth_loss"] == stats["first_loss"]
     assert set(first) == set(second)
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -82,3 +83,15 @@ def test_tokenize_completions_masks_the_prompt_and_truncates(tiny_tokenizer):
     assert tokenize_completions(tiny_tokenizer, [{"prompt": "say hi\n", "completion": "x"}], prompt_len) == []
     cut = tokenize_completions(tiny_tokenizer, [{"prompt": "say hi\n", "completion": "hi there"}], prompt_len + 1)
     assert len(cut[0]["input_ids"]) == prompt_len + 1 and sum(cut[0]["completion_mask"]) == 1
+
+
+def test_the_training_line_shows_the_mean_of_the_first_and_last_tenth_of_the_steps():
+    from nlsr.training import end_losses, training_line
+
+    losses = [2.0] * 5 + [1.0] * 40 + [0.5] * 4 + [1.8]           # a noisy last step
+    ends = end_losses(losses)
+    assert ends == {"first_tenth_loss": 2.0, "last_tenth_loss": (0.5 * 4 + 1.8) / 5, "tenth_steps": 5}
+    line = training_line(50, "rows", {"first_loss": 2.0, "last_loss": 1.8, **ends})
+    assert line == "50 rows, loss 2.000 -> 0.760 (mean of the first and last 5 logged steps)"
+    assert training_line(3, "pairs", {"first_loss": 0.7, "last_loss": 0.5}) == "3 pairs, loss 0.700 -> 0.500"
+    assert end_losses([]) == {}

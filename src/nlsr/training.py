@@ -92,6 +92,7 @@ def _train(trainer, out_dir: Path, section: TrainSection, started: float, log=pr
     stats = {"seconds": time.perf_counter() - started, "steps": trainer.state.global_step,
              "first_loss": history[0]["loss"] if history else None,
              "last_loss": history[-1]["loss"] if history else None,
+             **end_losses([h["loss"] for h in history]),
              "mean_loss": output.training_loss,
              "tokens": int(round(epoch_tokens * section.epochs))}
     if trainer.args.should_save:
@@ -101,11 +102,24 @@ def _train(trainer, out_dir: Path, section: TrainSection, started: float, log=pr
     return stats
 
 
+def end_losses(losses: Sequence[float]) -> dict:
+    """The mean loss of the first and of the last tenth of the logged steps (at least one step each):
+    single steps are noisy (a short last batch can double the loss), a tenth shows the trend."""
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 10)
+    return {"first_tenth_loss": sum(losses[:k]) / k, "last_tenth_loss": sum(losses[-k:]) / k, "tenth_steps": k}
+
+
 def training_line(count: int, what: str, stats: dict) -> str:
-    """``"400 rows, loss 2.31 -> 1.05"``; a resumed stage with no step left has no losses to show."""
+    """``"400 rows, loss 2.31 -> 1.05 (mean of the first and last 5 logged steps)"``; a resumed stage
+    with no step left has no losses to show."""
     if stats.get("first_loss") is None:
         return f"{count} {what}, {stats.get('steps', 0)} steps (no step left to log after resuming)"
-    return f"{count} {what}, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"
+    if "first_tenth_loss" not in stats:
+        return f"{count} {what}, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}"
+    return (f"{count} {what}, loss {stats['first_tenth_loss']:.3f} -> {stats['last_tenth_loss']:.3f} "
+            f"(mean of the first and last {stats['tenth_steps']} logged steps)")
 
 
 def tokenize_completions(tokenizer, rows: Sequence[dict], max_length: int) -> list[dict]:
