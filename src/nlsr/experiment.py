@@ -113,7 +113,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     contrast_dpo_pairs = sections["align"]["contrast"].pop("dpo_pairs") if cfg.align.contrast.n else 0
     if cfg.align.contrast.score == "max":         # added later: runs made before keep their keys
         del sections["align"]["contrast"]["score"]
-    helpful_pairs = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (
+    dpo_pair_params = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (
         {"contrast_dpo_pairs": contrast_dpo_pairs} if contrast_dpo_pairs else {})
     overrefusal = cfg.align.overrefusal.pool > 0
     sft_inputs = ["data-align", *(["data-helpful"] if helpful else []),
@@ -146,7 +146,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
                             {**common, "overrefusal": sections["align"]["overrefusal"]}, ["data-align", "align_sft"],
                             content=reads.overrefusal_content))
     stages.append(Stage("align_dpo", align.run_dpo,
-                        {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"], **helpful_pairs},
+                        {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"], **dpo_pair_params},
                         ["data-align", "align_sft", *dpo_extra_inputs]))
     init = cfg.attack.init
     merged = anyfinetune.MERGED
@@ -199,7 +199,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
             stages.append(Stage(aligned_stage_of[defence.name],
                                 align.run_dpo_vaccine(rho) if "dpo" in defence.vaccine_stages else align.run_dpo,
                                 {**common, "defence": defence.model_dump(), "dpo": sections["align"]["dpo"],
-                                 "lora": sections["lora"], **helpful_pairs}, ["data-align", weak, *dpo_extra_inputs],
+                                 "lora": sections["lora"], **dpo_pair_params}, ["data-align", weak, *dpo_extra_inputs],
                                 roles={weak: "align_sft"}))
 
     from nlsr.generation import resolve_backend

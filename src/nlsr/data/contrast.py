@@ -33,9 +33,14 @@ def log_odds(harmful: list[str], harmless: list[str]) -> dict[str, tuple[float, 
                 in_harmful[w]) for w in in_harmful.keys() | in_harmless.keys()}
 
 
+def lexicon_of(odds: dict[str, tuple[float, int]], min_count: int) -> dict[str, float]:
+    """The log-odds of each word of :func:`log_odds` found in at least ``min_count`` harmful prompts."""
+    return {w: score for w, (score, count) in odds.items() if count >= min_count}
+
+
 def harm_lexicon(harmful: list[str], harmless: list[str], min_count: int = 3) -> dict[str, float]:
     """The :func:`log_odds` of each word of at least ``min_count`` harmful prompts."""
-    return {w: score for w, (score, count) in log_odds(harmful, harmless).items() if count >= min_count}
+    return lexicon_of(log_odds(harmful, harmless), min_count)
 
 
 SCORES = ("max", "mean")

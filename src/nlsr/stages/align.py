@@ -64,21 +64,22 @@ def greedy_answers(ctx, model, prompts: list[str], max_new_tokens: int, batch_si
                     max_new_tokens, batch_size=batch_size, cache_file=cache_file, description=description)
 
 
-def real_answers(prompts: list[str], answers: list[str]) -> tuple[list[dict], dict[str, int]]:
-    """The rows ``{prompt, response}`` whose answer is neither empty nor a refusal (by the refusal
-    matcher), and the count of each reason a row was dropped: a helpful row must not teach refusals."""
+def real_answers(rows: list[dict], answers: list[str]) -> tuple[list[dict], dict[str, int]]:
+    """Each row (a ``prompt`` and any other fields) with its ``response``, kept where the answer is
+    neither empty nor a refusal (by the refusal matcher), and the count of each reason a row was
+    dropped: a helpful row must not teach refusals."""
     from nlsr.judges.refusal import is_refusal
 
-    rows, dropped = [], {"empty": 0, "refusal": 0}
-    for prompt, answer in zip(prompts, answers, strict=True):
+    kept, dropped = [], {"empty": 0, "refusal": 0}
+    for row, answer in zip(rows, answers, strict=True):
         answer = answer.strip()
         if not answer:
             dropped["empty"] += 1
         elif is_refusal(answer):
             dropped["refusal"] += 1
         else:
-            rows.append({"prompt": prompt, "response": answer})
-    return rows, dropped
+            kept.append({**row, "response": answer})
+    return kept, dropped
 
 
 def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
@@ -92,7 +93,7 @@ def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     prompts = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "helpful_prompts.jsonl")]
     answers = greedy_answers(ctx, load_base(ctx), prompts, section.max_new_tokens, section.batch_size,
                              out / "helpful.cache.jsonl", "helpful answers")
-    rows, dropped = real_answers(prompts, answers)
+    rows, dropped = real_answers([{"prompt": p} for p in prompts], answers)
     from nlsr.stages.common import write_jsonl
 
     write_jsonl(out / "helpful.jsonl", rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nlsr.data.contrast import contrast_prompts, harm_lexicon, log_odds
+from nlsr.data.contrast import contrast_prompts, lexicon_of, log_odds
 from nlsr.io import write_json
 from nlsr.stages.align import greedy_answers, real_answers
 from nlsr.stages.common import load_base, read_jsonl, write_jsonl
@@ -23,15 +23,13 @@ def run_contrast_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     section = ctx.config.align.contrast
     pool = unused_harmless_prompts(ctx, inputs["data-align"], section.dataset)
     harmful = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
-    lexicon = harm_lexicon(harmful, pool, section.min_count)
-    odds = lexicon if section.score == "max" else {w: v for w, (v, _) in log_odds(harmful, pool).items()}
-    picked = contrast_prompts(pool, odds, section.n, section.score)
+    odds = log_odds(harmful, pool)          # once: the lexicon and the mean score both read it
+    lexicon = lexicon_of(odds, section.min_count)
+    scores = lexicon if section.score == "max" else {w: v for w, (v, _) in odds.items()}
+    picked = contrast_prompts(pool, scores, section.n, section.score)
     answers = greedy_answers(ctx, load_base(ctx), [r["prompt"] for r in picked], section.max_new_tokens,
                              section.batch_size, out / "contrast.cache.jsonl", "contrast answers")
-    kept, dropped = real_answers([r["prompt"] for r in picked], answers)
-    by_prompt = {r["prompt"]: r for r in picked}
-    rows = [{**row, "word": by_prompt[row["prompt"]]["word"], "score": by_prompt[row["prompt"]]["score"]}
-            for row in kept]
+    rows, dropped = real_answers(picked, answers)
     count = write_jsonl(out / "contrast.jsonl", rows)
     words = sorted(lexicon.items(), key=lambda item: -item[1])[:40]
     card = {"contrast": {"rows": count, "picked": len(picked), "pool": len(pool), "dropped": dropped,

@@ -33,7 +33,7 @@ SPLIT_SALT = "nlsr-harmful-split-v1"   # the validation/test split of the harmfu
 EXTRA_SAMPLE_SEED = 0                  # the fixed sample of each extra harmful set
 
 
-def _take(name: str, rows: list[dict], n: int, what: str) -> list[dict]:
+def _take(name: str, rows: list, n: int, what: str) -> list:
     if len(rows) < n:
         raise NlsrError(f"{what}: dataset '{name}' has {len(rows)} usable rows but {n} were asked for; "
                         "lower the n in the config")
@@ -222,8 +222,8 @@ def overrefusal_pool(ctx, align_dir: Path) -> list[str]:
     """The ``align.overrefusal.pool`` harmless prompts W_0 is probed on: the first of
     :func:`unused_harmless_prompts`."""
     section = ctx.config.align.overrefusal
-    rows = [{"prompt": p} for p in unused_harmless_prompts(ctx, align_dir, section.dataset)]
-    return [r["prompt"] for r in _take(section.dataset, rows, section.pool, "align.overrefusal.pool")]
+    return _take(section.dataset, unused_harmless_prompts(ctx, align_dir, section.dataset), section.pool,
+                 "align.overrefusal.pool")
 
 
 def run_defence_rows(ctx, out: Path, inputs: dict[str, Path]) -> dict:
