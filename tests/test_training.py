@@ -95,3 +95,25 @@ def test_the_training_line_shows_the_mean_of_the_first_and_last_tenth_of_the_ste
     assert line == "50 rows, loss 2.000 -> 0.760 (mean of the first and last 5 logged steps)"
     assert training_line(3, "pairs", {"first_loss": 0.7, "last_loss": 0.5}) == "3 pairs, loss 0.700 -> 0.500"
     assert end_losses([]) == {}
+
+
+def test_dpo_sft_weight_adds_the_chosen_answers_nll_to_the_loss(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """At the first step policy = reference, so plain DPO's loss is log 2; RPO adds w x the chosen NLL."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from nlsr.config import DpoSection
+    from nlsr.training import train_dpo
+
+    rows = [{"prompt": f"Q{i}: say hi\n", "chosen": "hi there", "rejected": "go away"} for i in range(4)]
+    first = {}
+    for weight in (0.0, 2.0):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        section = DpoSection(epochs=1, lr=1e-3, batch_size=4, max_length=64, sft_weight=weight)
+        stats = train_dpo(model, tiny_tokenizer, rows, section, tmp_path / str(weight), seed=3,
+                          lora=lora_config(LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj"])))
+        first[weight] = stats["first_loss"]
+    assert abs(first[0.0] - math.log(2)) < 1e-3
+    # a random tiny model's token NLL is near log(vocab): far above 1
+    assert first[2.0] - math.log(2) > 2.0

@@ -64,6 +64,10 @@ class DpoSection(TrainSection):
                              "learns where to refuse as the helpful pairs teach it where not to (0 = none).")
     refusal_pairs_dataset: str = Field("poison", description="Registry name of (prompt, harmful answer) rows.")
     beta: float = Field(0.1, gt=0, description="DPO temperature β.")
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, Pang et al. "
+                               "2024; TRL's 'sft' loss term): DPO alone can lower the chosen answer's likelihood too "
+                               "and drift to evasive text; 0 = plain DPO.")
     lr: float = Field(5e-5, gt=0)
 
 

@@ -186,7 +186,9 @@ def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, se
     started = time.perf_counter()
     use_cpu = next(model.parameters()).device.type == "cpu"
     common = _common_args(section, out_dir, seed, use_cpu, bf16, len(rows))
-    args = DPOConfig(**common, beta=section.beta)
+    sft_weight = getattr(section, "sft_weight", 0.0)
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}
+    args = DPOConfig(**common, beta=section.beta, **losses)
     with _quiet():
         trainer = (trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
                                               processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
