@@ -47,6 +47,36 @@ def test_missing_config_and_bad_override(tmp_path):
         load_config(tmp_path / "c.yaml", ["attack.p"])
 
 
+def test_a_base_config_is_laid_under_the_file(tmp_path):
+    """``base:`` (relative to the file) gives the starting point: mappings merge, lists and values
+    replace, null clears; overrides still come last."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "main.yaml").write_text(
+        "name: main\nseeds: [0, 1, 2]\nattack: {task: sst2, p: 0.05, lr: 3.0e-4}\n"
+        "realign:\n  sweep: {variant: nlsr, field: q, values: [0.1, 0.4]}\n")
+    (tmp_path / "shared" / "side.yaml").write_text(
+        "base: main.yaml\nname: side\nseeds: [0]\nattack: {task: gsm8k}\nrealign: {sweep: null}\n")
+    (tmp_path / "child.yaml").write_text("base: shared/side.yaml\nattack: {p: 0.1}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["attack.lr=1.0e-4"])
+    assert cfg.name == "side" and cfg.seeds == [0]
+    assert (cfg.attack.task, cfg.attack.p, cfg.attack.lr) == ("gsm8k", 0.1, 1.0e-4)
+    assert cfg.realign.sweep is None
+    assert load_config(tmp_path / "shared" / "main.yaml").realign.sweep.values == [0.1, 0.4]
+
+
+def test_a_missing_or_looping_base_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(NlsrError, match="base 'nowhere.yaml' does not exist"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(NlsrError, match="chain loops"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("base: [x]\n")
+    with pytest.raises(NlsrError, match="'base' must be the path"):
+        load_config(tmp_path / "d.yaml")
+
+
 def test_data_stage_rejects_unknown_dataset_before_training(tmp_path):
     from conftest import shared_data_dir
     from nlsr.pipeline import RunContext

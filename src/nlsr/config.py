@@ -507,13 +507,19 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML config, apply ``a.b=c`` overrides (values parsed as YAML), and validate it.
+def merge_sections(base: dict, child: dict) -> dict:
+    """``child`` laid over ``base``: mappings merge key by key (recursively); any other value, lists
+    included, replaces the base's; ``null`` clears it."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_sections(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
-    Raises:
-        NlsrError: missing file, bad YAML, or every validation problem at once, each naming its field.
-    """
-    path = Path(path)
+
+def _read_yaml_mapping(path: Path) -> dict:
     if not path.is_file():
         raise NlsrError(f"config file '{path}' does not exist")
     try:
@@ -525,6 +531,44 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
                         "such as configs/smoke.yaml") from err
     if not isinstance(data, dict):
         raise NlsrError(f"config file '{path}' must hold a mapping of sections")
+    return data
+
+
+def read_config_data(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping with its ``base:`` chain resolved.
+
+    ``base: other.yaml`` (a path relative to this file's folder) takes that config as the starting
+    point; this file's own sections are laid over it (:func:`merge_sections`). Side experiments that
+    share one run's aligned model name it as their base, so the alignment is written once."""
+    path = Path(path)
+    data = _read_yaml_mapping(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise NlsrError(f"config file '{path}': 'base' must be the path of another config file, "
+                        f"relative to '{path.parent}' (got {base!r})")
+    base_path = path.parent / base
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        names = " -> ".join(str(p.name) for p in (*chain, base_path))
+        raise NlsrError(f"config file '{path}': its 'base' chain loops ({names}); remove one 'base'")
+    if not base_path.is_file():
+        raise NlsrError(f"config file '{path}': its base '{base}' does not exist (looked for '{base_path}'); "
+                        "fix the path, which is relative to the config's own folder")
+    return merge_sections(read_config_data(base_path, chain), data)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (resolving its ``base:`` chain), apply ``a.b=c`` overrides (values parsed as
+    YAML), and validate it.
+
+    Raises:
+        NlsrError: missing file, bad YAML, a missing or looping base, or every validation problem at
+            once, each naming its field.
+    """
+    path = Path(path)
+    data = read_config_data(path)
     for item in overrides or []:
         if "=" not in item:
             raise NlsrError(f"override '{item}' must look like section.field=value")
