@@ -117,3 +117,44 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll_to_the_loss(tmp_path, tiny_m
     assert abs(first[0.0] - math.log(2)) < 1e-3
     # a random tiny model's token NLL is near log(vocab): far above 1
     assert first[2.0] - math.log(2) > 2.0
+
+
+def test_dpo_stage_can_leave_the_dataset_pairs_out(tmp_path, monkeypatch, tiny_tokenizer):
+    """train_on_dataset: false trains on the constructed pairs only; a config with no other source is refused."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from nlsr.config import ExperimentConfig
+    from nlsr.stages import align
+    from tests.conftest import write_jsonl
+
+    files = {"data-align": {"sft.jsonl": [{"prompt": "How do I steal?", "response": "I can't help."}],
+                            "dpo.jsonl": [{"prompt": "pku", "chosen": "safer", "rejected": "worse"}]},
+             "data-refusal-pairs": {"refusal_pairs.jsonl": [{"prompt": "steal", "chosen": "No.", "rejected": "Do X."}]}}
+    for stage, named in files.items():
+        (tmp_path / stage).mkdir()
+        for name, rows in named.items():
+            write_jsonl(tmp_path / stage / name, rows)
+    trained: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(model, tokenizer, rows, *args, **kwargs):
+        trained.extend(r["chosen"] for r in rows)
+        raise Stop
+
+    monkeypatch.setattr(align, "train_dpo", fake_train)
+    monkeypatch.setattr(align, "load_weak", lambda ctx, path: None)
+    inputs = {n: tmp_path / n for n in ("data-align", "data-refusal-pairs", "align_sft")}
+    for on_dataset, expected in ((True, ["safer", "No."]), (False, ["No."])):
+        trained.clear()
+        cfg = ExperimentConfig.model_validate({"align": {"helpful": {"n": 0}, "dpo": {
+            "refusal_pairs": 1, "train_on_dataset": on_dataset}}})
+        ctx = SimpleNamespace(config=cfg, tokenizer=lambda: tiny_tokenizer, precision=SimpleNamespace(bf16=False))
+        with pytest.raises(Stop):
+            align.run_dpo(ctx, tmp_path / "out", inputs)
+        assert trained == expected
+    with pytest.raises(ValueError, match="no other DPO pairs"):
+        ExperimentConfig.model_validate({"align": {"helpful": {"n": 0}, "dpo": {"train_on_dataset": False}}})

@@ -64,6 +64,10 @@ class DpoSection(TrainSection):
                              "learns where to refuse as the helpful pairs teach it where not to (0 = none).")
     refusal_pairs_dataset: str = Field("poison", description="Registry name of (prompt, harmful answer) rows.")
     beta: float = Field(0.1, gt=0, description="DPO temperature β.")
+    train_on_dataset: bool = Field(
+        True, description="Train on the n pairs of `dataset`. false: on the constructed pairs only (refusal, "
+                          "helpful, contrast, over-refusal); the n rows are still drawn, so every other draw "
+                          "(helpful prompts, calibration) stays the same.")
     sft_weight: float = Field(
         0.0, ge=0, description="Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, Pang et al. "
                                "2024; TRL's 'sft' loss term): DPO alone can lower the chosen answer's likelihood too "
@@ -127,6 +131,15 @@ class AlignSection(_Section):
     helpful: HelpfulSection = HelpfulSection()
     overrefusal: OverrefusalSection = OverrefusalSection()
     contrast: ContrastSection = ContrastSection()
+
+    @model_validator(mode="after")
+    def _dpo_has_pairs(self):
+        constructed = (self.dpo.refusal_pairs + (self.helpful.dpo_pairs if self.helpful.n else 0)
+                       + (self.contrast.dpo_pairs if self.contrast.n else 0) + self.overrefusal.pool)
+        if not self.dpo.train_on_dataset and not constructed:
+            raise ValueError("dpo.train_on_dataset is false but no other DPO pairs are configured: set "
+                             "dpo.refusal_pairs, helpful.dpo_pairs or overrefusal.pool, or train on the dataset")
+        return self
 
 
 class AttackSection(TrainSection):

@@ -111,8 +111,9 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         del sections["align"]["dpo"]["refusal_pairs"], sections["align"]["dpo"]["refusal_pairs_dataset"]
     dpo_pairs = sections["align"]["helpful"].pop("dpo_pairs") if helpful else 0
     contrast_dpo_pairs = sections["align"]["contrast"].pop("dpo_pairs") if cfg.align.contrast.n else 0
-    if not cfg.align.dpo.sft_weight:              # added later: runs made before keep their keys
-        del sections["align"]["dpo"]["sft_weight"]
+    for field, default in (("sft_weight", 0.0), ("train_on_dataset", True)):   # added later: runs made
+        if sections["align"]["dpo"][field] == default:                            # before keep their keys
+            del sections["align"]["dpo"][field]
     if cfg.align.contrast.score == "max":         # added later: runs made before keep their keys
         del sections["align"]["contrast"]["score"]
     dpo_pair_params = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (

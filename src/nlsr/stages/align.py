@@ -111,7 +111,7 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     cfg = ctx.config
     set_seed(cfg.seed)
     tokenizer = ctx.tokenizer()
-    pairs = read_jsonl(inputs["data-align"] / "dpo.jsonl")
+    pairs = read_jsonl(inputs["data-align"] / "dpo.jsonl") if cfg.align.dpo.train_on_dataset else []
     refusals = [r["response"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
     if cfg.align.helpful.dpo_pairs and "data-helpful" in inputs:
         pairs += helpful_dpo_pairs(read_jsonl(inputs["data-helpful"] / "helpful.jsonl"), refusals,
@@ -123,6 +123,11 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
         pairs += read_jsonl(inputs["data-refusal-pairs"] / "refusal_pairs.jsonl")
     if "data-overrefusal-pairs" in inputs:
         pairs += read_jsonl(inputs["data-overrefusal-pairs"] / "overrefusal_pairs.jsonl")
+    if not pairs:               # the config refuses this; a probe can still keep no over-refusal pair
+        from nlsr.errors import NlsrError
+
+        raise NlsrError("align_dpo has no pairs to train on: every configured source came out empty; "
+                        "raise align.overrefusal.pool or set align.dpo.train_on_dataset: true")
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in pairs]
     if cfg.num_processes > 1:       # Vaccine's trainer is refused there (one process only)
