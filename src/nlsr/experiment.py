@@ -79,6 +79,13 @@ def variant_params(variant) -> dict:
     return params
 
 
+def _drop_at_default(section: dict, defaults: dict) -> None:
+    """Remove from ``section`` each field of ``defaults`` that holds its default value."""
+    for field, default in defaults.items():
+        if section[field] == default:
+            del section[field]
+
+
 def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stages in dependency order.
 
@@ -111,11 +118,9 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
         del sections["align"]["dpo"]["refusal_pairs"], sections["align"]["dpo"]["refusal_pairs_dataset"]
     dpo_pairs = sections["align"]["helpful"].pop("dpo_pairs") if helpful else 0
     contrast_dpo_pairs = sections["align"]["contrast"].pop("dpo_pairs") if cfg.align.contrast.n else 0
-    for field, default in (("sft_weight", 0.0), ("train_on_dataset", True)):   # added later: runs made
-        if sections["align"]["dpo"][field] == default:                            # before keep their keys
-            del sections["align"]["dpo"][field]
-    if cfg.align.contrast.score == "max":         # added later: runs made before keep their keys
-        del sections["align"]["contrast"]["score"]
+    # fields added later, left out of the keys at their defaults: runs made before keep their keys
+    _drop_at_default(sections["align"]["dpo"], {"sft_weight": 0.0, "train_on_dataset": True})
+    _drop_at_default(sections["align"]["contrast"], {"score": "max"})
     dpo_pair_params = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (
         {"contrast_dpo_pairs": contrast_dpo_pairs} if contrast_dpo_pairs else {})
     overrefusal = cfg.align.overrefusal.pool > 0

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from nlsr.data.templates import model_prompt
+from nlsr.errors import NlsrError
 from nlsr.stages.common import load_base, load_weak, read_jsonl
 from nlsr.training import lora_config, set_seed, train_dpo, train_sft, training_line
 
@@ -124,8 +125,6 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
     if "data-overrefusal-pairs" in inputs:
         pairs += read_jsonl(inputs["data-overrefusal-pairs"] / "overrefusal_pairs.jsonl")
     if not pairs:               # the config refuses this; a probe can still keep no over-refusal pair
-        from nlsr.errors import NlsrError
-
         raise NlsrError("align_dpo has no pairs to train on: every configured source came out empty; "
                         "raise align.overrefusal.pool or set align.dpo.train_on_dataset: true")
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
@@ -155,8 +154,6 @@ def helpful_dpo_pairs(helpful: list[dict], refusals: list[str], n: int, seed: in
     aligned on refusals alone learns to refuse everything). The prompts are a seeded sample of the
     helpful answers, the refusals the SFT set's, assigned in a seeded order (their topics do not match
     the prompt: the pair contrasts answering with refusing, whatever is asked)."""
-    from nlsr.errors import NlsrError
-
     if n > len(helpful):
         raise NlsrError(f"{section}.dpo_pairs = {n}, but only {len(helpful)} answers were kept: "
                         f"lower {section}.dpo_pairs or raise {section}.n")
