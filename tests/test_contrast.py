@@ -49,6 +49,37 @@ def test_the_mean_score_picks_the_prompts_that_read_like_the_harmful_ones_as_a_w
         contrast_prompts(pool, odds, 1, "median")
 
 
+@pytest.mark.parametrize(("instruction", "question"), [
+    ("Explain how to use a pressure cooker.", "How do I use a pressure cooker?"),
+    ("Describe how you can make a kite", "How can I make a kite?"),
+    ("Suggest three ways to save energy at your home.", "How can I save energy at my home?"),
+    ("Give me 5 practical tips on how to improve yourself.", "How can I improve myself?"),
+    ("Give two tips for consuming more vegetables.", "What are some good tips for consuming more vegetables?"),
+    ("List five steps to writing a paper.", "What are some good steps to writing a paper?"),
+    ("Identify a solution to the problem of hunger.", "What are some good solutions to the problem of hunger?"),
+    ("Give some advice for speaking in public.", "What is some good advice for speaking in public?"),
+    ("How can I sleep better?", "How can I sleep better?"),                       # already a question
+    ("Write a poem about spring.", None),
+    ("Suggest a way to relax. Then explain why.", None),                         # two sentences
+    ("Explain how to\nbake bread", None),
+])
+def test_as_question_recasts_requests_for_a_way_or_advice_as_first_person_questions(instruction, question):
+    from nlsr.data.contrast import as_question
+
+    assert as_question(instruction) == question
+
+
+def test_question_prompts_take_the_first_recastable_prompts_in_pool_order():
+    from nlsr.data.contrast import question_prompts
+
+    pool = ["Write a poem.", "Suggest a way to relax.", "Bake bread.", "Explain how to knit.", "Name a way to rest."]
+    assert question_prompts(pool, 2) == [{"prompt": "How can I relax?", "source": "Suggest a way to relax."},
+                                         {"prompt": "How do I knit?", "source": "Explain how to knit."}]
+    assert len(question_prompts(pool, 10)) == 3
+    with pytest.raises(ValueError, match="unknown contrast score"):
+        contrast_prompts(pool, {"relax": 1.0}, 1, "question")     # a form, not a word score
+
+
 def test_contrast_rows_enter_the_sft_stages_only_when_used():
     from nlsr.experiment import build_stages
 
@@ -168,3 +199,38 @@ def test_the_sft_stage_trains_on_the_contrast_answers_too(tmp_path, monkeypatch,
     with pytest.raises(Stop):
         align.run_sft(ctx, tmp_path / "out", {n: tmp_path / n for n in ("data-align", "data-helpful", "data-contrast")})
     assert [r["completion"] for r in trained] == ["I can't help with that.", "An apple.", "It means to shine."]
+
+
+def test_the_question_contrast_stage_answers_gated_recast_questions(tmp_path, root, tiny_model_dir):
+    from nlsr.data import load_records
+    from nlsr.data.disjoint import normalise_prompt, prompt_of
+    from nlsr.pipeline import RunContext
+    from nlsr.stages.common import read_jsonl
+    from nlsr.stages.contrast import run_contrast_answers
+    from nlsr.stages.data import evaluation_set_names, run_align, unused_harmless_prompts
+
+    cfg = ExperimentConfig.model_validate({
+        "model": str(tiny_model_dir), "precision": "float32",
+        "align": {"sft": {"n": 20}, "dpo": {"n": 20}, "helpful": {"n": 50},
+                  "contrast": {"n": 6, "score": "question", "max_new_tokens": 4, "batch_size": 6}},
+        "realign": {"calibration_n": 20}})
+    ctx = RunContext(cfg, tmp_path / "run", root)
+    align = tmp_path / "data-align"
+    align.mkdir()
+    run_align(ctx, align, {})
+    out = tmp_path / "data-contrast"
+    out.mkdir()
+    result = run_contrast_answers(ctx, out, {"data-align": align})
+    rows = read_jsonl(out / "contrast.jsonl")
+    assert result["card"]["contrast"]["picked"] == 6 and len(rows) == result["rows"] > 0
+    pool = unused_harmless_prompts(ctx, align, cfg.align.contrast.dataset)
+    assert all(r["source"] in pool and r["prompt"].endswith("?") and r["prompt"] != "" for r in rows)
+    assert all(r["prompt"].startswith(("How ", "What ")) for r in rows)
+    evaluation = {normalise_prompt(prompt_of(r)) for name in evaluation_set_names(cfg.evaluate.harmful_dataset)
+                  for r in load_records(name, root)}
+    assert not {normalise_prompt(r["prompt"]) for r in rows} & evaluation
+    assert "recast as first-person questions" in result["card"]["sources"]["contrast"]
+    too_many = cfg.model_copy(update={"align": cfg.align.model_copy(update={
+        "contrast": cfg.align.contrast.model_copy(update={"n": 10 ** 5})})})
+    with pytest.raises(Exception, match="can be recast as questions: lower align.contrast.n"):
+        run_contrast_answers(RunContext(too_many, tmp_path / "run", root), out, {"data-align": align})

@@ -116,9 +116,11 @@ class ContrastSection(_Section):
     dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
     min_count: int = Field(3, gt=0, description="A word enters the lexicon when at least this many SFT "
                                                 "harmful prompts contain it (score 'max').")
-    score: Literal["max", "mean"] = Field(
+    score: Literal["max", "mean", "question"] = Field(
         "max", description="max: prompts with the most harm-typical word; mean: prompts whose words are the "
-                           "most harm-typical on average (the harmful prompts' form: short questions).")
+                           "most harm-typical on average (the harmful prompts' form: short questions); question: "
+                           "instructions asking for a way or advice, recast as first-person questions ('Suggest "
+                           "ways to save energy' -> 'How can I save energy?').")
     max_new_tokens: int = Field(96, gt=0)
     batch_size: int = Field(48, gt=0)
     dpo_pairs: int = Field(0, ge=0, description="Also add this many DPO pairs on contrast prompts: chosen = "

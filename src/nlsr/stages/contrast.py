@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nlsr.data.contrast import contrast_prompts, lexicon_of, log_odds
+from nlsr.data.contrast import contrast_prompts, lexicon_of, log_odds, question_prompts
+from nlsr.errors import NlsrError
 from nlsr.io import write_json
 from nlsr.stages.align import greedy_answers, real_answers
 from nlsr.stages.common import load_base, read_jsonl, write_jsonl
@@ -18,15 +19,25 @@ from nlsr.stages.common import load_base, read_jsonl, write_jsonl
 def run_contrast_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """Pick the contrast prompts from the harmless prompts no other set uses, let the base model
     answer them (greedy) and keep the answers that are neither empty nor refusals."""
-    from nlsr.stages.data import unused_harmless_prompts
+    from nlsr.stages.data import evaluation_gate, unused_harmless_prompts
 
     section = ctx.config.align.contrast
     pool = unused_harmless_prompts(ctx, inputs["data-align"], section.dataset)
     harmful = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
     odds = log_odds(harmful, pool)          # once: the lexicon and the mean score both read it
     lexicon = lexicon_of(odds, section.min_count)
-    scores = lexicon if section.score == "max" else {w: v for w, (v, _) in odds.items()}
-    picked = contrast_prompts(pool, scores, section.n, section.score)
+    gate_lines: list[str] = []
+    if section.score == "question":
+        # the recast questions are new text: they pass the evaluation gate again
+        gate = evaluation_gate(ctx.config, ctx.data_dir)
+        picked = gate.filter("contrast", question_prompts(pool, len(pool)))[:section.n]
+        gate_lines = gate.lines()
+        if len(picked) < section.n:
+            raise NlsrError(f"align.contrast.n = {section.n}, but only {len(picked)} of the {len(pool)} unused "
+                            f"prompts of '{section.dataset}' can be recast as questions: lower align.contrast.n")
+    else:
+        scores = lexicon if section.score == "max" else {w: v for w, (v, _) in odds.items()}
+        picked = contrast_prompts(pool, scores, section.n, section.score)
     answers = greedy_answers(ctx, load_base(ctx), [r["prompt"] for r in picked], section.max_new_tokens,
                              section.batch_size, out / "contrast.cache.jsonl", "contrast answers")
     rows, dropped = real_answers(picked, answers)
@@ -34,9 +45,13 @@ def run_contrast_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     words = sorted(lexicon.items(), key=lambda item: -item[1])[:40]
     card = {"contrast": {"rows": count, "picked": len(picked), "pool": len(pool), "dropped": dropped,
                          "lexicon_size": len(lexicon), "top_words": [[w, round(s, 3)] for w, s in words],
-                         "lowest_score_taken": picked[-1]["score"] if picked else None},
-            "sources": {"contrast": f"{section.dataset}: the prompts richest in harm-typical words (scored "
-                                    "against sft.jsonl), answered by the base model"}}
+                         "lowest_score_taken": picked[-1].get("score") if picked else None,
+                         "gate": gate_lines},
+            "sources": {"contrast": f"{section.dataset}: " + (
+                "instructions asking for a way or advice, recast as first-person questions (as_question)"
+                if section.score == "question" else
+                "the prompts richest in harm-typical words (scored against sft.jsonl)")
+                + ", answered by the base model"}}
     write_json(out / "data_card.json", card)
     for cache in out.glob("*.cache.jsonl"):
         cache.unlink()

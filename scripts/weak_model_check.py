@@ -1,0 +1,65 @@
+"""Over-refusal and HS of the weak model W_0 (the base with the safety SFT merged in), before DPO.
+
+    python3 scripts/weak_model_check.py runs/cpu-bench-r17 [more runs ...] [--data runs/cpu-bench/data]
+
+For each run: W_0 (``<run>/align_sft/model``) answers the XSTest safe prompts (32 new tokens) and the
+harmful validation prompts (48 new tokens) of the run's ``data`` stage (or of ``--data``, for a run
+stopped after its SFT), greedy, in the precision ``auto`` picks, with the
+run's prompt template (alpaca) as the evaluate stage does; prints XSTest refusal per split (refusal
+matcher) and validation HS (default ``trained`` judge), with 95% bootstrap intervals over prompts,
+and writes the generations to ``<run>/align_sft/weak_check.jsonl``. It tells which alignment stage
+sets the over-refusal: compare with ``scripts/aligned_check.py <run>/evaluate-aligned``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from nlsr.data.templates import model_prompt
+from nlsr.generation import generate
+from nlsr.judges.base import make_judge
+from nlsr.judges.refusal import is_refusal
+from nlsr.models import load_model, load_tokenizer
+from nlsr.stats import estimate
+
+
+def percent(flags: list[bool]) -> str:
+    return f"{estimate([float(f) for f in flags]).cell()} (n {len(flags)})"
+
+
+def check(run: Path, data: Path) -> None:
+    model_dir = run / "align_sft" / "model"
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), precision="auto").eval()
+    read = lambda name: [json.loads(line) for line in (data / name).read_text().splitlines() if line]  # noqa: E731
+    xstest = read("xstest_safe.jsonl")
+    harmful = [r for r in read("harmful_eval.jsonl") if r.get("split") == "validation"]
+    prompts = lambda rows: [model_prompt(r["prompt"], "alpaca", tokenizer) for r in rows]  # noqa: E731
+    xs_out = generate(model, tokenizer, prompts(xstest), 32, batch_size=48, description="xstest")
+    hm_out = generate(model, tokenizer, prompts(harmful), 48, batch_size=48, description="harmful")
+    print(f"## {run} (W_0 = align_sft/model)")
+    for split in ("validation", "test"):
+        flags = [is_refusal(o) for r, o in zip(xstest, xs_out, strict=True) if r.get("split", "test") == split]
+        print(f"  XSTest refusal, {split:10s}      {percent(flags)}")
+    flags = make_judge("trained")([r["prompt"] for r in harmful], hm_out)
+    print(f"  HS trained, validation          {percent(flags)}")
+    with open(run / "align_sft" / "weak_check.jsonl", "w") as fh:
+        for r, o in zip(xstest, xs_out, strict=True):
+            fh.write(json.dumps({"set": "xstest", **r, "output": o}) + "\n")
+        for r, o, f in zip(harmful, hm_out, flags, strict=True):
+            fh.write(json.dumps({"set": "harmful", **r, "output": o, "harmful": f}) + "\n")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    data_dir = None
+    if "--data" in args:
+        at = args.index("--data")
+        data_dir = Path(args[at + 1])
+        del args[at:at + 2]
+    if not args:
+        sys.exit(__doc__)
+    for folder in args:
+        check(Path(folder), data_dir or Path(folder) / "data")
