@@ -106,6 +106,9 @@ def test_job_round_trip_and_refusals(tmp_path):
                       lora=LORA, bf16=True)
     assert TrainingJob.load(job.save(tmp_path / "job.json")) == job
     assert job.section["beta"] == 0.1 and "dataset" not in job.section
+    rpo = prepare_job(tmp_path / "rpo", "dpo", "m", "t", DPO_ROWS, DpoSection(batch_size=6, sft_weight=0.5),
+                      tmp_path / "out", seed=1, lora=LORA)
+    assert rpo.section["sft_weight"] == 0.5          # RPO's weight reaches a multi-process DPO
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(DPO_ROWS)
     check_processes(job, 3)
     with pytest.raises(NlsrError, match="multiple of num_processes"):

@@ -158,3 +158,53 @@ def test_dpo_stage_can_leave_the_dataset_pairs_out(tmp_path, monkeypatch, tiny_t
         assert trained == expected
     with pytest.raises(ValueError, match="no other DPO pairs"):
         ExperimentConfig.model_validate({"align": {"helpful": {"n": 0}, "dpo": {"train_on_dataset": False}}})
+
+
+def test_dpo_seed_moves_the_training_only(tmp_path, monkeypatch, tiny_tokenizer):
+    """align.dpo.seed reaches the trainer; the pairs drawn (helpful pairs, on the experiment seed) stay."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from nlsr.config import ExperimentConfig
+    from nlsr.stages import align
+    from tests.conftest import write_jsonl
+
+    (tmp_path / "data-align").mkdir()
+    (tmp_path / "data-helpful").mkdir()
+    write_jsonl(tmp_path / "data-align" / "sft.jsonl",
+                [{"prompt": f"bad {i}", "response": f"No {i}."} for i in range(9)])
+    write_jsonl(tmp_path / "data-align" / "dpo.jsonl", [{"prompt": "pku", "chosen": "safer", "rejected": "worse"}])
+    write_jsonl(tmp_path / "data-helpful" / "helpful.jsonl",
+                [{"prompt": f"good {i}", "response": f"Yes {i}."} for i in range(9)])
+    seen: list[tuple[int, list]] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(model, tokenizer, rows, section, out_dir, seed, **kwargs):
+        seen.append((seed, [(r["prompt"], r["rejected"]) for r in rows]))
+        raise Stop
+
+    monkeypatch.setattr(align, "train_dpo", fake_train)
+    monkeypatch.setattr(align, "load_weak", lambda ctx, path: None)
+    inputs = {n: tmp_path / n for n in ("data-align", "data-helpful", "align_sft")}
+    for dpo_seed in (None, 7):
+        cfg = ExperimentConfig.model_validate({"seed": 3, "align": {"helpful": {"n": 9, "dpo_pairs": 4},
+                                                                     "dpo": {"seed": dpo_seed}}})
+        ctx = SimpleNamespace(config=cfg, tokenizer=lambda: tiny_tokenizer, precision=SimpleNamespace(bf16=False))
+        with pytest.raises(Stop):
+            align.run_dpo(ctx, tmp_path / "out", inputs)
+    assert [s for s, _ in seen] == [3, 7]
+    assert seen[0][1] == seen[1][1] and len(seen[0][1]) == 5
+
+
+def test_dpo_seed_enters_the_stage_keys_only_when_set():
+    from nlsr.config import ExperimentConfig
+    from nlsr.experiment import build_stages
+
+    plain = {s.name: s for s in build_stages(ExperimentConfig())}
+    seeded = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"dpo": {"seed": 1}}}))}
+    assert "seed" not in plain["align_dpo"].params["dpo"]
+    assert seeded["align_dpo"].params["dpo"]["seed"] == 1
+    assert seeded["align_sft"].params == plain["align_sft"].params

@@ -68,6 +68,10 @@ class DpoSection(TrainSection):
         True, description="Train on the n pairs of `dataset`. false: on the constructed pairs only (refusal, "
                           "helpful, contrast, over-refusal); the n rows are still drawn, so every other draw "
                           "(helpful prompts, calibration) stays the same.")
+    seed: int | None = Field(
+        None, description="Seed of the DPO training itself (pair order, LoRA initialisation); None = the "
+                          "experiment's seed. Every draw of data stays on the experiment's seed, so a second value "
+                          "measures how much one DPO run of the same recipe varies.")
     sft_weight: float = Field(
         0.0, ge=0, description="Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, Pang et al. "
                                "2024; TRL's 'sft' loss term): DPO alone can lower the chosen answer's likelihood too "

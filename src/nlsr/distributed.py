@@ -115,11 +115,11 @@ class TrainingJob:
 
 
 def _section_fields(section, kind: str) -> dict:
-    """The fields of a config section that training reads (TrainSection's, plus DPO's beta)."""
+    """The fields of a config section that training reads (TrainSection's, plus DPO's beta and RPO weight)."""
     from nlsr.config import TrainSection
 
     data = section.model_dump() if hasattr(section, "model_dump") else dict(section)
-    keep = set(TrainSection.model_fields) | ({"beta"} if kind == "dpo" else set())
+    keep = set(TrainSection.model_fields) | ({"beta", "sft_weight"} if kind == "dpo" else set())
     return {k: v for k, v in data.items() if k in keep}
 
 
@@ -298,18 +298,19 @@ def run_training_job(job: TrainingJob, num_processes: int = 1, job_path: str | o
 
 
 def train_stage_job(ctx, kind: str, model: str | os.PathLike, rows: Sequence[dict], section, out_dir: Path,
-                    lora=None, adapter: str | os.PathLike | None = None) -> dict:
+                    lora=None, adapter: str | os.PathLike | None = None, seed: int | None = None) -> dict:
     """A training stage's job in ``ctx.config.num_processes`` processes; returns the training stats.
 
     ``model`` is the model to train on (a path or spec), ``lora`` a fresh adapter's
-    :class:`~nlsr.config.LoraSection` or ``adapter`` a directory to continue. The job files live in
-    ``out_dir.parent / ".job"`` while it runs."""
+    :class:`~nlsr.config.LoraSection` or ``adapter`` a directory to continue; ``seed`` the training
+    seed (default: the context's). The job files live in ``out_dir.parent / ".job"`` while it runs."""
     import shutil
 
     cfg = ctx.config
     check_config(cfg)
     work = Path(out_dir).parent / ".job"
-    job = prepare_job(work, kind, str(model), cfg.model, rows, section, out_dir, ctx.seed, lora=lora,
+    job = prepare_job(work, kind, str(model), cfg.model, rows, section, out_dir,
+                      ctx.seed if seed is None else seed, lora=lora,
                       adapter=adapter, bf16=ctx.precision.bf16, device=cfg.device)
     stats = run_training_job(job, cfg.num_processes, job_path=work / "job.json")
     shutil.rmtree(work, ignore_errors=True)

@@ -110,7 +110,8 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
 
     With ``vaccine_rho`` the DPO is perturbation-aware (Vaccine) with that perturbation norm."""
     cfg = ctx.config
-    set_seed(cfg.seed)
+    train_seed = cfg.seed if cfg.align.dpo.seed is None else cfg.align.dpo.seed   # the pairs stay on cfg.seed
+    set_seed(train_seed)
     tokenizer = ctx.tokenizer()
     pairs = read_jsonl(inputs["data-align"] / "dpo.jsonl") if cfg.align.dpo.train_on_dataset else []
     refusals = [r["response"] for r in read_jsonl(inputs["data-align"] / "sft.jsonl")]
@@ -133,7 +134,7 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
         from nlsr.distributed import train_stage_job
 
         stats = train_stage_job(ctx, "dpo", inputs["align_sft"] / "model", rows, cfg.align.dpo, out / "adapter",
-                                lora=cfg.lora)
+                                lora=cfg.lora, seed=train_seed)
         return {**stats, "line": training_line(len(rows), "pairs", stats)}
     model = load_weak(ctx, inputs["align_sft"])
     extra: dict = {}
@@ -141,7 +142,7 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
         from nlsr.defences.vaccine import VaccineDPOTrainer
 
         extra = {"trainer_cls": VaccineDPOTrainer, "vaccine_rho": vaccine_rho}
-    stats = train_dpo(model, tokenizer, rows, cfg.align.dpo, out / "adapter", cfg.seed,
+    stats = train_dpo(model, tokenizer, rows, cfg.align.dpo, out / "adapter", train_seed,
                       lora=lora_config(cfg.lora), bf16=ctx.precision.bf16, **extra)
     return {**stats, "line": training_line(len(rows), "pairs", stats)}
 
