@@ -13,15 +13,15 @@ sets the over-refusal: compare with ``scripts/aligned_check.py <run>/evaluate-al
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from nlsr.data.templates import model_prompt
 from nlsr.generation import generate
-from nlsr.judges.base import make_judge
+from nlsr.judges.base import Judge, make_judge
 from nlsr.judges.refusal import is_refusal
 from nlsr.models import load_model, load_tokenizer
+from nlsr.stages.common import read_jsonl, write_jsonl
 from nlsr.stats import estimate
 
 
@@ -29,13 +29,12 @@ def percent(flags: list[bool]) -> str:
     return f"{estimate([float(f) for f in flags]).cell()} (n {len(flags)})"
 
 
-def check(run: Path, data: Path) -> None:
+def check(run: Path, data: Path, judge: Judge) -> None:
     model_dir = run / "align_sft" / "model"
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), precision="auto").eval()
-    read = lambda name: [json.loads(line) for line in (data / name).read_text().splitlines() if line]  # noqa: E731
-    xstest = read("xstest_safe.jsonl")
-    harmful = [r for r in read("harmful_eval.jsonl") if r.get("split") == "validation"]
+    xstest = read_jsonl(data / "xstest_safe.jsonl")
+    harmful = [r for r in read_jsonl(data / "harmful_eval.jsonl") if r.get("split") == "validation"]
     prompts = lambda rows: [model_prompt(r["prompt"], "alpaca", tokenizer) for r in rows]  # noqa: E731
     xs_out = generate(model, tokenizer, prompts(xstest), 32, batch_size=48, description="xstest")
     hm_out = generate(model, tokenizer, prompts(harmful), 48, batch_size=48, description="harmful")
@@ -43,13 +42,12 @@ def check(run: Path, data: Path) -> None:
     for split in ("validation", "test"):
         flags = [is_refusal(o) for r, o in zip(xstest, xs_out, strict=True) if r.get("split", "test") == split]
         print(f"  XSTest refusal, {split:10s}      {percent(flags)}")
-    flags = make_judge("trained")([r["prompt"] for r in harmful], hm_out)
+    flags = judge([r["prompt"] for r in harmful], hm_out)
     print(f"  HS trained, validation          {percent(flags)}")
-    with open(run / "align_sft" / "weak_check.jsonl", "w") as fh:
-        for r, o in zip(xstest, xs_out, strict=True):
-            fh.write(json.dumps({"set": "xstest", **r, "output": o}) + "\n")
-        for r, o, f in zip(harmful, hm_out, flags, strict=True):
-            fh.write(json.dumps({"set": "harmful", **r, "output": o, "harmful": f}) + "\n")
+    write_jsonl(run / "align_sft" / "weak_check.jsonl",
+                [{"set": "xstest", **r, "output": o} for r, o in zip(xstest, xs_out, strict=True)]
+                + [{"set": "harmful", **r, "output": o, "harmful": f}
+                   for r, o, f in zip(harmful, hm_out, flags, strict=True)])
 
 
 if __name__ == "__main__":
@@ -61,5 +59,6 @@ if __name__ == "__main__":
         del args[at:at + 2]
     if not args:
         sys.exit(__doc__)
+    default_judge = make_judge("trained")          # loaded once for every run
     for folder in args:
-        check(Path(folder), data_dir or Path(folder) / "data")
+        check(Path(folder), data_dir or Path(folder) / "data", default_judge)

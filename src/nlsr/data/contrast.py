@@ -49,12 +49,11 @@ def harm_lexicon(harmful: list[str], harmless: list[str], min_count: int = 3) ->
     return lexicon_of(log_odds(harmful, harmless), min_count)
 
 
-SCORES = ("max", "mean", "question")
+SCORES = ("max", "mean")
 """How a prompt is scored from its words: ``max``, its most harm-typical word of the lexicon (the
 prompts that share a marked word); ``mean``, the mean log-odds of all its words (the prompts that
 read most like the harmful ones as a whole, their form included: short questions such as "How can
-I ...?"); ``question``, no score: the pool's instructions that :func:`as_question` can recast as
-first-person questions, recast, in pool order."""
+I ...?"). The ``question`` kind scores nothing: see :func:`question_prompts`."""
 
 _STRIP = re.compile(r"[\s.?!:]+$")
 _HOW = re.compile(r"^(?:please\s+)?(?:explain|describe|tell me|show me|outline|teach me)\s+how\s+"
@@ -143,7 +142,7 @@ def prompt_score(prompt: str, odds: dict[str, float], how: str) -> tuple[float, 
 def contrast_prompts(pool: list[str], odds: dict[str, float], n: int, how: str = "max") -> list[dict]:
     """The ``n`` prompts of ``pool`` that score highest under ``how`` (ties keep the pool's order), each
     with its score and its most harm-typical word. Prompts with no word in ``odds`` are never taken."""
-    if how not in SCORES or how == "question":
+    if how not in SCORES:
         raise ValueError(f"unknown contrast score '{how}'; use one of {SCORES}")
     scored = []
     for index, prompt in enumerate(pool):
