@@ -109,6 +109,9 @@ def test_job_round_trip_and_refusals(tmp_path):
     rpo = prepare_job(tmp_path / "rpo", "dpo", "m", "t", DPO_ROWS, DpoSection(batch_size=6, sft_weight=0.5),
                       tmp_path / "out", seed=1, lora=LORA)
     assert rpo.section["sft_weight"] == 0.5          # RPO's weight reaches a multi-process DPO
+    ipo = prepare_job(tmp_path / "ipo", "dpo", "m", "t", DPO_ROWS, DpoSection(batch_size=6, loss="ipo"),
+                      tmp_path / "out", seed=1, lora=LORA)
+    assert ipo.section["loss"] == "ipo"               # and so does the loss
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(DPO_ROWS)
     check_processes(job, 3)
     with pytest.raises(NlsrError, match="multiple of num_processes"):

@@ -119,6 +119,28 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll_to_the_loss(tmp_path, tiny_m
     assert first[2.0] - math.log(2) > 2.0
 
 
+def test_dpo_ipo_loss_regresses_the_margin_to_its_target(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """At the first step policy = reference, so the margin is 0: IPO's loss is (0 - 1/(2β))², not log 2."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from nlsr.config import DpoSection
+    from nlsr.training import train_dpo
+
+    rows = [{"prompt": f"Q{i}: say hi\n", "chosen": "hi there", "rejected": "go away"} for i in range(4)]
+    first = {}
+    for loss, beta in (("sigmoid", 0.5), ("ipo", 0.5), ("ipo", 0.25)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        section = DpoSection(epochs=1, lr=1e-3, batch_size=4, max_length=64, beta=beta, loss=loss)
+        stats = train_dpo(model, tiny_tokenizer, rows, section, tmp_path / f"{loss}{beta}", seed=3,
+                          lora=lora_config(LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj"])))
+        first[loss, beta] = stats["first_loss"]
+    assert abs(first["sigmoid", 0.5] - math.log(2)) < 1e-3
+    assert abs(first["ipo", 0.5] - 1.0) < 1e-3
+    assert abs(first["ipo", 0.25] - 4.0) < 1e-3
+
+
 def test_dpo_stage_can_leave_the_dataset_pairs_out(tmp_path, monkeypatch, tiny_tokenizer):
     """train_on_dataset: false trains on the constructed pairs only; a config with no other source is refused."""
     from types import SimpleNamespace
@@ -208,3 +230,14 @@ def test_dpo_seed_enters_the_stage_keys_only_when_set():
     assert "seed" not in plain["align_dpo"].params["dpo"]
     assert seeded["align_dpo"].params["dpo"]["seed"] == 1
     assert seeded["align_sft"].params == plain["align_sft"].params
+
+
+def test_dpo_loss_enters_the_stage_keys_only_when_not_sigmoid():
+    from nlsr.config import ExperimentConfig
+    from nlsr.experiment import build_stages
+
+    plain = {s.name: s for s in build_stages(ExperimentConfig())}
+    ipo = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"dpo": {"loss": "ipo"}}}))}
+    assert "loss" not in plain["align_dpo"].params["dpo"]
+    assert ipo["align_dpo"].params["dpo"]["loss"] == "ipo"
+    assert ipo["align_sft"].params == plain["align_sft"].params

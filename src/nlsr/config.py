@@ -76,6 +76,10 @@ class DpoSection(TrainSection):
         0.0, ge=0, description="Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, Pang et al. "
                                "2024; TRL's 'sft' loss term): DPO alone can lower the chosen answer's likelihood too "
                                "and drift to evasive text; 0 = plain DPO.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="DPO's preference loss: 'sigmoid' (Rafailov et al.) pushes the log-ratio margin "
+                               "without bound, so both answers can lose likelihood and the model drift; 'ipo' "
+                               "(Azar et al. 2023) regresses the margin to 1/(2β) and stops pushing there.")
     lr: float = Field(5e-5, gt=0)
 
 

@@ -115,11 +115,11 @@ class TrainingJob:
 
 
 def _section_fields(section, kind: str) -> dict:
-    """The fields of a config section that training reads (TrainSection's, plus DPO's beta and RPO weight)."""
+    """The fields of a config section that training reads (TrainSection's, plus DPO's beta, loss and RPO weight)."""
     from nlsr.config import TrainSection
 
     data = section.model_dump() if hasattr(section, "model_dump") else dict(section)
-    keep = set(TrainSection.model_fields) | ({"beta", "sft_weight"} if kind == "dpo" else set())
+    keep = set(TrainSection.model_fields) | ({"beta", "sft_weight", "loss"} if kind == "dpo" else set())
     return {k: v for k, v in data.items() if k in keep}
 
 

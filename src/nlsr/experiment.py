@@ -119,7 +119,8 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     dpo_pairs = sections["align"]["helpful"].pop("dpo_pairs") if helpful else 0
     contrast_dpo_pairs = sections["align"]["contrast"].pop("dpo_pairs") if cfg.align.contrast.n else 0
     # fields added later, left out of the keys at their defaults: runs made before keep their keys
-    _drop_at_default(sections["align"]["dpo"], {"sft_weight": 0.0, "train_on_dataset": True, "seed": None})
+    _drop_at_default(sections["align"]["dpo"], {"sft_weight": 0.0, "train_on_dataset": True, "seed": None,
+                                                "loss": "sigmoid"})
     _drop_at_default(sections["align"]["contrast"], {"score": "max"})
     dpo_pair_params = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (
         {"contrast_dpo_pairs": contrast_dpo_pairs} if contrast_dpo_pairs else {})

@@ -187,7 +187,9 @@ def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, se
     use_cpu = next(model.parameters()).device.type == "cpu"
     common = _common_args(section, out_dir, seed, use_cpu, bf16, len(rows))
     sft_weight = getattr(section, "sft_weight", 0.0)
-    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}
+    loss = getattr(section, "loss", "sigmoid")
+    losses = ({"loss_type": [loss, "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight
+              else {"loss_type": [loss]})
     args = DPOConfig(**common, beta=section.beta, **losses)
     with _quiet():
         trainer = (trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
