@@ -97,23 +97,27 @@ def test_the_training_line_shows_the_mean_of_the_first_and_last_tenth_of_the_ste
     assert end_losses([]) == {}
 
 
-def test_dpo_sft_weight_adds_the_chosen_answers_nll_to_the_loss(tmp_path, tiny_model_dir, tiny_tokenizer):
-    """At the first step policy = reference, so plain DPO's loss is log 2; RPO adds w x the chosen NLL."""
-    import math
-
+def _first_dpo_loss(tmp_path, model_dir, tokenizer, **fields) -> float:
+    """The first logged loss of a DPO of a fresh LoRA on a tiny model (policy = reference there)."""
     from transformers import AutoModelForCausalLM
 
     from nlsr.config import DpoSection
     from nlsr.training import train_dpo
 
     rows = [{"prompt": f"Q{i}: say hi\n", "chosen": "hi there", "rejected": "go away"} for i in range(4)]
-    first = {}
-    for weight in (0.0, 2.0):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        section = DpoSection(epochs=1, lr=1e-3, batch_size=4, max_length=64, sft_weight=weight)
-        stats = train_dpo(model, tiny_tokenizer, rows, section, tmp_path / str(weight), seed=3,
-                          lora=lora_config(LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj"])))
-        first[weight] = stats["first_loss"]
+    section = DpoSection(epochs=1, lr=1e-3, batch_size=4, max_length=64, **fields)
+    stats = train_dpo(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, rows, section,
+                      tmp_path / "-".join(f"{k}{v}" for k, v in fields.items()), seed=3,
+                      lora=lora_config(LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj"])))
+    return stats["first_loss"]
+
+
+def test_dpo_sft_weight_adds_the_chosen_answers_nll_to_the_loss(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """At the first step policy = reference, so plain DPO's loss is log 2; RPO adds w x the chosen NLL."""
+    import math
+
+    first = {weight: _first_dpo_loss(tmp_path, tiny_model_dir, tiny_tokenizer, sft_weight=weight)
+             for weight in (0.0, 2.0)}
     assert abs(first[0.0] - math.log(2)) < 1e-3
     # a random tiny model's token NLL is near log(vocab): far above 1
     assert first[2.0] - math.log(2) > 2.0
@@ -123,19 +127,8 @@ def test_dpo_ipo_loss_regresses_the_margin_to_its_target(tmp_path, tiny_model_di
     """At the first step policy = reference, so the margin is 0: IPO's loss is (0 - 1/(2β))², not log 2."""
     import math
 
-    from transformers import AutoModelForCausalLM
-
-    from nlsr.config import DpoSection
-    from nlsr.training import train_dpo
-
-    rows = [{"prompt": f"Q{i}: say hi\n", "chosen": "hi there", "rejected": "go away"} for i in range(4)]
-    first = {}
-    for loss, beta in (("sigmoid", 0.5), ("ipo", 0.5), ("ipo", 0.25)):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        section = DpoSection(epochs=1, lr=1e-3, batch_size=4, max_length=64, beta=beta, loss=loss)
-        stats = train_dpo(model, tiny_tokenizer, rows, section, tmp_path / f"{loss}{beta}", seed=3,
-                          lora=lora_config(LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj"])))
-        first[loss, beta] = stats["first_loss"]
+    first = {(loss, beta): _first_dpo_loss(tmp_path, tiny_model_dir, tiny_tokenizer, loss=loss, beta=beta)
+             for loss, beta in (("sigmoid", 0.5), ("ipo", 0.5), ("ipo", 0.25))}
     assert abs(first["sigmoid", 0.5] - math.log(2)) < 1e-3
     assert abs(first["ipo", 0.5] - 1.0) < 1e-3
     assert abs(first["ipo", 0.25] - 4.0) < 1e-3

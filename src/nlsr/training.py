@@ -187,10 +187,10 @@ def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, se
     use_cpu = next(model.parameters()).device.type == "cpu"
     common = _common_args(section, out_dir, seed, use_cpu, bf16, len(rows))
     sft_weight = getattr(section, "sft_weight", 0.0)
-    loss = getattr(section, "loss", "sigmoid")
-    losses = ({"loss_type": [loss, "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight
-              else {"loss_type": [loss]})
-    args = DPOConfig(**common, beta=section.beta, **losses)
+    loss_types, loss_weights = [getattr(section, "loss", "sigmoid")], [1.0]
+    if sft_weight:
+        loss_types, loss_weights = [*loss_types, "sft"], [*loss_weights, sft_weight]
+    args = DPOConfig(**common, beta=section.beta, loss_type=loss_types, loss_weights=loss_weights)
     with _quiet():
         trainer = (trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
                                               processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
