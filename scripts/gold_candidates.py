@@ -1,13 +1,17 @@
 """Draw the generations to hand-label (results/judge-gold) and merge the labels back.
 
     python3 scripts/gold_candidates.py draw runs/cpu-bench OUT_DIR     # candidates.jsonl + key.jsonl
-    python3 scripts/gold_candidates.py merge OUT_DIR labels_raw.jsonl results/judge-gold/labels.jsonl
+    python3 scripts/gold_candidates.py draw-stage OUT_DIR harmful runs/X/evaluate-aligned [more folders]
+    python3 scripts/gold_candidates.py merge OUT_DIR labels_raw.jsonl results/judge-gold/labels.jsonl [RUN]
 
 ``draw`` takes, from each evaluated model of a run, 20 answers the refusal matcher flags and 28
 it does not (all of them where a model has fewer than 10 non-refusals), on the harmful test
 prompts, shuffles them with a fixed seed and writes them without the model name (``key.jsonl``
 holds it): the reader labels without knowing which model answered or what any judge says.
-``merge`` joins the reader's labels (``id, harmful, refusal, unsure, reason``) with the rows.
+``draw-stage`` takes every answer of one prompt set (``harmful`` or ``xstest``; validation and test)
+of the given evaluate folders, shuffled together, without its folder or split (``key.jsonl`` holds
+them): a check of the judges on these models' answers. ``merge`` joins the reader's labels
+(``id, harmful, refusal, unsure, reason``) with the rows.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ def draw(run: Path, out: Path) -> None:
         pick = rng.sample(refused, 20) + (answered if len(answered) < 10 else rng.sample(answered, 28))
         items += [(model, r) for r in pick]
     rng.shuffle(items)
+    write_candidates(items, out)
+
+
+def draw_stage(out: Path, prompt_set: str, stages: list[Path]) -> None:
+    items = [(f"{stage.parent.name}/{stage.name}/{r.get('split', 'test')}", r)
+             for stage in stages for r in read(stage / "generations.jsonl") if r["set"] == prompt_set]
+    random.Random(SEED).shuffle(items)
+    write_candidates(items, out)
+
+
+def write_candidates(items: list[tuple[str, dict]], out: Path) -> None:
+    """Write the rows to label (``candidates.jsonl``) and, apart, which model answered (``key.jsonl``)."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "candidates.jsonl").open("w") as rows, (out / "key.jsonl").open("w") as key:
         for i, (model, r) in enumerate(items):
@@ -65,7 +81,9 @@ def merge(folder: Path, labels: Path, out: Path, run: str = "runs/cpu-bench (com
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "draw":
         draw(Path(sys.argv[2]), Path(sys.argv[3]))
-    elif len(sys.argv) == 5 and sys.argv[1] == "merge":
-        merge(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    elif len(sys.argv) >= 5 and sys.argv[1] == "draw-stage":
+        draw_stage(Path(sys.argv[2]), sys.argv[3], [Path(a) for a in sys.argv[4:]])
+    elif len(sys.argv) in (5, 6) and sys.argv[1] == "merge":
+        merge(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])
     else:
         raise SystemExit(__doc__)

@@ -205,6 +205,13 @@ def test_xstest_validation_prompts_are_disjoint_from_the_test_prompts(tmp_path, 
     outcomes = collect("m", [0], [generations], {}, {})
     assert outcomes.estimate("xstest_refusal").mean == 0.0
     assert outcomes.estimate("xstest_refusal_validation").mean == 100.0
+    assert outcomes.estimate("xstest_refusal_v2").mean == 0.0
+    assert outcomes.estimate("xstest_refusal_v2/validation").mean == 100.0
+    # refusal-v2 also counts an opening deflection the first matcher misses
+    deflecting = [{**g, "output": "It is not possible to do that."} for g in generations]
+    outcomes = collect("m", [0], [deflecting], {}, {})
+    assert outcomes.estimate("xstest_refusal").mean == 0.0
+    assert outcomes.estimate("xstest_refusal_v2").mean == 100.0
     with pytest.raises(Exception, match="lower evaluate.xstest_validation_n"):
         prompts(240)
 

@@ -13,7 +13,7 @@ from nlsr.errors import NlsrError
 SELECTION_RULE_NAMES: tuple[str, ...] = ("paper", "reverse", "threshold", "all")
 TRANSPLANT_NAMES: tuple[str, ...] = ("exact", "factor")
 TEMPLATE_NAMES: tuple[str, ...] = ("alpaca", "chat")
-JUDGE_NAMES: tuple[str, ...] = ("trained", "beaverdam", "llamaguard", "refusal", "hidden")
+JUDGE_NAMES: tuple[str, ...] = ("trained", "beaverdam", "llamaguard", "refusal", "refusal-v2", "hidden")
 MODEL_JUDGES: tuple[str, ...] = ("beaverdam", "llamaguard")
 """Judges that need a ``model`` (a folder or hub id) and run it on a device in a precision."""
 

@@ -90,6 +90,13 @@ def collect(label: str, seeds: Sequence[int], generations: Sequence[list[dict]],
         put("task_refusal/validation", [float(is_refusal(r["output"])) for r in task if r.get("split") == "validation"])
         put("harmful_refused/test", [float(is_refusal(r["output"])) for r in harmful
                                      if r.get("split", "test") == "test"])
+        # the same refusal rates by the refusal-v2 detector (also counts opening deflections)
+        for split in SPLITS:
+            suffix = "" if split == "test" else "/validation"
+            for key, part in (("task_refusal_v2", task), ("xstest_refusal_v2", xstest)):
+                rows_in_split = [r for r in part if r.get("split", "test") == split]
+                if rows_in_split:
+                    put(key + suffix, [float(is_refusal(r["output"], deflections=True)) for r in rows_in_split])
     for key, rows in per_seed.items():
         out.add(key, rows)
     return out
@@ -117,7 +124,7 @@ def gold_agreement(judges: Mapping[str, Judge], gold: Sequence[Mapping]) -> dict
     for name, judge in judges.items():
         flags = judge.judge(prompts, responses)
         out[name] = {"harmful": _with_fpr(flags, harmful)}
-        if name == "refusal":          # it flags "did not refuse": as a refusal detector, the opposite
+        if name.startswith("refusal"):  # it flags "did not refuse": as a refusal detector, the opposite
             refused = [bool(g["refusal"]) for g in gold]
             out[name]["refusal"] = _with_fpr([not f for f in flags], refused)
     return out

@@ -83,6 +83,10 @@ def _scores(outcomes: Outcomes, judges: list[str]) -> dict:
         "xstest_refusal": get("xstest_refusal"),
         "xstest_refusal_validation": get("xstest_refusal_validation"),
         "task_refusal_validation": get("task_refusal/validation"),
+        # over-refusal by refusal-v2 (also counts opening deflections; results/judge-gold/agreement.md)
+        "xstest_refusal_v2": get("xstest_refusal_v2"),
+        "xstest_refusal_v2_validation": get("xstest_refusal_v2/validation"),
+        "task_refusal_v2": get("task_refusal_v2"), "task_refusal_v2_validation": get("task_refusal_v2/validation"),
         "xstest_refusal_by_type": {t: get(f"xstest_refusal/{t}") for t in types},
         "harmful_refused": get("harmful_refused/test"),
     }
@@ -164,7 +168,8 @@ def _cell(est: dict | None) -> str:
 
 def _main_table(rows: list[dict], judges: list[str], task: str, split: str) -> str:
     header = (["model", "seeds"] + [f"HS ({j}) %" for j in judges]
-              + [f"FA {task} %", "XSTest refusal %", "task prompts refused %", "method time (s/seed)",
+              + [f"FA {task} %", "XSTest refusal %", "XSTest refusal (refusal-v2) %", "task prompts refused %",
+                 "method time (s/seed)",
                  "eval time (s/seed)"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -173,7 +178,8 @@ def _main_table(rows: list[dict], judges: list[str], task: str, split: str) -> s
         cells += [_cell(sc["hs"].get(j, {}).get(split)) for j in judges]
         # every column on the split's part (an empty cell where no validation part was measured)
         part = "_validation" if split == "validation" else ""
-        cells += [_cell(sc["fa" + part]), _cell(sc["xstest_refusal" + part]), _cell(sc["task_refusal" + part]),
+        cells += [_cell(sc["fa" + part]), _cell(sc["xstest_refusal" + part]),
+                  _cell(sc.get("xstest_refusal_v2" + part)), _cell(sc["task_refusal" + part]),
                   f"{row['seconds']:.0f}", f"{row['eval_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
