@@ -110,7 +110,7 @@ def test_summary_has_the_shape_issue_10_asks_for():
     def row(model, hs, fa, paired=None):
         return {"model": model, "seeds": [0, 1, 2], "paired": paired or {},
                 "scores": {"hs": {"trained": {"test": est(hs), "validation": est(hs + 1)}}, "fa": est(fa),
-                           "xstest_refusal": est(10.0), "task_refusal": est(0.0)}}
+                           "xstest_refusal": est(10.0), "task_refusal": est(0.0), "xstest_refusal_v2": est(12.0)}}
 
     nlsr = row("nlsr", 10.0, 88.0, {"hs/trained/test": {"difference": est(-30.0), "relative_cut": est(75.0)},
                                     "fa": {"difference": est(-1.0)}})
@@ -123,3 +123,5 @@ def test_summary_has_the_shape_issue_10_asks_for():
     assert out["models"]["nlsr"]["hs_relative_cut_vs_attacked"]["mean"] == 75.0
     assert out["models"]["nlsr"]["fa_difference_vs_attacked"] == {"mean": -1.0, "ci95": [-2.0, 0.0]}
     assert "fa_difference_vs_attacked" not in out["models"]["attacked"]
+    assert out["models"]["nlsr"]["xstest_refusal_v2"] == {"mean": 12.0, "ci95": [11.0, 13.0]}
+    assert out["models"]["nlsr"]["task_refusal_v2"] is None      # a report made before refusal-v2

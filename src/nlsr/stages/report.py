@@ -412,7 +412,10 @@ def summary(rows: list[dict], judge: str, seeds: list[int], gold: dict, chosen: 
         sc = row["scores"]
         entry = {"hs": pick(sc["hs"].get(judge, {}).get("test")), "fa": pick(sc["fa"]),
                  "xstest_refusal": pick(sc["xstest_refusal"]), "task_refusal": pick(sc["task_refusal"]),
-                 "hs_validation": pick(sc["hs"].get(judge, {}).get("validation")), "seeds": row["seeds"]}
+                 "hs_validation": pick(sc["hs"].get(judge, {}).get("validation")), "seeds": row["seeds"],
+                 # the same refusal rates by refusal-v2 (also counts opening deflections)
+                 "xstest_refusal_v2": pick(sc.get("xstest_refusal_v2")),
+                 "task_refusal_v2": pick(sc.get("task_refusal_v2"))}
         paired = (row.get("paired") or {}).get(f"hs/{judge}/test")
         if paired:
             entry["hs_difference_vs_attacked"] = pick(paired["difference"])
