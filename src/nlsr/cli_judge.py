@@ -119,7 +119,7 @@ def _train_hidden(out: Path | None, data_dir: Path | None, seed: int, max_prompt
 @_errors_to_exit
 def validate(
     judge: Annotated[list[str], typer.Option(
-        help="Judge name: refusal, trained, hidden, beaverdam, llamaguard (repeat for several).")],
+        help="Judge name: refusal, refusal-v2, trained, hidden, beaverdam, llamaguard (repeat for several).")],
     model: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="The judge's model: a trained judge folder, or a moderation model folder or hub id "
              "(one --judge only).")] = None,
