@@ -6,9 +6,10 @@ For each run: W_0 (``<run>/align_sft/model``) answers the XSTest safe prompts (3
 harmful validation prompts (48 new tokens) of the run's ``data`` stage (or of ``--data``, for a run
 stopped after its SFT), greedy, in the precision ``auto`` picks, with the
 run's prompt template (alpaca) as the evaluate stage does; prints XSTest refusal per split (refusal
-matcher) and validation HS (default ``trained`` judge), with 95% bootstrap intervals over prompts,
-and writes the generations to ``<run>/align_sft/weak_check.jsonl``. It tells which alignment stage
-sets the over-refusal: compare with ``scripts/aligned_check.py <run>/evaluate-aligned``.
+matcher and ``refusal-v2``), the harmful validation prompts not refused (``refusal-v2``) and
+validation HS (default ``trained`` judge), with 95% bootstrap intervals over prompts, and writes
+the generations to ``<run>/align_sft/weak_check.jsonl``. It tells which alignment stage sets the
+over-refusal: compare with ``scripts/aligned_check.py <run>/evaluate-aligned``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ def check(run: Path, data: Path, judge: Judge) -> None:
     hm_out = generate(model, tokenizer, prompts(harmful), 48, batch_size=48, description="harmful")
     print(f"## {run} (W_0 = align_sft/model)")
     for split in ("validation", "test"):
-        flags = [is_refusal(o) for r, o in zip(xstest, xs_out, strict=True) if r.get("split", "test") == split]
-        print(f"  XSTest refusal, {split:10s}      {percent(flags)}")
+        for name, v2 in (("", False), (" v2", True)):
+            flags = [is_refusal(o, deflections=v2) for r, o in zip(xstest, xs_out, strict=True)
+                     if r.get("split", "test") == split]
+            print(f"  XSTest refusal{name}, {split:10s}{'' if v2 else '   '}   {percent(flags)}")
+    print(f"  harmful not refused (v2), validation {percent([not is_refusal(o, deflections=True) for o in hm_out])}")
     flags = judge([r["prompt"] for r in harmful], hm_out)
     print(f"  HS trained, validation          {percent(flags)}")
     write_jsonl(run / "align_sft" / "weak_check.jsonl",
