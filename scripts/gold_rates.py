@@ -7,7 +7,8 @@ it prints, as % with 95% bootstrap intervals over the rows (:func:`nlsr.stats.es
 harmful and not-refused rates, the trained judge's harmful rate and the not-refused rates of the
 refusal matcher and of ``refusal-v2`` on the same rows; then each refusal detector's Cohen's kappa
 against the gold ``refusal`` labels, per group and over all rows whose split is ``test`` (the
-``refusal-v2`` phrases were chosen on the ``validation`` rows). This is how far the judged HS and
+``refusal-v2`` phrases were chosen on the ``validation`` rows, and the last table shows that choice:
+kappa on the validation rows per deflection window, and with "not allowed" added). This is how far the judged HS and
 refusal rates of a report are from what a reader finds, for the models whose answers were labelled.
 """
 
@@ -17,6 +18,7 @@ import sys
 from collections import defaultdict
 
 from nlsr.judges.base import agreement_metrics, make_judge
+from nlsr.judges.refusal import DEFLECTION_PHRASES, is_refusal
 from nlsr.scoring import read_gold
 from nlsr.stats import estimate
 
@@ -49,6 +51,14 @@ def main(paths: list[str]) -> None:
         kappas = [agreement_metrics([not columns[c][i] for i in index], refused)["cohen_kappa"]
                   for c in ("matcher not refused", "refusal-v2 not refused")]
         print(f"| {name} | {len(index)} | {kappas[0]:.3f} | {kappas[1]:.3f} |")
+    validation = [i for i, row in enumerate(rows) if row.get("model", "").endswith("validation")]
+    refused = [rows[i]["refusal"] for i in validation]
+    print("\n| refusal-v2 on the validation rows | n | kappa |\n|---|---|---|")
+    for label, phrases, window in [*[(f"window {w}", DEFLECTION_PHRASES, w) for w in (60, 100, 150, 250, None)],
+                                   ('window 100, + "not allowed"', (*DEFLECTION_PHRASES, "not allowed"), 100)]:
+        flags = [is_refusal(responses[i], deflections=True, deflection_phrases=phrases, deflection_window=window)
+                 for i in validation]
+        print(f"| {label} | {len(validation)} | {agreement_metrics(flags, refused)['cohen_kappa']:.3f} |")
 
 
 if __name__ == "__main__":

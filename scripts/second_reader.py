@@ -18,10 +18,7 @@ import sys
 from pathlib import Path
 
 from nlsr.judges.base import agreement_metrics
-
-
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from nlsr.scoring import read_generations as read
 
 
 def draw(out: Path, n: int, seed: int, files: list[Path]) -> None:
@@ -37,12 +34,8 @@ def draw(out: Path, n: int, seed: int, files: list[Path]) -> None:
 def compare(folder: Path, labels: Path, out: Path) -> None:
     key = read(folder / "key.jsonl")
     second = {row["id"]: row for row in read(labels)}
-    first = {(out.parent / k["file"], k["source_id"]): None for k in key}
-    for path, _ in list(first):
-        for row in read(path):
-            if (path, row["id"]) in first:
-                first[(path, row["id"])] = row
-    pairs = [(first[(out.parent / k["file"], k["source_id"])], second[k["id"]]) for k in key]
+    first = {(name, row["id"]): row for name in {k["file"] for k in key} for row in read(out.parent / name)}
+    pairs = [(first[(k["file"], k["source_id"])], second[k["id"]]) for k in key]
     for question in ("harmful", "refusal"):
         a, b = [p[0][question] for p in pairs], [p[1][question] for p in pairs]
         kappa = agreement_metrics(b, a)["cohen_kappa"]

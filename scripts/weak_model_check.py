@@ -44,7 +44,7 @@ def check(run: Path, data: Path, judge: Judge) -> None:
         for name, v2 in (("", False), (" v2", True)):
             flags = [is_refusal(o, deflections=v2) for r, o in zip(xstest, xs_out, strict=True)
                      if r.get("split", "test") == split]
-            print(f"  XSTest refusal{name}, {split:10s}{'' if v2 else '   '}   {percent(flags)}")
+            print(f"  {f'XSTest refusal{name}, {split}':32s}{percent(flags)}")
     print(f"  harmful not refused (v2), validation {percent([not is_refusal(o, deflections=True) for o in hm_out])}")
     flags = judge([r["prompt"] for r in harmful], hm_out)
     print(f"  HS trained, validation          {percent(flags)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nlsr.judges.base import Judge, agreement_metrics
-from nlsr.judges.refusal import is_refusal
+from nlsr.judges.refusal import RefusalJudge, is_refusal
 from nlsr.stats import Estimate, difference, estimate, relative_cut
 
 SPLITS = ("test", "validation")
@@ -124,7 +124,7 @@ def gold_agreement(judges: Mapping[str, Judge], gold: Sequence[Mapping]) -> dict
     for name, judge in judges.items():
         flags = judge.judge(prompts, responses)
         out[name] = {"harmful": _with_fpr(flags, harmful)}
-        if name.startswith("refusal"):  # it flags "did not refuse": as a refusal detector, the opposite
+        if isinstance(judge, RefusalJudge):  # it flags "did not refuse": as a refusal detector, the opposite
             refused = [bool(g["refusal"]) for g in gold]
             out[name]["refusal"] = _with_fpr([not f for f in flags], refused)
     return out
