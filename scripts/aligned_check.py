@@ -34,7 +34,8 @@ KEYS = [("HS trained, validation", "hs/trained/validation"),
         ("XSTest refusal, validation", "xstest_refusal_validation"),
         ("task prompts refused v2, validation", "task_refusal_v2/validation"),
         ("XSTest refusal v2, validation", "xstest_refusal_v2/validation"),
-        ("HS trained, test", "hs/trained/test"), ("FA, test", "fa"), ("task prompts refused, test", "task_refusal"),
+        ("HS trained, test", "hs/trained/test"), ("harmful not refused (v2), test", "hs/refusal-v2/test"),
+        ("FA, test", "fa"), ("task prompts refused, test", "task_refusal"),
         ("XSTest refusal, test", "xstest_refusal"),
         ("task prompts refused v2, test", "task_refusal_v2"), ("XSTest refusal v2, test", "xstest_refusal_v2")]
 
