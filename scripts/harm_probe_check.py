@@ -28,7 +28,6 @@ at the refusal rate the target needs, the training prompts do not contain the di
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from nlsr.data.templates import model_prompt
+from nlsr.io import atomic_file, write_json
 from nlsr.models import load_model, load_tokenizer
 from nlsr.precision import resolve_precision
 from nlsr.stages.common import read_jsonl
@@ -69,11 +69,10 @@ def prompt_sets(run: Path) -> dict[str, list[str]]:
     sets = {"train_harmful": [r["prompt"] for r in read_jsonl(align / "sft.jsonl")]
             + [r["prompt"] for r in read_jsonl(align / "calibration.jsonl")],
             "train_harmless": harmless}
+    harmful_eval, xstest = read_jsonl(data / "harmful_eval.jsonl"), read_jsonl(data / "xstest_safe.jsonl")
     for split in ("validation", "test"):
-        sets[f"{split}_harmful"] = [r["prompt"] for r in read_jsonl(data / "harmful_eval.jsonl")
-                                    if r.get("split") == split]
-        sets[f"{split}_xstest"] = [r["prompt"] for r in read_jsonl(data / "xstest_safe.jsonl")
-                                   if r.get("split", "test") == split]
+        sets[f"{split}_harmful"] = [r["prompt"] for r in harmful_eval if r.get("split") == split]
+        sets[f"{split}_xstest"] = [r["prompt"] for r in xstest if r.get("split", "test") == split]
     return sets
 
 
@@ -136,7 +135,8 @@ def main(run: Path, out: Path | None) -> None:
                   f"{x['mean']:5.1f} {x['ci95']}")
     print(f"sizes: {report['sizes']}")
     if out:
-        out.write_text(json.dumps(report, indent=1) + "\n")
+        with atomic_file(out, force=True) as tmp:
+            write_json(tmp, report)
         print(f"written: {out}")
 
 
