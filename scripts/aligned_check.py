@@ -70,6 +70,14 @@ def dpo_drift(dpo_dir: Path) -> str | None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        sys.exit(0)
+    if not args:
         sys.exit(__doc__)
-    main(sys.argv[1:])
+    missing = [a for a in args if not (Path(a) / "generations.jsonl").is_file()]
+    if missing:
+        sys.exit(f"error: no generations.jsonl in {', '.join(missing)}: pass evaluate-aligned folders of a run, "
+                 "e.g. runs/cpu-bench-r30/evaluate-aligned")
+    main(args)

@@ -1,0 +1,25 @@
+"""scripts/aligned_check.py answers bad input with a message, not a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "aligned_check.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_folder_without_generations_is_named_and_exits_nonzero(tmp_path: Path) -> None:
+    result = _run(str(tmp_path))
+    assert result.returncode == 1
+    assert "no generations.jsonl" in result.stderr and str(tmp_path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_exits_zero_with_usage() -> None:
+    result = _run("--help")
+    assert result.returncode == 0
+    assert "aligned_check.py" in result.stdout
