@@ -19,12 +19,15 @@ as the mean of the first and last tenth of the logged steps, and the same divide
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 from nlsr.judges.base import make_judge
+from nlsr.pipeline import read_manifest
 from nlsr.scoring import collect
+from nlsr.stages.common import read_jsonl
 from nlsr.training import end_losses
 
 KEYS = [("HS trained, validation", "hs/trained/validation"),
@@ -43,8 +46,7 @@ KEYS = [("HS trained, validation", "hs/trained/validation"),
 def main(folders: list[str]) -> None:
     judges = {name: make_judge(name) for name in ("trained", "refusal", "refusal-v2")}
     for folder in folders:
-        path = Path(folder) / "generations.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(Path(folder) / "generations.jsonl")
         outcomes = collect(folder, [0], [rows], judges, {})
         print(f"## {folder}")
         for label, key in KEYS:
@@ -64,20 +66,17 @@ def dpo_drift(dpo_dir: Path) -> str | None:
     ends = end_losses(rewards)
     if not ends:
         return None
-    beta = json.loads((dpo_dir / "manifest.json").read_text())["params"]["dpo"]["beta"]
+    beta = read_manifest(dpo_dir)["params"]["dpo"]["beta"]
     first, last = ends["first_tenth_loss"], ends["last_tenth_loss"]
     return f"{first:.2f} -> {last:.2f} (beta {beta}: {first / beta:.1f} -> {last / beta:.1f} nats)"
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        sys.exit(0)
-    if not args:
-        sys.exit(__doc__)
-    missing = [a for a in args if not (Path(a) / "generations.jsonl").is_file()]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", help="evaluate folders of runs (each with generations.jsonl)")
+    folders = parser.parse_args().folders
+    missing = [f for f in folders if not (Path(f) / "generations.jsonl").is_file()]
     if missing:
         sys.exit(f"error: no generations.jsonl in {', '.join(missing)}: pass evaluate-aligned folders of a run, "
                  "e.g. runs/cpu-bench-r30/evaluate-aligned")
-    main(args)
+    main(folders)

@@ -84,15 +84,15 @@ def probe(features: dict[str, np.ndarray]) -> dict:
     best = None
     for layer in range(1, x_train.shape[0]):
         scaler = StandardScaler().fit(x_train[layer])
+        train = scaler.transform(x_train[layer])
+        val = scaler.transform(np.concatenate([features["validation_harmful"][layer],
+                                               features["validation_xstest"][layer]]))
         for c in CS:
-            clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(
-                scaler.transform(x_train[layer]), y_train)
-            val = np.r_[clf.decision_function(scaler.transform(features["validation_harmful"][layer])),
-                        clf.decision_function(scaler.transform(features["validation_xstest"][layer]))]
-            auc = roc_auc_score(y_val, val)
+            clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(train, y_train)
+            auc = roc_auc_score(y_val, clf.decision_function(val))
             if best is None or auc > best[0]:
-                best = (auc, layer, c, scaler, clf)
-    auc_val, layer, c, scaler, clf = best
+                best = (auc, layer, c, scaler, clf, train)
+    auc_val, layer, c, scaler, clf, train = best
 
     def score(name: str) -> np.ndarray:
         return clf.decision_function(scaler.transform(features[name][layer]))
@@ -108,7 +108,7 @@ def probe(features: dict[str, np.ndarray]) -> dict:
     y_test = np.r_[np.ones(len(test_harmful)), np.zeros(len(test_xstest))]
     return {"layer": layer, "C": c, "validation_auroc": float(auc_val),
             "test_auroc": float(roc_auc_score(y_test, np.r_[test_harmful, test_xstest])),
-            "train_accuracy": float(clf.score(scaler.transform(x_train[layer]), y_train)),
+            "train_accuracy": float(clf.score(train, y_train)),
             "points": points}
 
 
