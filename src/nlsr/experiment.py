@@ -121,7 +121,8 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     # fields added later, left out of the keys at their defaults: runs made before keep their keys
     _drop_at_default(sections["align"]["dpo"], {"sft_weight": 0.0, "train_on_dataset": True, "seed": None,
                                                 "loss": "sigmoid"})
-    _drop_at_default(sections["align"]["contrast"], {"score": "max"})
+    _drop_at_default(sections["align"]["contrast"], {"score": "max", "trim": False})
+    _drop_at_default(sections["align"]["helpful"], {"trim": False})
     dpo_pair_params = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (
         {"contrast_dpo_pairs": contrast_dpo_pairs} if contrast_dpo_pairs else {})
     overrefusal = cfg.align.overrefusal.pool > 0

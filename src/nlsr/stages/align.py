@@ -65,6 +65,36 @@ def greedy_answers(ctx, model, prompts: list[str], max_new_tokens: int, batch_si
                     max_new_tokens, batch_size=batch_size, cache_file=cache_file, description=description)
 
 
+# decoding, stripping and encoding again can shorten an answer by a token or two
+LIMIT_SLACK = 2
+
+
+def trimmed_answers(ctx, answers: list[str], max_new_tokens: int) -> tuple[list[str], dict[str, int]]:
+    """``answers`` trimmed by :func:`nlsr.data.answers.trim_answer` (an answer counts as cut by the
+    token limit when it re-encodes to at least ``max_new_tokens - LIMIT_SLACK`` tokens), and how many
+    were cut at a template turn and how many back to their last sentence."""
+    from nlsr.data.answers import trim_answer
+
+    tokenizer = ctx.tokenizer()
+    counts = {"template_turn": 0, "last_sentence": 0}
+    kept = []
+    for answer in answers:
+        length = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        text, how = trim_answer(answer, reached_limit=length >= max_new_tokens - LIMIT_SLACK)
+        if how is not None:
+            counts[how] += 1
+        kept.append(text)
+    return kept, counts
+
+
+def trim_line(counts: dict[str, int] | None) -> str:
+    """The stage line's note on trimming (empty when the answers were kept as generated)."""
+    if counts is None:
+        return ""
+    return (f"; {counts['template_turn']} cut at a template turn, {counts['last_sentence']} cut back to "
+            f"their last sentence")
+
+
 def real_answers(rows: list[dict], answers: list[str]) -> tuple[list[dict], dict[str, int]]:
     """Each row (a ``prompt`` and any other fields) with its ``response``, kept where the answer is
     neither empty nor a refusal (by the refusal matcher), and the count of each reason a row was
@@ -88,21 +118,28 @@ def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
 
     Mixed into the SFT set, they teach the model to keep answering harmless requests in its own
     style while it learns to refuse harmful ones. Answers that are empty or that the refusal
-    matcher flags are dropped (and counted): the helpful half must not teach refusals."""
+    matcher flags are dropped (and counted): the helpful half must not teach refusals. With
+    ``align.helpful.trim`` each answer is first trimmed where the model ran on past it
+    (:mod:`nlsr.data.answers`)."""
     section = ctx.config.align.helpful
     tokenizer = ctx.tokenizer()
     prompts = [r["prompt"] for r in read_jsonl(inputs["data-align"] / "helpful_prompts.jsonl")]
     answers = greedy_answers(ctx, load_base(ctx), prompts, section.max_new_tokens, section.batch_size,
                              out / "helpful.cache.jsonl", "helpful answers")
+    generated = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    trimmed = None
+    if section.trim:
+        answers, trimmed = trimmed_answers(ctx, answers, section.max_new_tokens)
     rows, dropped = real_answers([{"prompt": p} for p in prompts], answers)
     from nlsr.stages.common import write_jsonl
 
     write_jsonl(out / "helpful.jsonl", rows)
     for cache in out.glob("*.cache.jsonl"):
         cache.unlink()
-    generated = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
     return {"rows": len(rows), "dropped": dropped, "tokens": generated,
-            "line": f"{len(rows)} helpful answers ({dropped['empty']} empty, {dropped['refusal']} refusals dropped)"}
+            **({"trimmed": trimmed} if trimmed is not None else {}),
+            "line": f"{len(rows)} helpful answers ({dropped['empty']} empty, {dropped['refusal']} refusals "
+                    f"dropped){trim_line(trimmed)}"}
 
 
 def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None = None) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from nlsr.data.contrast import contrast_prompts, lexicon_of, log_odds, question_prompts
 from nlsr.errors import NlsrError
 from nlsr.io import write_json
-from nlsr.stages.align import greedy_answers, real_answers
+from nlsr.stages.align import greedy_answers, real_answers, trim_line, trimmed_answers
 from nlsr.stages.common import load_base, read_jsonl, write_jsonl
 
 
@@ -44,7 +44,8 @@ def _question_contrast(ctx, section, pool: list[str]) -> tuple[list[dict], dict,
 
 def run_contrast_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """Pick the contrast prompts from the harmless prompts no other set uses, let the base model
-    answer them (greedy) and keep the answers that are neither empty nor refusals."""
+    answer them (greedy), trim them where the model ran on past its answer (``align.contrast.trim``)
+    and keep the answers that are neither empty nor refusals."""
     from nlsr.stages.data import unused_harmless_prompts
 
     section = ctx.config.align.contrast
@@ -58,13 +59,17 @@ def run_contrast_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         source = "the prompts richest in harm-typical words (scored against sft.jsonl)"
     answers = greedy_answers(ctx, load_base(ctx), [r["prompt"] for r in picked], section.max_new_tokens,
                              section.batch_size, out / "contrast.cache.jsonl", "contrast answers")
+    trimmed = None
+    if section.trim:
+        answers, trimmed = trimmed_answers(ctx, answers, section.max_new_tokens)
     rows, dropped = real_answers(picked, answers)
     count = write_jsonl(out / "contrast.jsonl", rows)
-    card = {"contrast": {"rows": count, "picked": len(picked), "pool": len(pool), "dropped": dropped, **info},
+    card = {"contrast": {"rows": count, "picked": len(picked), "pool": len(pool), "dropped": dropped,
+                         **({"trimmed": trimmed} if trimmed is not None else {}), **info},
             "sources": {"contrast": f"{section.dataset}: {source}, answered by the base model"}}
     write_json(out / "data_card.json", card)
     for cache in out.glob("*.cache.jsonl"):
         cache.unlink()
     return {"rows": count, "card": card,
             "line": f"{count} contrast answers of {len(picked)} prompts ({dropped['empty']} empty, "
-                    f"{dropped['refusal']} refusals dropped); {tail}"}
+                    f"{dropped['refusal']} refusals dropped){trim_line(trimmed)}; {tail}"}
