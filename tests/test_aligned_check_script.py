@@ -23,3 +23,18 @@ def test_help_exits_zero_with_usage() -> None:
     result = _run("--help")
     assert result.returncode == 0
     assert "aligned_check.py" in result.stdout
+
+
+def test_template_turns_count_the_validation_answers_of_one_kind() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aligned_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{"set": "xstest", "split": "validation", "output": "Paris.\n\n### Response:\nParis."},
+            {"set": "xstest", "split": "validation", "output": "Use # for comments."},
+            {"set": "xstest", "split": "test", "output": "### Response:"},
+            {"set": "harmful", "split": "validation", "output": "I cannot help with that."}]
+    assert module.template_turns(rows, "xstest").mean == 50.0
+    assert module.template_turns(rows, "harmful").mean == 0.0
+    assert module.template_turns(rows, "task") is None

@@ -234,3 +234,20 @@ def test_the_question_contrast_stage_answers_gated_recast_questions(tmp_path, ro
         "contrast": cfg.align.contrast.model_copy(update={"n": 10 ** 5})})})
     with pytest.raises(Exception, match="can be recast as questions: lower align.contrast.n"):
         run_contrast_answers(RunContext(too_many, tmp_path / "run", root), out, {"data-align": align})
+
+
+def test_the_contrast_stage_trims_run_on_answers_when_asked(tmp_path, root, monkeypatch, tiny_tokenizer):
+    from nlsr.stages import contrast
+    from nlsr.stages.common import read_jsonl
+
+    ctx, align_dir = _aligned_data(tmp_path, root, {"n": 3, "min_count": 2, "trim": True})
+    monkeypatch.setattr(ctx, "tokenizer", lambda: tiny_tokenizer)
+    answers = ["It means to shine.\n\n### Explanation:\nIt means", "### Response:\nYes.", "A short answer."]
+    monkeypatch.setattr(contrast, "greedy_answers", lambda *a, **k: list(answers))
+    monkeypatch.setattr(contrast, "load_base", lambda ctx: None)
+    out = tmp_path / "data-contrast"
+    out.mkdir()
+    result = contrast.run_contrast_answers(ctx, out, {"data-align": align_dir})
+    assert [r["response"] for r in read_jsonl(out / "contrast.jsonl")] == ["It means to shine.", "A short answer."]
+    assert result["card"]["contrast"]["trimmed"] == {"template_turn": 2, "last_sentence": 0}
+    assert result["card"]["contrast"]["dropped"]["empty"] == 1
