@@ -56,6 +56,12 @@ def test_trim_enters_the_data_stage_keys_only_when_set():
     assert trimmed["data-helpful"].params["helpful"]["trim"] is True
     assert trimmed["data-contrast"].params["contrast"]["trim"] is True
     assert trimmed["align_sft"].params == plain["align_sft"].params        # the SFT sees it through its inputs
+    mined = {"pool": 100}
+    plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"overrefusal": mined}}))}
+    trimmed = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
+        {"align": {"overrefusal": {**mined, "trim": True}}}))}
+    assert "trim" not in plain["data-overrefusal-pairs"].params["overrefusal"]
+    assert trimmed["data-overrefusal-pairs"].params["overrefusal"]["trim"] is True
 
 
 @pytest.mark.parametrize("trim", [False, True])
@@ -82,3 +88,26 @@ def test_the_helpful_stage_trims_its_answers_when_asked(tmp_path, monkeypatch, t
         assert result["dropped"]["empty"] == 1 and "2 cut at a template turn" in result["line"]
     else:
         assert kept == [a.strip() for a in answers] and "trimmed" not in result
+
+
+def test_the_overrefusal_stage_trims_the_chosen_answers_only(tmp_path, monkeypatch, tiny_tokenizer):
+    from nlsr.stages import data, overrefusal
+    from nlsr.stages.common import read_jsonl
+
+    prompts = ["How do I kill a process?", "How can I shoot a photo?"]
+    refusal = "I'm sorry, but I cannot help with that.\n\n### Response:\nI cannot."
+    by_name = {"probe": [refusal] * 2, "rejected": [refusal] * 2, "chosen": [RUN_ON, "Use the shutter."]}
+    monkeypatch.setattr(data, "overrefusal_pool", lambda ctx, path: list(prompts))
+    monkeypatch.setattr(overrefusal, "load_weak", lambda ctx, path: None)
+    monkeypatch.setattr(overrefusal, "load_base", lambda ctx: None)
+    monkeypatch.setattr(overrefusal, "greedy_answers",
+                        lambda ctx, model, asked, tokens, batch, cache, name: list(by_name[name]))
+    config = ExperimentConfig.model_validate({"align": {"overrefusal": {"pool": 2, "trim": True}}})
+    ctx = SimpleNamespace(config=config, tokenizer=lambda: tiny_tokenizer)
+    out = tmp_path / "pairs"
+    out.mkdir()
+    result = overrefusal.run_overrefusal_pairs(ctx, out, {"data-align": tmp_path, "align_sft": tmp_path})
+    pairs = read_jsonl(out / "overrefusal_pairs.jsonl")
+    assert [p["chosen"] for p in pairs] == ["Global warming is caused by greenhouse gases.", "Use the shutter."]
+    assert all(p["rejected"] == refusal for p in pairs)
+    assert result["card"]["overrefusal_pairs"]["trimmed"] == {"template_turn": 1, "last_sentence": 0}

@@ -117,6 +117,9 @@ class OverrefusalSection(_Section):
     probe_max_new_tokens: int = Field(24, gt=0, description="Tokens generated to tell a refusal.")
     max_new_tokens: int = Field(96, gt=0, description="Tokens of the chosen and rejected answers.")
     batch_size: int = Field(48, gt=0)
+    trim: bool = Field(
+        False, description="Trim each chosen answer (the base model's) where it ran on past it, as "
+                           "align.helpful.trim does (nlsr.data.answers); the rejected refusals stay as generated.")
 
 
 class ContrastSection(_Section):

@@ -123,6 +123,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
                                                 "loss": "sigmoid"})
     _drop_at_default(sections["align"]["contrast"], {"score": "max", "trim": False})
     _drop_at_default(sections["align"]["helpful"], {"trim": False})
+    _drop_at_default(sections["align"]["overrefusal"], {"trim": False})
     dpo_pair_params = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (
         {"contrast_dpo_pairs": contrast_dpo_pairs} if contrast_dpo_pairs else {})
     overrefusal = cfg.align.overrefusal.pool > 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nlsr.io import write_json
-from nlsr.stages.align import greedy_answers
+from nlsr.stages.align import greedy_answers, trim_line, trimmed_answers
 from nlsr.stages.common import load_base, load_weak, write_jsonl
 
 
@@ -34,7 +34,8 @@ def mined_pairs(prompts: list[str], chosen: list[str], rejected: list[str], is_r
 
 def run_overrefusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """Probe W_0 on the pool, keep the prompts it refuses (at most ``max_pairs``), and pair the base
-    model's answer (chosen) with W_0's refusal (rejected) on each."""
+    model's answer (chosen; trimmed with ``align.overrefusal.trim``) with W_0's refusal (rejected)
+    on each."""
     import gc
 
     from nlsr.judges.refusal import is_refusal
@@ -55,11 +56,14 @@ def run_overrefusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     weak = None
     gc.collect()
     chosen = answers(load_base(ctx), refused, section.max_new_tokens, "chosen")
+    trimmed = None
+    if section.trim:
+        chosen, trimmed = trimmed_answers(ctx, chosen, section.max_new_tokens)
     pairs, dropped = mined_pairs(refused, chosen, rejected, is_refusal)
     count = write_jsonl(out / "overrefusal_pairs.jsonl", pairs)
     card = {"overrefusal_pairs": {"rows": count, "probed": len(pool),
                                   "refused": len(all_refused), "mined": len(refused),
-                                  "dropped": dropped},
+                                  "dropped": dropped, **({"trimmed": trimmed} if trimmed is not None else {})},
             "sources": {"overrefusal_pairs": f"{section.dataset}: base model's answer (chosen) vs W_0's refusal "
                                              "(rejected), on the prompts W_0 refuses"}}
     write_json(out / "data_card.json", card)
@@ -68,4 +72,4 @@ def run_overrefusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     info = card["overrefusal_pairs"]
     return {"rows": count, "card": card,
             "line": f"W_0 refused {info['refused']} of {len(pool)} harmless prompts; {count} pairs kept "
-                    f"(of the first {len(refused)})"}
+                    f"(of the first {len(refused)}){trim_line(trimmed)}"}
