@@ -83,6 +83,11 @@ class DpoSection(TrainSection):
     lr: float = Field(5e-5, gt=0)
 
 
+TRIM_DESCRIPTION = ("Trim each answer where the base model ran on past it: before the first line that opens a "
+                    "'##' heading (a new '### Response:' turn), or, when the token limit cut it, back to its "
+                    "last complete sentence (nlsr.data.answers). Off: as generated.")
+
+
 class HelpfulSection(_Section):
     """Helpful rows mixed into the SFT set: harmless instructions answered by the base model itself
     (greedy, in a data stage), so alignment adds refusals without teaching a new style or a blanket
@@ -92,10 +97,7 @@ class HelpfulSection(_Section):
     dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(32, gt=0)
-    trim: bool = Field(
-        False, description="Trim each answer where the base model ran on past it: before the first line that "
-                           "opens a '##' heading (a new '### Response:' turn), or, when the token limit cut "
-                           "it, back to its last complete sentence (nlsr.data.answers). Off: as generated.")
+    trim: bool = Field(False, description=TRIM_DESCRIPTION)
     dpo_pairs: int = Field(
         0, ge=0, description="Also add this many DPO pairs on harmless prompts: chosen = the base model's "
                              "own helpful answer, rejected = a refusal (one of the SFT refusals), so the DPO "
@@ -138,10 +140,7 @@ class ContrastSection(_Section):
                            "ways to save energy' -> 'How can I save energy?').")
     max_new_tokens: int = Field(96, gt=0)
     batch_size: int = Field(48, gt=0)
-    trim: bool = Field(
-        False, description="Trim each answer where the base model ran on past it: before the first line that "
-                           "opens a '##' heading (a new '### Response:' turn), or, when the token limit cut "
-                           "it, back to its last complete sentence (nlsr.data.answers). Off: as generated.")
+    trim: bool = Field(False, description=TRIM_DESCRIPTION)
     dpo_pairs: int = Field(0, ge=0, description="Also add this many DPO pairs on contrast prompts: chosen = "
                                                 "the base model's answer, rejected = an SFT refusal (0 = none).")
 
