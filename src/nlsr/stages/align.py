@@ -69,22 +69,30 @@ def greedy_answers(ctx, model, prompts: list[str], max_new_tokens: int, batch_si
 LIMIT_SLACK = 2
 
 
-def trimmed_answers(ctx, answers: list[str], max_new_tokens: int) -> tuple[list[str], dict[str, int]]:
-    """``answers`` trimmed by :func:`nlsr.data.answers.trim_answer` (an answer counts as cut by the
-    token limit when it re-encodes to at least ``max_new_tokens - LIMIT_SLACK`` tokens), and how many
-    were cut at a template turn and how many back to their last sentence."""
+def trimmed_answers(ctx, answers: list[str], section) -> tuple[list[str], dict[str, int] | None]:
+    """``answers`` as ``section`` asks: trimmed by :func:`nlsr.data.answers.trim_answer` when
+    ``section.trim`` is set (an answer counts as cut by the token limit when it re-encodes to at least
+    ``section.max_new_tokens - LIMIT_SLACK`` tokens), with how many were cut at a template turn and
+    how many back to their last sentence; unchanged, with ``None``, when it is not."""
     from nlsr.data.answers import trim_answer
 
+    if not section.trim:
+        return answers, None
     tokenizer = ctx.tokenizer()
     counts = {"template_turn": 0, "last_sentence": 0}
     kept = []
     for answer in answers:
         length = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-        text, how = trim_answer(answer, reached_limit=length >= max_new_tokens - LIMIT_SLACK)
+        text, how = trim_answer(answer, reached_limit=length >= section.max_new_tokens - LIMIT_SLACK)
         if how is not None:
             counts[how] += 1
         kept.append(text)
     return kept, counts
+
+
+def trim_record(counts: dict[str, int] | None) -> dict:
+    """What a stage's result or data card records of trimming: ``{"trimmed": counts}``, or nothing."""
+    return {} if counts is None else {"trimmed": counts}
 
 
 def trim_line(counts: dict[str, int] | None) -> str:
@@ -127,9 +135,7 @@ def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     answers = greedy_answers(ctx, load_base(ctx), prompts, section.max_new_tokens, section.batch_size,
                              out / "helpful.cache.jsonl", "helpful answers")
     generated = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-    trimmed = None
-    if section.trim:
-        answers, trimmed = trimmed_answers(ctx, answers, section.max_new_tokens)
+    answers, trimmed = trimmed_answers(ctx, answers, section)
     rows, dropped = real_answers([{"prompt": p} for p in prompts], answers)
     from nlsr.stages.common import write_jsonl
 
@@ -137,7 +143,7 @@ def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     for cache in out.glob("*.cache.jsonl"):
         cache.unlink()
     return {"rows": len(rows), "dropped": dropped, "tokens": generated,
-            **({"trimmed": trimmed} if trimmed is not None else {}),
+            **trim_record(trimmed),
             "line": f"{len(rows)} helpful answers ({dropped['empty']} empty, {dropped['refusal']} refusals "
                     f"dropped){trim_line(trimmed)}"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from nlsr.data.contrast import contrast_prompts, lexicon_of, log_odds, question_prompts
 from nlsr.errors import NlsrError
 from nlsr.io import write_json
-from nlsr.stages.align import greedy_answers, real_answers, trim_line, trimmed_answers
+from nlsr.stages.align import greedy_answers, real_answers, trim_line, trim_record, trimmed_answers
 from nlsr.stages.common import load_base, read_jsonl, write_jsonl
 
 
@@ -59,13 +59,11 @@ def run_contrast_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         source = "the prompts richest in harm-typical words (scored against sft.jsonl)"
     answers = greedy_answers(ctx, load_base(ctx), [r["prompt"] for r in picked], section.max_new_tokens,
                              section.batch_size, out / "contrast.cache.jsonl", "contrast answers")
-    trimmed = None
-    if section.trim:
-        answers, trimmed = trimmed_answers(ctx, answers, section.max_new_tokens)
+    answers, trimmed = trimmed_answers(ctx, answers, section)
     rows, dropped = real_answers(picked, answers)
     count = write_jsonl(out / "contrast.jsonl", rows)
     card = {"contrast": {"rows": count, "picked": len(picked), "pool": len(pool), "dropped": dropped,
-                         **({"trimmed": trimmed} if trimmed is not None else {}), **info},
+                         **trim_record(trimmed), **info},
             "sources": {"contrast": f"{section.dataset}: {source}, answered by the base model"}}
     write_json(out / "data_card.json", card)
     for cache in out.glob("*.cache.jsonl"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nlsr.io import write_json
-from nlsr.stages.align import greedy_answers, trim_line, trimmed_answers
+from nlsr.stages.align import greedy_answers, trim_line, trim_record, trimmed_answers
 from nlsr.stages.common import load_base, load_weak, write_jsonl
 
 
@@ -56,14 +56,12 @@ def run_overrefusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     weak = None
     gc.collect()
     chosen = answers(load_base(ctx), refused, section.max_new_tokens, "chosen")
-    trimmed = None
-    if section.trim:
-        chosen, trimmed = trimmed_answers(ctx, chosen, section.max_new_tokens)
+    chosen, trimmed = trimmed_answers(ctx, chosen, section)
     pairs, dropped = mined_pairs(refused, chosen, rejected, is_refusal)
     count = write_jsonl(out / "overrefusal_pairs.jsonl", pairs)
     card = {"overrefusal_pairs": {"rows": count, "probed": len(pool),
                                   "refused": len(all_refused), "mined": len(refused),
-                                  "dropped": dropped, **({"trimmed": trimmed} if trimmed is not None else {})},
+                                  "dropped": dropped, **trim_record(trimmed)},
             "sources": {"overrefusal_pairs": f"{section.dataset}: base model's answer (chosen) vs W_0's refusal "
                                              "(rejected), on the prompts W_0 refuses"}}
     write_json(out / "data_card.json", card)
