@@ -2,6 +2,7 @@
 only the alignment's training prompts? A linear-probe ceiling for the aligned model's targets.
 
     python3 scripts/harm_probe_check.py runs/cpu-bench-r23 [--out results/cpu-bench/harm_probe.json]
+        [--template chat] [--base-only]
 
 The alignment teaches the model *where* to refuse from its training prompts alone: harmful ones
 (the run's SFT refusal prompts and calibration prompts, ``data-align``) against harmless ones (its
@@ -10,7 +11,8 @@ asks whether that split, read off the model's hidden states, already separates t
 harmful prompts from XSTest's safe ones:
 
 - features: the hidden state after every layer at the last prompt token (the position where the
-  model picks its first answer token), with the run's template (alpaca, as the evaluate stage);
+  model picks its first answer token), with the evaluate stage's template (``--template``, alpaca by
+  default as in configs/cpu-bench.yaml; ``chat`` = the tokenizer's own chat template);
   models: the base (``smollm2``) and W_0 (``<run>/align_sft/model``, the SFT merged in);
 - a logistic regression (balanced classes, standardised features) per layer and C on the training
   prompts only; layer and C chosen by the AUROC of harmful *validation* prompts against XSTest's
@@ -49,12 +51,13 @@ CS = (0.001, 0.01, 0.1, 1.0)
 
 
 @torch.no_grad()
-def last_token_states(model, tokenizer, prompts: list[str], batch_size: int = 32) -> np.ndarray:
+def last_token_states(model, tokenizer, prompts: list[str], template: str = "alpaca",
+                      batch_size: int = 32) -> np.ndarray:
     """Hidden states (layers x prompts x width) at each prompt's last token, left-padded batches."""
     tokenizer.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch_size):
-        texts = [model_prompt(p, "alpaca", tokenizer) for p in prompts[i:i + batch_size]]
+        texts = [model_prompt(p, template, tokenizer) for p in prompts[i:i + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         hidden = model(**enc, output_hidden_states=True).hidden_states
         out.append(torch.stack([h[:, -1, :] for h in hidden]).float().numpy())
@@ -112,16 +115,17 @@ def probe(features: dict[str, np.ndarray]) -> dict:
             "points": points}
 
 
-def main(run: Path, out: Path | None) -> None:
+def main(run: Path, out: Path | None, template: str = "alpaca", base_only: bool = False) -> None:
     sets = prompt_sets(run)
-    report = {"run": str(run), "sizes": {k: len(v) for k, v in sets.items()},
+    report = {"run": str(run), "template": template, "sizes": {k: len(v) for k, v in sets.items()},
               "machine": f"{resolve_precision('float32').line()}; torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": {}}
-    for name, spec in (("base", "smollm2"), ("W_0", str(run / "align_sft" / "model"))):
+    models = [("base", "smollm2")] + ([] if base_only else [("W_0", str(run / "align_sft" / "model"))])
+    for name, spec in models:
         start = time.time()
         tokenizer = load_tokenizer(spec)
         model = load_model(spec, precision="float32").eval()
-        features = {k: last_token_states(model, tokenizer, v) for k, v in sets.items()}
+        features = {k: last_token_states(model, tokenizer, v, template) for k, v in sets.items()}
         result = probe(features)
         result["seconds"] = round(time.time() - start, 1)
         report["models"][name] = result
@@ -144,5 +148,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a run folder with data, data-align and align_sft stages")
     parser.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
+    parser.add_argument("--template", choices=("alpaca", "chat"), default="alpaca",
+                        help="prompt template of the features (the evaluate stage's)")
+    parser.add_argument("--base-only", action="store_true", help="probe the base model only, not W_0")
     cli = parser.parse_args()
-    main(cli.run, cli.out)
+    main(cli.run, cli.out, cli.template, cli.base_only)

@@ -72,6 +72,12 @@ class DpoSection(TrainSection):
         None, description="Seed of the DPO training itself (pair order, LoRA initialisation); None = the "
                           "experiment's seed. Every draw of data stays on the experiment's seed, so a second value "
                           "measures how much one DPO run of the same recipe varies.")
+    seeds: list[int] | None = Field(
+        None, description="Train DPO once per seed and keep the weight average of the adapters (a model soup: "
+                          "PEFT's add_weighted_adapter, combination 'cat', equal weights, so the merged delta is "
+                          "exactly the mean of the runs' deltas; its rank is len(seeds) x lora.r, and the attack "
+                          "continues that adapter). One DPO run varies with its seed by more than most recipe "
+                          "changes; the average lands near the seeds' mean. None = one run (align.dpo.seed).")
     sft_weight: float = Field(
         0.0, ge=0, description="Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, Pang et al. "
                                "2024; TRL's 'sft' loss term): DPO alone can lower the chosen answer's likelihood too "
@@ -81,6 +87,17 @@ class DpoSection(TrainSection):
                                "without bound, so both answers can lose likelihood and the model drift; 'ipo' "
                                "(Azar et al. 2023) regresses the margin to 1/(2β) and stops pushing there.")
     lr: float = Field(5e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _one_seed_setting(self) -> DpoSection:
+        if self.seeds is not None:
+            if self.seed is not None:
+                raise ValueError("align.dpo.seed and align.dpo.seeds are both set: keep seed for one DPO run, "
+                                 "or seeds for the average of several")
+            if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"align.dpo.seeds must list at least two different seeds (got {self.seeds}); "
+                                 "for one run use align.dpo.seed")
+        return self
 
 
 TRIM_DESCRIPTION = ("Trim each answer where the base model ran on past it: before the first line that opens a "

@@ -120,7 +120,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
     contrast_dpo_pairs = sections["align"]["contrast"].pop("dpo_pairs") if cfg.align.contrast.n else 0
     # fields added later, left out of the keys at their defaults: runs made before keep their keys
     _drop_at_default(sections["align"]["dpo"], {"sft_weight": 0.0, "train_on_dataset": True, "seed": None,
-                                                "loss": "sigmoid"})
+                                                "loss": "sigmoid", "seeds": None})
     _drop_at_default(sections["align"]["contrast"], {"score": "max", "trim": False})
     _drop_at_default(sections["align"]["helpful"], {"trim": False})
     _drop_at_default(sections["align"]["overrefusal"], {"trim": False})

@@ -3,6 +3,7 @@
 * :func:`train_sft` - supervised LoRA fine-tuning (safety SFT; the attack; the non-aligned control).
 * :func:`train_dpo` - DPO of a LoRA on top of a (merged) model; the reference policy is the same
   model with the adapter disabled.
+* :func:`average_adapters` - the exact weight average of adapters trained with different seeds.
 Both train on prompt/completion rows rendered with the experiment's template, keep the closing eos
 as a target, checkpoint into ``out_dir`` and resume from the last checkpoint there.
 """
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nlsr.config import LoraSection, TrainSection
+from nlsr.errors import NlsrError
 
 
 def lora_config(section: LoraSection):
@@ -225,6 +227,29 @@ def merge_adapter(model, adapter_dir: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
+def average_adapters(model, adapter_dirs: Sequence[Path], out_dir: Path) -> None:
+    """Save in ``out_dir`` the equal-weight average of LoRA adapters trained on the same ``model``.
+
+    PEFT's ``add_weighted_adapter`` with combination ``cat`` stacks the factors (rank = the sum of the
+    ranks, A_i scaled by its weight and its adapter's alpha/r), so ``B A`` of the result is exactly
+    ``Σ_i w_i ΔW_i``; nothing is approximated, unlike an SVD combination. ``model`` is left unchanged."""
+    from peft import PeftModel
+
+    if len(adapter_dirs) < 2:
+        raise NlsrError(f"averaging adapters needs at least two (got {len(adapter_dirs)})")
+    names = [f"run{i}" for i in range(len(adapter_dirs))]
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], adapter_dirs[1:], strict=True):
+        peft_model.load_adapter(str(folder), adapter_name=name)
+    weight = 1.0 / len(names)
+    peft_model.add_weighted_adapter(names, [weight] * len(names), "default", combination_type="cat")
+    peft_model.set_adapter("default")
+    for name in names:
+        peft_model.delete_adapter(name)
+    peft_model.save_pretrained(str(out_dir))
+    peft_model.unload()            # takes the LoRA layers out again, leaving ``model`` as it came
 
 
 def set_seed(seed: int) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
 import random
 from pathlib import Path
 
 from nlsr.data.templates import model_prompt
 from nlsr.errors import NlsrError
+from nlsr.io import atomic_file, write_json
 from nlsr.stages.common import load_base, load_weak, read_jsonl
-from nlsr.training import lora_config, set_seed, train_dpo, train_sft, training_line
+from nlsr.training import average_adapters, lora_config, set_seed, train_dpo, train_sft, training_line
 
 
 def run_sft(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None = None) -> dict:
@@ -173,21 +175,45 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
                         "raise align.overrefusal.pool or set align.dpo.train_on_dataset: true")
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in pairs]
+    if not cfg.align.dpo.seeds:
+        stats = _train_dpo_adapter(ctx, inputs, rows, out / "adapter", train_seed, vaccine_rho)
+        return {**stats, "line": training_line(len(rows), "pairs", stats)}
+    runs = []
+    for seed in cfg.align.dpo.seeds:      # each run resumes on its own; a finished one is kept
+        folder = out / "seeds" / f"s{seed}"
+        if (folder / "stats.json").exists():
+            runs.append(json.loads((folder / "stats.json").read_text()))
+            continue
+        set_seed(seed)
+        stats = {"seed": seed, **_train_dpo_adapter(ctx, inputs, rows, folder / "adapter", seed, vaccine_rho)}
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(folder / "stats.json", force=True) as tmp:   # written last: marks the run done
+            write_json(tmp, stats)
+        runs.append(stats)
+    average_adapters(load_weak(ctx, inputs["align_sft"]),
+                     [out / "seeds" / f"s{seed}" / "adapter" for seed in cfg.align.dpo.seeds], out / "adapter")
+    stats = {"seeds": runs, "seconds": sum(r["seconds"] for r in runs), "tokens": sum(r["tokens"] for r in runs)}
+    losses = ", ".join(f"s{r['seed']} {r['first_loss']:.3g} -> {r['last_loss']:.3g}" for r in runs
+                       if r.get("first_loss") is not None)
+    return {**stats, "line": f"{len(rows)} pairs, the average of {len(runs)} DPO runs ({losses})"}
+
+
+def _train_dpo_adapter(ctx, inputs: dict[str, Path], rows: list[dict], adapter_dir: Path, seed: int,
+                       vaccine_rho: float | None) -> dict:
+    """One DPO run of a fresh LoRA on W_0 with ``seed``, saved in ``adapter_dir``; its training stats."""
+    cfg = ctx.config
     if cfg.num_processes > 1:       # Vaccine's trainer is refused there (one process only)
         from nlsr.distributed import train_stage_job
 
-        stats = train_stage_job(ctx, "dpo", inputs["align_sft"] / "model", rows, cfg.align.dpo, out / "adapter",
-                                lora=cfg.lora, seed=train_seed)
-        return {**stats, "line": training_line(len(rows), "pairs", stats)}
-    model = load_weak(ctx, inputs["align_sft"])
+        return train_stage_job(ctx, "dpo", inputs["align_sft"] / "model", rows, cfg.align.dpo, adapter_dir,
+                               lora=cfg.lora, seed=seed)
     extra: dict = {}
     if vaccine_rho is not None:
         from nlsr.defences.vaccine import VaccineDPOTrainer
 
         extra = {"trainer_cls": VaccineDPOTrainer, "vaccine_rho": vaccine_rho}
-    stats = train_dpo(model, tokenizer, rows, cfg.align.dpo, out / "adapter", train_seed,
-                      lora=lora_config(cfg.lora), bf16=ctx.precision.bf16, **extra)
-    return {**stats, "line": training_line(len(rows), "pairs", stats)}
+    return train_dpo(load_weak(ctx, inputs["align_sft"]), ctx.tokenizer(), rows, cfg.align.dpo, adapter_dir, seed,
+                     lora=lora_config(cfg.lora), bf16=ctx.precision.bf16, **extra)
 
 
 def helpful_dpo_pairs(helpful: list[dict], refusals: list[str], n: int, seed: int,
