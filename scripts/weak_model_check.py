@@ -4,8 +4,8 @@
 
 For each run: W_0 (``<run>/align_sft/model``) answers the XSTest safe prompts (32 new tokens) and the
 harmful validation prompts (48 new tokens) of the run's ``data`` stage (or of ``--data``, for a run
-stopped after its SFT), greedy, in the precision ``auto`` picks, with the
-run's prompt template (alpaca) as the evaluate stage does; prints XSTest refusal per split (refusal
+stopped after its SFT), greedy, in the precision ``auto`` picks, with the run's prompt template (its ``align_sft``
+manifest's) as the evaluate stage does; prints XSTest refusal per split (refusal
 matcher and ``refusal-v2``), the harmful validation prompts not refused (``refusal-v2``) and
 validation HS (default ``trained`` judge), with 95% bootstrap intervals over prompts, and writes
 the generations to ``<run>/align_sft/weak_check.jsonl``. It tells which alignment stage sets the
@@ -22,6 +22,7 @@ from nlsr.generation import generate
 from nlsr.judges.base import Judge, make_judge
 from nlsr.judges.refusal import is_refusal
 from nlsr.models import load_model, load_tokenizer
+from nlsr.pipeline import read_manifest
 from nlsr.stages.common import read_jsonl, write_jsonl
 from nlsr.stats import estimate
 
@@ -36,10 +37,11 @@ def check(run: Path, data: Path, judge: Judge) -> None:
     model = load_model(str(model_dir), precision="auto").eval()
     xstest = read_jsonl(data / "xstest_safe.jsonl")
     harmful = [r for r in read_jsonl(data / "harmful_eval.jsonl") if r.get("split") == "validation"]
-    prompts = lambda rows: [model_prompt(r["prompt"], "alpaca", tokenizer) for r in rows]  # noqa: E731
+    template = read_manifest(run / "align_sft")["params"]["template"]
+    prompts = lambda rows: [model_prompt(r["prompt"], template, tokenizer) for r in rows]  # noqa: E731
     xs_out = generate(model, tokenizer, prompts(xstest), 32, batch_size=48, description="xstest")
     hm_out = generate(model, tokenizer, prompts(harmful), 48, batch_size=48, description="harmful")
-    print(f"## {run} (W_0 = align_sft/model)")
+    print(f"## {run} (W_0 = align_sft/model, template {template})")
     for split in ("validation", "test"):
         for name, v2 in (("", False), (" v2", True)):
             flags = [is_refusal(o, deflections=v2) for r, o in zip(xstest, xs_out, strict=True)
