@@ -151,7 +151,8 @@ def run_helpful_answers(ctx, out: Path, inputs: dict[str, Path]) -> dict:
 
 
 def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None = None) -> dict:
-    """DPO of a fresh LoRA on top of W_0: the aligned adapter ``(A_a, B_a)`` in ``adapter/``.
+    """DPO of a fresh LoRA on top of W_0: the aligned adapter ``(A_a, B_a)`` in ``adapter/``; with
+    ``align.dpo.seeds``, the exact mean of one DPO run per seed (:func:`dpo_seed_average`).
 
     With ``vaccine_rho`` the DPO is perturbation-aware (Vaccine) with that perturbation norm."""
     cfg = ctx.config
@@ -175,9 +176,18 @@ def run_dpo(ctx, out: Path, inputs: dict[str, Path], vaccine_rho: float | None =
                         "raise align.overrefusal.pool or set align.dpo.train_on_dataset: true")
     rows = [{"prompt": model_prompt(r["prompt"], cfg.template, tokenizer), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in pairs]
-    if not cfg.align.dpo.seeds:
-        stats = _train_dpo_adapter(ctx, inputs, rows, out / "adapter", train_seed, vaccine_rho)
-        return {**stats, "line": training_line(len(rows), "pairs", stats)}
+    if cfg.align.dpo.seeds:
+        return dpo_seed_average(ctx, out, inputs, rows, vaccine_rho)
+    stats = _train_dpo_adapter(ctx, inputs, rows, out / "adapter", train_seed, vaccine_rho)
+    return {**stats, "line": training_line(len(rows), "pairs", stats)}
+
+
+def dpo_seed_average(ctx, out: Path, inputs: dict[str, Path], rows: list[dict],
+                     vaccine_rho: float | None = None) -> dict:
+    """One DPO run per seed of ``align.dpo.seeds`` into ``seeds/s<seed>/adapter`` (a finished run,
+    marked by its ``stats.json``, is kept when a killed stage resumes), then their exact mean in
+    ``adapter/`` (:func:`nlsr.training.average_adapters`)."""
+    cfg = ctx.config
     runs = []
     for seed in cfg.align.dpo.seeds:      # each run resumes on its own; a finished one is kept
         folder = out / "seeds" / f"s{seed}"
