@@ -14,19 +14,15 @@ adapter to ``OUT_RUN/align_dpo/adapter``.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
 from nlsr.config import load_config
+from nlsr.io import file_sha256
 from nlsr.pipeline import RunContext, read_manifest
 from nlsr.stages.common import load_weak
 from nlsr.stages.evaluate import cast_parameters, evaluate_model
 from nlsr.training import average_adapters, merge_adapter
-
-
-def sft_digest(run: Path) -> str:
-    return hashlib.sha256((run / "align_sft" / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
 def main(argv: list[str]) -> None:
@@ -38,14 +34,15 @@ def main(argv: list[str]) -> None:
     if len(argv) < 3:
         sys.exit(__doc__)
     out, runs = Path(argv[0]), [Path(a) for a in argv[1:]]
-    digests = {sft_digest(r) for r in runs}
+    digests = {file_sha256(r / "align_sft" / "adapter" / "adapter_model.safetensors") for r in runs}
     if len(digests) != 1:
         sys.exit("the runs do not share one SFT adapter (W_0): a soup of DPO adapters needs the same W_0")
     config = load_config(config_path, [f"template={read_manifest(runs[0] / 'align_dpo')['params']['template']}"])
     ctx = RunContext(config, out, runs[0] / "data")
     adapter = out / "align_dpo" / "adapter"
-    average_adapters(load_weak(ctx, runs[0] / "align_sft"), [r / "align_dpo" / "adapter" for r in runs], adapter)
-    model = merge_adapter(load_weak(ctx, runs[0] / "align_sft"), adapter)
+    weak = load_weak(ctx, runs[0] / "align_sft")
+    average_adapters(weak, [r / "align_dpo" / "adapter" for r in runs], adapter)   # leaves ``weak`` unchanged
+    model = merge_adapter(weak, adapter)
     cast_parameters(model, ctx.precision.torch_dtype)
     model.eval()
     folder = out / "evaluate-aligned"
