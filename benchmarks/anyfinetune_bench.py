@@ -28,11 +28,11 @@ import torch
 from _common import machine, measure, write_results
 from safetensors.torch import save_file
 
-from nlsr.adapters import LoraAdapter, LoraFactors, fingerprint, save_adapter
-from nlsr.identification import SafetyMasks
-from nlsr.model_dirs import ModelDir, model_fingerprint
-from nlsr.neuron_identification import neuron_key
-from nlsr.neuron_realign import realign_neuron_adapters, realign_neuron_models
+from nlsr.method.identify import SafetyMasks
+from nlsr.method.identify_rows import neuron_key
+from nlsr.method.realign_rows import realign_neuron_adapters, realign_neuron_models
+from nlsr.weights.adapters import LoraAdapter, LoraFactors, fingerprint, save_adapter
+from nlsr.weights.model_dirs import ModelDir, model_fingerprint
 
 SMOLLM2 = {"hidden": 576, "mlp": 1536, "heads": 9, "kv_heads": 3, "vocab": 49152}
 LLAMA3_8B = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096),

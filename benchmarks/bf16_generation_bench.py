@@ -3,7 +3,7 @@
     python benchmarks/bf16_generation_bench.py [--rows 96] [--batch-size 48]
 
 PEFT's merge leaves every weight with ``requires_grad=False``; the evaluate stage flags them
-trainable again after casting (``nlsr.stages.evaluate.cast_parameters``; generation runs under
+trainable again after casting (``nlsr.experiment.stages.evaluate.cast_parameters``; generation runs under
 ``torch.inference_mode`` either way). This measures why: the embedded SmolLM2 in bfloat16
 generates 8 tokens for the first SST-2 validation prompts (the evaluate stage's template and
 batching), once per flag, alternating, best of ``--repeats``. Writes ``results/bf16_generation_bench.{json,md}``.
@@ -18,8 +18,8 @@ from _common import machine, measure, write_results
 
 from nlsr.data.registry import load_records
 from nlsr.data.templates import model_prompt
-from nlsr.generation import generate
-from nlsr.models import load_model, load_tokenizer
+from nlsr.evaluation.generation import generate
+from nlsr.weights.models import load_model, load_tokenizer
 
 
 def main() -> None:

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from _common import machine, measure, write_results
 
-from nlsr.adapters import attach_adapter, weight_key
-from nlsr.calibration import make_batches, read_calibration_jsonl
-from nlsr.identification import identify
-from nlsr.models import load_model, load_tokenizer, resolve_model_path
-from nlsr.ops.neurons import subspace_rank, top_fraction_mask
+from nlsr.method.calibration import make_batches, read_calibration_jsonl
+from nlsr.method.identify import identify
+from nlsr.method.projection import subspace_rank, top_fraction_mask
 from nlsr.paths import data_dir
-from nlsr.synthetic import module_shapes, random_adapter
+from nlsr.weights.adapters import attach_adapter, weight_key
+from nlsr.weights.models import load_model, load_tokenizer, resolve_model_path
+from nlsr.weights.synthetic import module_shapes, random_adapter
 
 
 def stored_svd_masks(model, reference, batches, rho: float, q: float) -> dict[str, torch.Tensor]:

@@ -20,11 +20,11 @@ import sys
 import torch
 from _common import machine, measure, write_results
 
-from nlsr.adapters import LoraAdapter, LoraFactors, weight_key
-from nlsr.identification import SafetyMasks
-from nlsr.ops.layers import SELECTION_RULES
-from nlsr.ops.transplant import TRANSPLANTS
-from nlsr.realignment import realign
+from nlsr.method.identify import SafetyMasks
+from nlsr.method.realign import realign
+from nlsr.method.select import SELECTION_RULES
+from nlsr.method.transplant import TRANSPLANTS
+from nlsr.weights.adapters import LoraAdapter, LoraFactors, weight_key
 
 LLAMA3_8B = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096),
              "self_attn.v_proj": (1024, 4096), "self_attn.o_proj": (4096, 4096),

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import nlsr
-from nlsr.models import resolve_model_path
+from nlsr.experiment.plots import plot_similarity_by_layer
 from nlsr.paths import data_dir
-from nlsr.plots import plot_similarity_by_layer
-from nlsr.synthetic import module_shapes, perturbed, random_adapter
+from nlsr.weights.models import resolve_model_path
+from nlsr.weights.synthetic import module_shapes, perturbed, random_adapter
 
 
 def main() -> None:

@@ -27,12 +27,12 @@ import sys
 from pathlib import Path
 
 from nlsr.data.answers import TEMPLATE_TURN
-from nlsr.judges.base import make_judge
-from nlsr.pipeline import read_manifest
-from nlsr.scoring import collect
-from nlsr.stages.common import read_jsonl
-from nlsr.stats import estimate
-from nlsr.training import end_losses
+from nlsr.evaluation.judges.base import make_judge
+from nlsr.evaluation.scoring import collect
+from nlsr.evaluation.stats import estimate
+from nlsr.experiment.pipeline import read_manifest
+from nlsr.experiment.stages.common import read_jsonl
+from nlsr.training.trainers import end_losses
 
 KEYS = [("HS trained, validation", "hs/trained/validation"),
         ("HS refusal matcher, validation", "hs/refusal/validation"),

@@ -31,7 +31,7 @@ def read(path: Path) -> list[dict]:
 
 
 def draw(run: Path, out: Path) -> None:
-    from nlsr.judges.refusal import is_refusal
+    from nlsr.evaluation.judges.refusal import is_refusal
 
     rng = random.Random(SEED)
     items = []

@@ -3,7 +3,7 @@
     python3 scripts/gold_rates.py results/judge-gold/labels-recipe24.jsonl [more label files]
 
 For each ``model`` value of the label rows (``draw-stage`` writes ``<run>/<stage>/<split>`` there)
-it prints, as % with 95% bootstrap intervals over the rows (:func:`nlsr.stats.estimate`): the gold
+it prints, as % with 95% bootstrap intervals over the rows (:func:`nlsr.evaluation.stats.estimate`): the gold
 harmful and not-refused rates, the trained judge's harmful rate and the not-refused rates of the
 refusal matcher and of ``refusal-v2`` on the same rows; then each refusal detector's Cohen's kappa
 against the gold ``refusal`` labels, per group and over all rows whose split is ``test`` (the
@@ -17,10 +17,10 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 
-from nlsr.judges.base import agreement_metrics, make_judge
-from nlsr.judges.refusal import DEFLECTION_PHRASES, is_refusal
-from nlsr.scoring import read_gold
-from nlsr.stats import estimate
+from nlsr.evaluation.judges.base import agreement_metrics, make_judge
+from nlsr.evaluation.judges.refusal import DEFLECTION_PHRASES, is_refusal
+from nlsr.evaluation.scoring import read_gold
+from nlsr.evaluation.stats import estimate
 
 
 def main(paths: list[str]) -> None:

@@ -40,11 +40,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from nlsr.data.templates import model_prompt
+from nlsr.evaluation.stats import estimate
+from nlsr.experiment.stages.common import read_jsonl
 from nlsr.io import atomic_file, write_json
-from nlsr.models import load_model, load_tokenizer
 from nlsr.precision import resolve_precision
-from nlsr.stages.common import read_jsonl
-from nlsr.stats import estimate
+from nlsr.weights.models import load_model, load_tokenizer
 
 RECALLS = (0.6, 0.7, 0.8, 0.9, 0.95)
 CS = (0.001, 0.01, 0.1, 1.0)

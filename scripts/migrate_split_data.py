@@ -17,10 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nlsr.config import load_config
-from nlsr.experiment import build_stages
+from nlsr.experiment.config import load_config
+from nlsr.experiment.pipeline import MANIFEST, RunContext, read_manifest, run_stages, stage_key
+from nlsr.experiment.plan import build_stages
 from nlsr.paths import data_dir
-from nlsr.pipeline import MANIFEST, RunContext, read_manifest, run_stages, stage_key
 
 
 def _digest(path: Path) -> str:

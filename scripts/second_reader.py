@@ -17,8 +17,8 @@ import random
 import sys
 from pathlib import Path
 
-from nlsr.judges.base import agreement_metrics
-from nlsr.scoring import read_generations as read
+from nlsr.evaluation.judges.base import agreement_metrics
+from nlsr.evaluation.scoring import read_generations as read
 
 
 def draw(out: Path, n: int, seed: int, files: list[Path]) -> None:

@@ -4,7 +4,7 @@
 
 Every RUN must hold ``align_sft/model`` (W_0) and ``align_dpo/adapter``; the W_0 of the first RUN is
 used, and the script stops if another RUN's W_0 differs (by the SFT adapter's bytes). The adapters are
-averaged by :func:`nlsr.training.average_adapters` (what ``align.dpo.seeds`` does inside a run): the
+averaged by :func:`nlsr.training.trainers.average_adapters` (what ``align.dpo.seeds`` does inside a run): the
 merged delta is exactly the mean of the runs' ``B A`` products. Use it on finished runs that differ in
 ``align.dpo.seed`` only (or, to interpolate, in their DPO pairs). The soup is merged into W_0
 and evaluated with the evaluate stage's code, the first RUN's ``data`` prompts and template; the generations go
@@ -17,12 +17,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nlsr.config import load_config
+from nlsr.experiment.config import load_config
+from nlsr.experiment.pipeline import RunContext, read_manifest
+from nlsr.experiment.stages.common import load_weak
+from nlsr.experiment.stages.evaluate import cast_parameters, evaluate_model
 from nlsr.io import file_sha256
-from nlsr.pipeline import RunContext, read_manifest
-from nlsr.stages.common import load_weak
-from nlsr.stages.evaluate import cast_parameters, evaluate_model
-from nlsr.training import average_adapters, merge_adapter
+from nlsr.training.trainers import average_adapters, merge_adapter
 
 
 def main(argv: list[str]) -> None:

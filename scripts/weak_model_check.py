@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 from nlsr.data.templates import model_prompt
-from nlsr.generation import generate
-from nlsr.judges.base import Judge, make_judge
-from nlsr.judges.refusal import is_refusal
-from nlsr.models import load_model, load_tokenizer
-from nlsr.pipeline import read_manifest
-from nlsr.stages.common import read_jsonl, write_jsonl
-from nlsr.stats import estimate
+from nlsr.evaluation.generation import generate
+from nlsr.evaluation.judges.base import Judge, make_judge
+from nlsr.evaluation.judges.refusal import is_refusal
+from nlsr.evaluation.stats import estimate
+from nlsr.experiment.pipeline import read_manifest
+from nlsr.experiment.stages.common import read_jsonl, write_jsonl
+from nlsr.weights.models import load_model, load_tokenizer
 
 
 def percent(flags: list[bool]) -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlsr import synthetic
-from nlsr.synthetic import module_shapes, perturbed  # noqa: F401 (re-exported to tests)
+from nlsr.weights import synthetic
+from nlsr.weights.synthetic import module_shapes, perturbed  # noqa: F401 (re-exported to tests)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "

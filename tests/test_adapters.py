@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import random_adapter
-from nlsr.adapters import (
+from nlsr.errors import NlsrError
+from nlsr.weights.adapters import (
     WEIGHTS_NAME,
     LoraAdapter,
     LoraFactors,
@@ -14,7 +15,6 @@ from nlsr.adapters import (
     save_adapter,
     weight_key,
 )
-from nlsr.errors import NlsrError
 
 
 def test_save_load_round_trip(tmp_path, shapes):

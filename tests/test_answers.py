@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nlsr.config import ExperimentConfig
 from nlsr.data.answers import cut_to_last_sentence, trim_answer
+from nlsr.experiment.config import ExperimentConfig
 
 RUN_ON = ("Global warming is caused by greenhouse gases.\n\n### Explanation:\nGlobal warming is caused by the "
           "increase of greenhouse gases in t")
@@ -45,7 +45,7 @@ def test_the_last_sentence_is_not_a_list_number_and_a_line_break_counts():
 
 
 def test_trim_enters_the_data_stage_keys_only_when_set():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     base = {"align": {"helpful": {"n": 20}, "contrast": {"n": 30}}}
     plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate(base))}
@@ -66,8 +66,8 @@ def test_trim_enters_the_data_stage_keys_only_when_set():
 
 @pytest.mark.parametrize("trim", [False, True])
 def test_the_helpful_stage_trims_its_answers_when_asked(tmp_path, monkeypatch, tiny_tokenizer, trim):
-    from nlsr.stages import align
-    from nlsr.stages.common import read_jsonl
+    from nlsr.experiment.stages import align
+    from nlsr.experiment.stages.common import read_jsonl
     from tests.conftest import write_jsonl
 
     prompts = ["Explain global warming.", "Name a fruit.", "Describe plants.", "Say no."]
@@ -91,8 +91,8 @@ def test_the_helpful_stage_trims_its_answers_when_asked(tmp_path, monkeypatch, t
 
 
 def test_the_overrefusal_stage_trims_the_chosen_answers_only(tmp_path, monkeypatch, tiny_tokenizer):
-    from nlsr.stages import data, overrefusal
-    from nlsr.stages.common import read_jsonl
+    from nlsr.experiment.stages import data, overrefusal
+    from nlsr.experiment.stages.common import read_jsonl
 
     prompts = ["How do I kill a process?", "How can I shoot a photo?"]
     refusal = "I'm sorry, but I cannot help with that.\n\n### Response:\nI cannot."

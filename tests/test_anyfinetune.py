@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import CALIBRATION_ROWS, REPO_ROOT, TARGETS, random_adapter, write_jsonl
-from nlsr.config import ExperimentConfig, load_config
 from nlsr.errors import NlsrError
+from nlsr.experiment.config import ExperimentConfig, load_config
 
 PINNED = Path(__file__).with_name("continue_stage_keys.json")
 PINNED_CONFIGS = ("smoke", "cpu-bench", "compare", "paper")
@@ -27,9 +27,9 @@ ENTRY = "identify-b0.9-r0.8-q0.2-identified"
 def _keys(cfg: ExperimentConfig) -> dict[str, str]:
     """Every stage's key as run_stages chains them, the code version fixed; the report's key covers
     only its models (its other parameters version the judges and sweeps, which are not at stake)."""
-    from nlsr import provenance
-    from nlsr.experiment import build_stages
-    from nlsr.pipeline import stage_key
+    from nlsr.experiment import provenance
+    from nlsr.experiment.pipeline import stage_key
+    from nlsr.experiment.plan import build_stages
 
     saved = provenance.code_version
     provenance.code_version = lambda: {"nlsr": "pinned", "commit": "pinned"}
@@ -67,7 +67,7 @@ def test_continue_configs_keep_their_stage_keys():
 
 
 def _stages(**sections) -> dict:
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     return {s.name: s for s in build_stages(ExperimentConfig.model_validate(sections))}
 
@@ -117,7 +117,7 @@ def test_fresh_trains_a_fresh_lora_on_the_merged_aligned_model():
 
 
 def _keys_of(stages: dict) -> dict[str, str]:
-    from nlsr.pipeline import stage_key
+    from nlsr.experiment.pipeline import stage_key
 
     out: dict[str, str] = {}
     for stage in stages.values():
@@ -155,7 +155,7 @@ def test_bad_threat_model_configs_are_refused_on_load(overrides, message):
 
 
 def test_anyfinetune_configs_differ_only_in_the_threat_model():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     configs = {init: load_config(REPO_ROOT / "configs" / f"anyfinetune{suffix}.yaml")
                for init, suffix in (("continue", ""), ("fresh", "-fresh"), ("full", "-full"))}
@@ -181,7 +181,7 @@ def test_anyfinetune_configs_differ_only_in_the_threat_model():
 
 def _small(adapter, factor: float = 0.02):
     """The adapter with B scaled down: an alignment update of about 1% of the tiny model's weights."""
-    from nlsr.adapters import LoraFactors
+    from nlsr.weights.adapters import LoraFactors
 
     return adapter.with_modules({n: LoraFactors(f.A, f.B * factor, f.scale) for n, f in adapter})
 
@@ -190,7 +190,7 @@ def _small(adapter, factor: float = 0.02):
 def tiny_run(tmp_path, tiny_model_dir, shapes):
     """Finished ``align_sft`` (W_0 = the tiny model), ``align_dpo``, ``data-align``, ``data-attack`` and
     ``data`` stages, and a config factory for the tiny model."""
-    from nlsr.adapters import save_adapter
+    from nlsr.weights.adapters import save_adapter
 
     for name in ("align_sft", "align_dpo", "data-align", "data-attack", "data"):
         (tmp_path / name).mkdir()
@@ -227,13 +227,13 @@ def _run(stage, ctx, root: Path, name: str, inputs: list[str], roles: dict[str, 
 
 
 def test_fresh_lora_path_end_to_end(tiny_run):
-    from nlsr.adapters import load_adapter
-    from nlsr.config import VariantSection
-    from nlsr.identification import load_masks
-    from nlsr.models import load_model
-    from nlsr.pipeline import RunContext
-    from nlsr.stages import anyfinetune, evaluate, realign
-    from nlsr.training import merge_adapter
+    from nlsr.experiment.config import VariantSection
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages import anyfinetune, evaluate, realign
+    from nlsr.method.identify import load_masks
+    from nlsr.training.trainers import merge_adapter
+    from nlsr.weights.adapters import load_adapter
+    from nlsr.weights.models import load_model
 
     root, config = tiny_run
     neuron = {"name": "nlsr-neuron", "granularity": "neuron", "select": "threshold", "threshold": 2.0}
@@ -275,11 +275,11 @@ def test_fresh_lora_path_end_to_end(tiny_run):
 
 
 def test_full_fine_tune_path_end_to_end(tiny_run):
-    from nlsr.config import VariantSection
-    from nlsr.identification import load_masks
-    from nlsr.model_dirs import ModelDir
-    from nlsr.pipeline import RunContext
-    from nlsr.stages import anyfinetune, evaluate
+    from nlsr.experiment.config import VariantSection
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages import anyfinetune, evaluate
+    from nlsr.method.identify import load_masks
+    from nlsr.weights.model_dirs import ModelDir
 
     root, config = tiny_run
     neuron = {"name": "nlsr-neuron", "granularity": "neuron", "select": "threshold", "threshold": 2.0}
@@ -317,7 +317,7 @@ def test_full_fine_tune_path_end_to_end(tiny_run):
 def test_a_full_run_reuses_the_continue_run_and_runs_through(tmp_path, tiny_model_dir, root):
     """The stage graph of ``init: full`` end to end through ``run_experiment`` on the tiny model, copying
     the data, the alignment and the aligned model's evaluation from an ``init: continue`` run."""
-    from nlsr.experiment import run_experiment
+    from nlsr.experiment.plan import run_experiment
 
     train = {"epochs": 1, "batch_size": 4, "max_length": 384}
     common = {"runs_dir": str(tmp_path / "runs"), "model": str(tiny_model_dir), "template": "chat",

@@ -22,12 +22,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import CALIBRATION_ROWS, write_jsonl
-from nlsr import synthetic
-from nlsr.adapters import load_adapter, save_adapter
 from nlsr.cli import app
-from nlsr.identification import SafetyMasks, save_masks
-from nlsr.reference import extrapolate
-from nlsr.stages.realign import random_masks
+from nlsr.experiment.stages.realign import random_masks
+from nlsr.method.extrapolate import extrapolate
+from nlsr.method.identify import SafetyMasks, save_masks
+from nlsr.weights import synthetic
+from nlsr.weights.adapters import load_adapter, save_adapter
 
 # The tiny Llama of conftest (hidden 32, intermediate 48, 4 heads of 8, 2 kv heads, 2 layers).
 KIND_SHAPES = {"self_attn.q_proj": (32, 32), "self_attn.v_proj": (16, 32), "mlp.up_proj": (48, 32),

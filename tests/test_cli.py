@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import CALIBRATION_ROWS, perturbed, random_adapter, write_jsonl
-from nlsr.adapters import load_adapter, save_adapter
 from nlsr.cli import app
+from nlsr.weights.adapters import load_adapter, save_adapter
 
 runner = CliRunner()
 

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import random_adapter
-from nlsr.adapters import LoraAdapter, save_adapter
 from nlsr.cli import app
 from nlsr.errors import NlsrError
+from nlsr.weights.adapters import LoraAdapter, save_adapter
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def test_unexpected_exception_is_one_line_naming_debug(tmp_path, shapes, monkeyp
 
     def broken(*_args, **_kwargs):
         raise TypeError("something internal")
-    monkeypatch.setattr("nlsr.reference.extrapolate", broken)
+    monkeypatch.setattr("nlsr.method.extrapolate.extrapolate", broken)
     r = invoke("extrapolate", "--aligned", tmp_path / "a", "--out", tmp_path / "ref")
     assert r.exit_code == 1
     lines = [line for line in r.output.splitlines() if line.strip()]
@@ -57,7 +57,7 @@ def test_failed_write_is_one_line_and_leaves_nothing(tmp_path, shapes, monkeypat
 
     def full_disk(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
-    monkeypatch.setattr("nlsr.adapters.save_file", full_disk)
+    monkeypatch.setattr("nlsr.weights.adapters.save_file", full_disk)
     before = sorted(p.name for p in tmp_path.iterdir())
     r = invoke("extrapolate", "--aligned", tmp_path / "a", "--out", tmp_path / "ref")
     assert r.exit_code == 2, r.output
@@ -66,7 +66,7 @@ def test_failed_write_is_one_line_and_leaves_nothing(tmp_path, shapes, monkeypat
 
 
 def test_os_errors_outside_atomic_writes_name_the_file(tmp_path):
-    from nlsr.cli_common import describe_unexpected
+    from nlsr.cli.common import describe_unexpected
 
     line, status = describe_unexpected(OSError(errno.EROFS, "Read-only file system", "/ro/x"))
     assert status == 2 and "'/ro/x'" in line and "writable" in line
@@ -75,7 +75,7 @@ def test_os_errors_outside_atomic_writes_name_the_file(tmp_path):
 def test_inspect_never_cuts_module_names(tmp_path):
     import torch
 
-    from nlsr.adapters import LoraFactors
+    from nlsr.weights.adapters import LoraFactors
 
     name = "model.layers.0." + "very_long_submodule_name." * 4 + "q_proj"
     adapter = LoraAdapter(config={"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": "b"},
@@ -90,8 +90,8 @@ def test_similarity_legend_draws_kinds_hollow(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgba
 
-    from nlsr.plots import plot_similarity_by_layer
-    from nlsr.realignment import ModuleDecision
+    from nlsr.experiment.plots import plot_similarity_by_layer
+    from nlsr.method.realign import ModuleDecision
 
     decisions = [ModuleDecision(f"model.layers.{i}.self_attn.{k}", i, k, 0.5, 0.5, repaired=(k == "v_proj"))
                  for i in range(3) for k in ("q_proj", "v_proj")]
@@ -106,7 +106,7 @@ def test_similarity_legend_draws_kinds_hollow(tmp_path, monkeypatch):
 
 
 def test_progress_outside_a_terminal_prints_plain_lines(capsys):
-    from nlsr.identification import _progress
+    from nlsr.method.identify import _progress
 
     assert list(_progress(list(range(4)), True, "calibration pass")) == [0, 1, 2, 3]
     err = capsys.readouterr().err.splitlines()
@@ -119,7 +119,7 @@ def test_progress_in_a_terminal_draws_a_bar(monkeypatch):
 
     from rich.console import Console
 
-    from nlsr import identification
+    from nlsr.method import identify as identification
 
     buffer = io.StringIO()
     monkeypatch.setattr("rich.console.Console", lambda **kw: Console(file=buffer, force_terminal=True, width=80))
@@ -129,9 +129,9 @@ def test_progress_in_a_terminal_draws_a_bar(monkeypatch):
 
 def test_light_name_lists_match_the_registries():
     from nlsr.choices import JUDGE_NAMES, SELECTION_RULE_NAMES, TRANSPLANT_NAMES
-    from nlsr.judges import JUDGES
-    from nlsr.ops.layers import SELECTION_RULES
-    from nlsr.ops.transplant import TRANSPLANTS
+    from nlsr.evaluation.judges import JUDGES
+    from nlsr.method.select import SELECTION_RULES
+    from nlsr.method.transplant import TRANSPLANTS
 
     assert set(SELECTION_RULE_NAMES) == set(SELECTION_RULES)
     assert set(TRANSPLANT_NAMES) == set(TRANSPLANTS)
@@ -152,6 +152,6 @@ def test_closed_pipe_ends_quietly(tmp_path, shapes, monkeypatch):
 
     def closed(_message):
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
-    monkeypatch.setattr("nlsr.cli._say", closed)
+    monkeypatch.setattr("nlsr.cli.main._say", closed)
     r = invoke("inspect", tmp_path / "a")                   # e.g. `nlsr inspect DIR | head`
     assert r.exit_code == 0 and "error" not in r.output

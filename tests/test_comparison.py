@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from nlsr.comparison import hs_ranking, load_setting, write_comparison
 from nlsr.errors import NlsrError
+from nlsr.experiment.comparison import hs_ranking, load_setting, write_comparison
 
 
 def _row(model: str, hs: float, fa: float, seconds: float = 10.0) -> dict:

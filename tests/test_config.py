@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from nlsr.config import ExperimentConfig, load_config
 from nlsr.errors import NlsrError
+from nlsr.experiment.config import ExperimentConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -79,8 +79,8 @@ def test_a_missing_or_looping_base_is_named(tmp_path):
 
 def test_data_stage_rejects_unknown_dataset_before_training(tmp_path):
     from conftest import shared_data_dir
-    from nlsr.pipeline import RunContext
-    from nlsr.stages import data as data_stage
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages import data as data_stage
 
     data = shared_data_dir()
     if data is None:
@@ -97,7 +97,7 @@ def test_data_stage_rejects_unknown_dataset_before_training(tmp_path):
 
 
 def test_stage_graph_of_the_comparison_config():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "compare.yaml")
     stages = build_stages(cfg)
@@ -113,8 +113,8 @@ def test_stage_graph_of_the_comparison_config():
 
 
 def test_data_keys_ignore_learning_rates_and_alignment_ignores_the_attack(tmp_path):
-    from nlsr.experiment import build_stages
-    from nlsr.pipeline import stage_key
+    from nlsr.experiment.pipeline import stage_key
+    from nlsr.experiment.plan import build_stages
 
     def keys(cfg):
         """Every stage's key, computed the way run_stages chains them."""
@@ -144,9 +144,9 @@ def test_reserved_and_duplicate_model_names():
 
 def test_configs_that_reuse_the_cpu_bench_run_share_its_aligned_model():
     """The configs that reuse runs/cpu-bench (defences, p, other tasks) must have its alignment keys."""
-    from nlsr import provenance
-    from nlsr.experiment import build_stages
-    from nlsr.pipeline import stage_key
+    from nlsr.experiment import provenance
+    from nlsr.experiment.pipeline import stage_key
+    from nlsr.experiment.plan import build_stages
 
     configs = Path(__file__).resolve().parents[1] / "configs"
 

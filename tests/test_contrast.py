@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nlsr.config import ExperimentConfig
 from nlsr.data.contrast import contrast_prompts, harm_lexicon, prompt_words
+from nlsr.experiment.config import ExperimentConfig
 
 
 def test_the_lexicon_scores_words_by_their_log_odds_in_harmful_prompts():
@@ -81,7 +81,7 @@ def test_question_prompts_take_the_first_recastable_prompts_in_pool_order():
 
 
 def test_contrast_rows_enter_the_sft_stages_only_when_used():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     base = {"align": {"helpful": {"n": 20}}, "defences": [{"name": "vaccine", "method": "vaccine"}]}
     plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate(base))}
@@ -111,7 +111,7 @@ def test_contrast_rows_enter_the_sft_stages_only_when_used():
 
 def test_contrast_dpo_pairs_prefer_the_answer_to_a_refusal_and_name_their_section():
     from nlsr.errors import NlsrError
-    from nlsr.stages.align import helpful_dpo_pairs
+    from nlsr.experiment.stages.align import helpful_dpo_pairs
 
     rows = [{"prompt": f"Steal the show {i}?", "response": f"It means to shine ({i})."} for i in range(5)]
     pairs = helpful_dpo_pairs(rows, ["I can't help with that."], 3, seed=0, section="align.contrast")
@@ -122,8 +122,8 @@ def test_contrast_dpo_pairs_prefer_the_answer_to_a_refusal_and_name_their_sectio
 
 
 def _aligned_data(tmp_path, root, contrast: dict):
-    from nlsr.pipeline import RunContext
-    from nlsr.stages.data import run_align
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages.data import run_align
 
     cfg = ExperimentConfig.model_validate({"align": {"sft": {"n": 60}, "dpo": {"n": 20}, "helpful": {"n": 50},
                                                      "contrast": contrast},
@@ -138,8 +138,8 @@ def _aligned_data(tmp_path, root, contrast: dict):
 def test_the_contrast_stage_answers_gated_unused_prompts_and_drops_refusals(tmp_path, root, monkeypatch):
     from nlsr.data import load_records
     from nlsr.data.disjoint import normalise_prompt, prompt_of
-    from nlsr.stages import contrast, data, reads
-    from nlsr.stages.common import read_jsonl
+    from nlsr.experiment.stages import contrast, data, reads
+    from nlsr.experiment.stages.common import read_jsonl
 
     ctx, align_dir = _aligned_data(tmp_path, root, {"n": 12, "min_count": 2})
     loaded: list[str] = []
@@ -174,7 +174,7 @@ def test_the_contrast_stage_answers_gated_unused_prompts_and_drops_refusals(tmp_
 
 
 def test_the_sft_stage_trains_on_the_contrast_answers_too(tmp_path, monkeypatch, tiny_tokenizer):
-    from nlsr.stages import align
+    from nlsr.experiment.stages import align
     from tests.conftest import write_jsonl
 
     for name, rows in (("data-align", [{"prompt": "How do I steal?", "response": "I can't help with that."}]),
@@ -204,10 +204,10 @@ def test_the_sft_stage_trains_on_the_contrast_answers_too(tmp_path, monkeypatch,
 def test_the_question_contrast_stage_answers_gated_recast_questions(tmp_path, root, tiny_model_dir):
     from nlsr.data import load_records
     from nlsr.data.disjoint import normalise_prompt, prompt_of
-    from nlsr.pipeline import RunContext
-    from nlsr.stages.common import read_jsonl
-    from nlsr.stages.contrast import run_contrast_answers
-    from nlsr.stages.data import evaluation_set_names, run_align, unused_harmless_prompts
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages.common import read_jsonl
+    from nlsr.experiment.stages.contrast import run_contrast_answers
+    from nlsr.experiment.stages.data import evaluation_set_names, run_align, unused_harmless_prompts
 
     cfg = ExperimentConfig.model_validate({
         "model": str(tiny_model_dir), "precision": "float32",
@@ -237,8 +237,8 @@ def test_the_question_contrast_stage_answers_gated_recast_questions(tmp_path, ro
 
 
 def test_the_contrast_stage_trims_run_on_answers_when_asked(tmp_path, root, monkeypatch, tiny_tokenizer):
-    from nlsr.stages import contrast
-    from nlsr.stages.common import read_jsonl
+    from nlsr.experiment.stages import contrast
+    from nlsr.experiment.stages.common import read_jsonl
 
     ctx, align_dir = _aligned_data(tmp_path, root, {"n": 3, "min_count": 2, "trim": True})
     monkeypatch.setattr(ctx, "tokenizer", lambda: tiny_tokenizer)

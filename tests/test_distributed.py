@@ -7,9 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nlsr.config import DpoSection, LoraSection, TrainSection
-from nlsr.distributed import TrainingJob, check_processes, launch_command, prepare_job, run_job, run_training_job
 from nlsr.errors import NlsrError
+from nlsr.experiment.config import DpoSection, LoraSection, TrainSection
+from nlsr.training.distributed import (
+    TrainingJob,
+    check_processes,
+    launch_command,
+    prepare_job,
+    run_job,
+    run_training_job,
+)
 
 LORA = LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj", "down_proj"])
 # Completions of different lengths, so that the processes see different token counts.
@@ -86,7 +93,7 @@ def test_two_process_dpo_of_a_fresh_adapter(tmp_path, tiny_model_dir):
 def test_in_process_job_equals_train_sft(tmp_path, tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from nlsr.training import lora_config, set_seed, train_sft
+    from nlsr.training.trainers import lora_config, set_seed, train_sft
 
     section = TrainSection(epochs=1, lr=1e-3, batch_size=4, max_length=64)
     set_seed(3)
@@ -130,7 +137,7 @@ def test_job_round_trip_and_refusals(tmp_path):
     cmd = launch_command(tmp_path / "job.json", 2, bf16=True, port=12345)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
     assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
-    assert cmd[-3:] == ["-m", "nlsr.distributed", str(tmp_path / "job.json")]
+    assert cmd[-3:] == ["-m", "nlsr.training.distributed", str(tmp_path / "job.json")]
 
 
 def test_worker_splits_the_batch_over_the_processes(tmp_path, monkeypatch):
@@ -142,8 +149,8 @@ def test_worker_splits_the_batch_over_the_processes(tmp_path, monkeypatch):
 
 
 def test_config_checks(tmp_path):
-    from nlsr.config import ExperimentConfig
-    from nlsr.distributed import check_config
+    from nlsr.experiment.config import ExperimentConfig
+    from nlsr.training.distributed import check_config
 
     check_config(ExperimentConfig())
     ok = ExperimentConfig(num_processes=2, defences=[{"name": "mix", "method": "mixing"}])
@@ -156,9 +163,9 @@ def test_config_checks(tmp_path):
 
 def test_nonaligned_stage_in_two_processes_matches_one(tmp_path, tiny_model_dir):
     """The stage wiring: ``num_processes: 2`` trains the same adapter as the plain in-process stage."""
-    from nlsr.config import ExperimentConfig
-    from nlsr.pipeline import RunContext
-    from nlsr.stages.attack import run_nonaligned
+    from nlsr.experiment.config import ExperimentConfig
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages.attack import run_nonaligned
 
     data = tmp_path / "data"
     data.mkdir()

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nlsr.config import ExperimentConfig
+from nlsr.experiment.config import ExperimentConfig
 from tests.conftest import write_jsonl
 
 
@@ -23,7 +23,7 @@ def _random_lora(tiny_model_dir, out, seed: int, r: int = 2):
 def _merged(tiny_model_dir, adapter):
     from transformers import AutoModelForCausalLM
 
-    from nlsr.training import merge_adapter
+    from nlsr.training.trainers import merge_adapter
 
     return merge_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).state_dict()
 
@@ -31,7 +31,7 @@ def _merged(tiny_model_dir, adapter):
 def test_average_adapters_is_the_exact_mean_of_the_deltas(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from nlsr.training import average_adapters
+    from nlsr.training.trainers import average_adapters
 
     adapters = [_random_lora(tiny_model_dir, tmp_path / f"a{i}", seed=i) for i in range(3)]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -55,7 +55,7 @@ def test_average_adapters_is_the_exact_mean_of_the_deltas(tmp_path, tiny_model_d
 
 def test_average_adapters_refuses_a_single_adapter(tmp_path, tiny_model_dir):
     from nlsr.errors import NlsrError
-    from nlsr.training import average_adapters
+    from nlsr.training.trainers import average_adapters
 
     with pytest.raises(NlsrError, match="at least two"):
         average_adapters(None, [tmp_path], tmp_path / "out")
@@ -70,7 +70,7 @@ def _dpo_inputs(tmp_path):
 
 
 def test_dpo_seeds_train_one_run_per_seed_then_average_and_resume(tmp_path, monkeypatch, tiny_tokenizer):
-    from nlsr.stages import align
+    from nlsr.experiment.stages import align
 
     trained, averaged = [], []
 
@@ -97,7 +97,7 @@ def test_dpo_seeds_train_one_run_per_seed_then_average_and_resume(tmp_path, monk
 
 
 def test_dpo_seeds_are_checked_and_enter_the_keys_only_when_set():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     with pytest.raises(ValueError, match="both set"):
         ExperimentConfig.model_validate({"align": {"dpo": {"seed": 1, "seeds": [1, 2]}}})

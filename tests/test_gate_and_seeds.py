@@ -2,10 +2,10 @@
 
 import pytest
 
-from nlsr.config import ExperimentConfig
 from nlsr.data.disjoint import Gate, judge_reserved, normalise_prompt, overlap
-from nlsr.pipeline import RunContext, Stage, run_stages
-from nlsr.stages.data import harmful_split, stratified_xstest
+from nlsr.experiment.config import ExperimentConfig
+from nlsr.experiment.pipeline import RunContext, Stage, run_stages
+from nlsr.experiment.stages.data import harmful_split, stratified_xstest
 
 
 def test_normalised_prompts_ignore_case_punctuation_spacing_and_quotes():
@@ -67,7 +67,7 @@ def test_xstest_sample_is_stratified_over_types():
 
 
 def test_seeded_config_runs_the_attack_and_what_follows_once_per_seed():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     cfg = ExperimentConfig.model_validate({"seeds": [0, 1, 2], "attack": {"benign_control": True},
                                            "realign": {"variants": [{"name": "nlsr"}]}})
@@ -110,8 +110,8 @@ def test_until_runs_only_the_stage_and_its_inputs(tmp_path):
 def test_sweep_adds_variants_and_the_report_chooses_on_validation():
     from types import SimpleNamespace
 
-    from nlsr.experiment import build_stages
-    from nlsr.stages.report import sweep_choice
+    from nlsr.experiment.plan import build_stages
+    from nlsr.experiment.stages.report import sweep_choice
 
     sweep = {"variant": "nlsr", "field": "q", "values": [0.1, 0.4]}
     cfg = ExperimentConfig.model_validate({"realign": {"variants": [{"name": "nlsr"}], "sweep": sweep}})
@@ -131,7 +131,7 @@ def test_sweep_adds_variants_and_the_report_chooses_on_validation():
 
 
 def test_vaccine_is_applied_where_the_alignment_is_learned():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     cfg = ExperimentConfig.model_validate({"seeds": [0, 1], "defences": [{"name": "vaccine", "method": "vaccine"}]})
     stages = {s.name: s for s in build_stages(cfg)}
@@ -150,7 +150,7 @@ def test_vaccine_is_applied_where_the_alignment_is_learned():
 
 def test_helpful_dpo_pairs_prefer_the_answer_to_a_refusal():
     from nlsr.errors import NlsrError
-    from nlsr.stages.align import helpful_dpo_pairs
+    from nlsr.experiment.stages.align import helpful_dpo_pairs
 
     helpful = [{"prompt": f"harmless {i}", "response": f"answer {i}"} for i in range(10)]
     refusals = ["I cannot help with that.", "I won't do this."]
@@ -167,7 +167,7 @@ def test_helpful_dpo_pairs_prefer_the_answer_to_a_refusal():
 
 
 def test_helpful_dpo_pairs_enter_the_dpo_key_only_when_used():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"helpful": {"n": 20}}}))}
     used = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
@@ -179,10 +179,10 @@ def test_helpful_dpo_pairs_enter_the_dpo_key_only_when_used():
 
 
 def test_xstest_validation_prompts_are_disjoint_from_the_test_prompts(tmp_path, root):
-    from nlsr.pipeline import RunContext
-    from nlsr.scoring import collect
-    from nlsr.stages.common import read_jsonl
-    from nlsr.stages.data import run_eval
+    from nlsr.evaluation.scoring import collect
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages.common import read_jsonl
+    from nlsr.experiment.stages.data import run_eval
 
     def prompts(n_validation):
         cfg = ExperimentConfig.model_validate({"evaluate": {"harmful_n": 20, "task_n": 20, "xstest_n": 50,
@@ -219,9 +219,9 @@ def test_xstest_validation_prompts_are_disjoint_from_the_test_prompts(tmp_path, 
 def test_refusal_pairs_prefer_the_sft_refusal_to_the_harmful_answer(tmp_path, root):
     from nlsr.data import load_records
     from nlsr.data.disjoint import normalise_prompt
-    from nlsr.experiment import build_stages
-    from nlsr.stages.common import read_jsonl, write_jsonl
-    from nlsr.stages.data import run_refusal_pairs
+    from nlsr.experiment.plan import build_stages
+    from nlsr.experiment.stages.common import read_jsonl, write_jsonl
+    from nlsr.experiment.stages.data import run_refusal_pairs
 
     harmful = {normalise_prompt(r["prompt"]): r["response"] for r in load_records("poison", root)}
     sft = [r for r in load_records("safety_sft", root) if normalise_prompt(r["prompt"]) in harmful][:12]
@@ -246,8 +246,8 @@ def test_refusal_pairs_prefer_the_sft_refusal_to_the_harmful_answer(tmp_path, ro
 
 
 def test_mined_pairs_keep_a_real_answer_against_a_refusal():
-    from nlsr.judges.refusal import is_refusal
-    from nlsr.stages.overrefusal import mined_pairs
+    from nlsr.evaluation.judges.refusal import is_refusal
+    from nlsr.experiment.stages.overrefusal import mined_pairs
 
     pairs, dropped = mined_pairs(
         ["a", "b", "c", "d"],
@@ -259,7 +259,7 @@ def test_mined_pairs_keep_a_real_answer_against_a_refusal():
 
 
 def test_overrefusal_pairs_enter_the_dpo_stages_only_when_used():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     base = {"align": {"helpful": {"n": 20}}, "defences": [{"name": "vaccine", "method": "vaccine"}]}
     plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate(base))}
@@ -279,9 +279,9 @@ def test_overrefusal_pairs_enter_the_dpo_stages_only_when_used():
 def test_overrefusal_pool_is_gated_and_disjoint_from_the_helpful_prompts(tmp_path, root):
     from nlsr.data import load_records
     from nlsr.data.disjoint import normalise_prompt, prompt_of
-    from nlsr.pipeline import RunContext
-    from nlsr.stages.common import read_jsonl
-    from nlsr.stages.data import evaluation_set_names, overrefusal_pool, run_align
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages.common import read_jsonl
+    from nlsr.experiment.stages.data import evaluation_set_names, overrefusal_pool, run_align
 
     cfg = ExperimentConfig.model_validate({"align": {"sft": {"n": 20}, "dpo": {"n": 20}, "helpful": {"n": 50},
                                                      "overrefusal": {"pool": 200}},

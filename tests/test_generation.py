@@ -1,6 +1,6 @@
 import torch
 
-from nlsr.generation import generate
+from nlsr.evaluation.generation import generate
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model, tiny_tokenizer, tmp_path):

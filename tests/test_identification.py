@@ -3,10 +3,10 @@ import math
 import torch
 
 from conftest import CALIBRATION_ROWS, random_adapter
-from nlsr.adapters import attach_adapter, weight_key
-from nlsr.calibration import CalibrationRow, encode_row, make_batches
-from nlsr.identification import accumulate_grams, identify, load_masks, save_masks
-from nlsr.ops.neurons import subspace_rank
+from nlsr.method.calibration import CalibrationRow, encode_row, make_batches
+from nlsr.method.identify import accumulate_grams, identify, load_masks, save_masks
+from nlsr.method.projection import subspace_rank
+from nlsr.weights.adapters import attach_adapter, weight_key
 
 ROWS = [CalibrationRow(r["prompt"], r["response"]) for r in CALIBRATION_ROWS]
 

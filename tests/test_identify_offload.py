@@ -6,12 +6,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import CALIBRATION_ROWS, random_adapter, write_jsonl
-from nlsr.adapters import save_adapter
-from nlsr.calibration import CalibrationRow
 from nlsr.errors import NlsrError
-from nlsr.identification import accumulate_grams, identify, load_masks
-from nlsr.models import load_model, parse_max_memory
-from nlsr.synthetic import module_shapes
+from nlsr.method.calibration import CalibrationRow
+from nlsr.method.identify import accumulate_grams, identify, load_masks
+from nlsr.weights.adapters import save_adapter
+from nlsr.weights.models import load_model, parse_max_memory
+from nlsr.weights.synthetic import module_shapes
 
 ROWS = [CalibrationRow(r["prompt"], r["response"]) for r in CALIBRATION_ROWS]
 # Room for the embeddings and the first decoder layer of the tiny model (about 64 KB); the second

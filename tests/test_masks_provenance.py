@@ -8,14 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import CALIBRATION_ROWS, perturbed, random_adapter, write_jsonl
-from nlsr.adapters import fingerprint, load_adapter, save_adapter
-from nlsr.calibration import CalibrationRow
 from nlsr.cli import app
 from nlsr.errors import NlsrError
-from nlsr.identification import SafetyMasks, identify, load_masks, masks_fingerprint, save_masks
+from nlsr.experiment.stages.realign import random_masks
 from nlsr.io import file_sha256
-from nlsr.realignment import realign
-from nlsr.stages.realign import random_masks
+from nlsr.method.calibration import CalibrationRow
+from nlsr.method.identify import SafetyMasks, identify, load_masks, masks_fingerprint, save_masks
+from nlsr.method.realign import realign
+from nlsr.weights.adapters import fingerprint, load_adapter, save_adapter
 
 runner = CliRunner()
 
@@ -150,9 +150,9 @@ def test_pipeline_random_masks_carry_the_fingerprint(shapes):
 
 @pytest.mark.parametrize("kind", ["identified", "random"])
 def test_pipeline_identify_then_realign_stage(tmp_path, shapes, tiny_model_dir, kind):
-    from nlsr.config import ExperimentConfig, VariantSection
-    from nlsr.pipeline import RunContext
-    from nlsr.stages.realign import identify_id, run_identify, run_variant
+    from nlsr.experiment.config import ExperimentConfig, VariantSection
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages.realign import identify_id, run_identify, run_variant
 
     cfg = ExperimentConfig(model=str(tiny_model_dir), template="chat", precision="float32", device="cpu",
                            realign={"batch_size": 4, "max_length": 64})
@@ -184,7 +184,7 @@ def test_pipeline_identify_then_realign_stage(tmp_path, shapes, tiny_model_dir, 
 
 
 def test_same_base_accepts_aliases_only(tmp_path, monkeypatch):
-    from nlsr.adapters import same_base
+    from nlsr.weights.adapters import same_base
 
     (tmp_path / "runs" / "x" / "model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "runs")                    # the relative path recorded elsewhere

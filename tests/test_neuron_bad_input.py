@@ -21,13 +21,13 @@ from test_bad_input import KIND_SHAPES, QV_SHAPES, SHAPES, snapshot
 from typer.testing import CliRunner
 
 from conftest import CALIBRATION_ROWS, write_jsonl
-from nlsr import synthetic
-from nlsr.adapters import load_adapter, save_adapter
 from nlsr.cli import app
-from nlsr.identification import SafetyMasks, save_masks
-from nlsr.model_dirs import ModelDir, extrapolate_model, merge_adapter, model_fingerprint, module_of
-from nlsr.neuron_identification import neuron_key
-from nlsr.stages.realign import random_masks
+from nlsr.experiment.stages.realign import random_masks
+from nlsr.method.identify import SafetyMasks, save_masks
+from nlsr.method.identify_rows import neuron_key
+from nlsr.weights import synthetic
+from nlsr.weights.adapters import load_adapter, save_adapter
+from nlsr.weights.model_dirs import ModelDir, extrapolate_model, merge_adapter, model_fingerprint, module_of
 
 runner = CliRunner()
 
@@ -74,7 +74,7 @@ def work(tmp_path, tiny_model_dir, models, monkeypatch):
     save_adapter(adapter(base=base), tmp_path / "ref")
     save_adapter(adapter(seed=5, rank=8, base=base), tmp_path / "ft")
     ref = load_adapter(tmp_path / "ref")
-    from nlsr.adapters import fingerprint
+    from nlsr.weights.adapters import fingerprint
 
     save_masks(neuron_masks({n: f.B.shape[0] for n, f in ref}, fingerprint(ref)), tmp_path / "neuron.safetensors")
     save_masks(random_masks(ref, 0.2, seed=0), tmp_path / "entry.safetensors")

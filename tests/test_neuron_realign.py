@@ -14,16 +14,16 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import CALIBRATION_ROWS, random_adapter, write_jsonl
-from nlsr import synthetic
-from nlsr.adapters import fingerprint, load_adapter, save_adapter
-from nlsr.calibration import CalibrationRow
 from nlsr.cli import app
 from nlsr.errors import NlsrError
-from nlsr.identification import SafetyMasks, load_masks
-from nlsr.model_dirs import ModelDir, merge_adapter, model_fingerprint, module_of
-from nlsr.neuron_identification import accumulate_input_covariances, identify_neurons, neuron_key
-from nlsr.neuron_realign import realign_neuron_adapters
-from nlsr.reference import extrapolate
+from nlsr.method.calibration import CalibrationRow
+from nlsr.method.extrapolate import extrapolate
+from nlsr.method.identify import SafetyMasks, load_masks
+from nlsr.method.identify_rows import accumulate_input_covariances, identify_neurons, neuron_key
+from nlsr.method.realign_rows import realign_neuron_adapters
+from nlsr.weights import synthetic
+from nlsr.weights.adapters import fingerprint, load_adapter, save_adapter
+from nlsr.weights.model_dirs import ModelDir, merge_adapter, model_fingerprint, module_of
 
 runner = CliRunner()
 
@@ -70,7 +70,7 @@ def check_rows(name, new, base, ref_delta, ft_delta, rows, atol=1e-5):
 # ---- identification -------------------------------------------------------------------------
 
 def test_input_covariances_equal_stored_inputs_and_share_q_v(tiny_model, tiny_tokenizer, shapes):
-    from nlsr.calibration import make_batches
+    from nlsr.method.calibration import make_batches
 
     rows = [CalibrationRow(**r) for r in CALIBRATION_ROWS]
     modules = dict(tiny_model.named_modules())
@@ -185,7 +185,7 @@ def full_finetune(tmp_path_factory, tiny_model_dir):
     """W_0 (tiny), W_a = W_0 + aligned LoRA (one file), a full fine-tune of W_a in 40 KB shards,
     and a calibration file."""
     from conftest import TARGETS
-    from nlsr.synthetic import module_shapes
+    from nlsr.weights.synthetic import module_shapes
 
     d = tmp_path_factory.mktemp("fullft")
     model = load_causal_lm(tiny_model_dir)
@@ -270,7 +270,7 @@ def test_full_finetune_model_dirs_rows_are_reference_or_finetune_through_from_pr
 
 
 def test_safelora_full_parameter_form(full_finetune, tiny_model_dir, tmp_path):
-    from nlsr.ops.safelora import projected_dense
+    from nlsr.method.safelora_ops import projected_dense
 
     d = full_finetune
     invoke("safelora", "--aligned", d / "W_a", "--unaligned", tiny_model_dir, "--finetuned", d / "ft",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from nlsr.config import ExperimentConfig
-from nlsr.pipeline import RunContext, Stage, run_stages
+from nlsr.experiment.config import ExperimentConfig
+from nlsr.experiment.pipeline import RunContext, Stage, run_stages
 
 
 class Killed(Exception):
@@ -138,7 +138,7 @@ def test_a_bad_input_error_keeps_resumable_checkpoints(ctx):
 
 
 def test_resume_message_says_what_is_resumed(ctx, tmp_path):
-    from nlsr.pipeline import describe_partial
+    from nlsr.experiment.pipeline import describe_partial
 
     partial = tmp_path / "p"
     partial.mkdir()

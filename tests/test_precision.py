@@ -74,8 +74,8 @@ def test_cpu_info_reads_this_machine():
 
 
 def test_training_arguments_follow_the_precision(tmp_path):
-    from nlsr.config import TrainSection
-    from nlsr.training import _common_args
+    from nlsr.experiment.config import TrainSection
+    from nlsr.training.trainers import _common_args
 
     section = TrainSection(batch_size=4, epochs=1)
     assert _common_args(section, tmp_path, 0, True, bf16=False, rows=40)["bf16"] is False
@@ -83,17 +83,17 @@ def test_training_arguments_follow_the_precision(tmp_path):
 
 
 def test_short_stages_checkpoint_often(tmp_path):
-    from nlsr.config import TrainSection
-    from nlsr.training import _save_steps
+    from nlsr.experiment.config import TrainSection
+    from nlsr.training.trainers import _save_steps
 
     assert _save_steps(TrainSection(batch_size=8, epochs=1), rows=48) == 2       # 6 steps
     assert _save_steps(TrainSection(batch_size=8, epochs=3), rows=8000) == 25    # 3000 steps
 
 
 def test_stage_keys_and_manifests_carry_the_precision(cpu_flags, tmp_path):
-    from nlsr.config import ExperimentConfig
-    from nlsr.experiment import build_stages
-    from nlsr.pipeline import RunContext, Stage, run_stages
+    from nlsr.experiment.config import ExperimentConfig
+    from nlsr.experiment.pipeline import RunContext, Stage, run_stages
+    from nlsr.experiment.plan import build_stages
 
     cpu_flags(("avx2",))
     stages = {s.name: s for s in build_stages(ExperimentConfig())}

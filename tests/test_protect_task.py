@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_anyfinetune import _run, tiny_run  # noqa: F401  (fixture)
 
-from nlsr.config import ExperimentConfig, VariantSection
 from nlsr.errors import NlsrError
-from nlsr.identification import SafetyMasks
+from nlsr.experiment.config import ExperimentConfig, VariantSection
+from nlsr.method.identify import SafetyMasks
 
 
 def _masks(values: dict[str, list[bool]], **metadata) -> SafetyMasks:
@@ -18,7 +18,7 @@ def _masks(values: dict[str, list[bool]], **metadata) -> SafetyMasks:
 
 def _save_attacked(root, seed: int):
     """The tiny run's aligned adapter, nudged as a fine-tune would (same origin), saved as ``attack``."""
-    from nlsr.adapters import LoraFactors, load_adapter, save_adapter
+    from nlsr.weights.adapters import LoraFactors, load_adapter, save_adapter
 
     aligned = load_adapter(root / "align_dpo" / "adapter")
     gen = torch.Generator().manual_seed(seed)
@@ -36,7 +36,7 @@ def _assert_same_deltas(repaired, expected) -> None:
 
 
 def test_without_task_entries_removes_exactly_the_task_critical_ones():
-    from nlsr.stages.realign import without_task_entries
+    from nlsr.experiment.stages.realign import without_task_entries
 
     safety = _masks({"a": [True, True, False, True], "b": [False, True]}, reference_fingerprint="x")
     task = _masks({"a": [True, False, True, False], "b": [False, True]})
@@ -51,7 +51,7 @@ def test_without_task_entries_removes_exactly_the_task_critical_ones():
 
 
 def test_protect_task_is_an_nlsr_entry_option_and_stays_out_of_older_keys():
-    from nlsr.experiment import variant_params
+    from nlsr.experiment.plan import variant_params
 
     with pytest.raises(ValueError, match="protect_task is an option of NLSR at entry granularity"):
         VariantSection(name="s", method="safelora", threshold=0.5, protect_task=0.1)
@@ -63,7 +63,7 @@ def test_protect_task_is_an_nlsr_entry_option_and_stays_out_of_older_keys():
 
 
 def test_task_masks_are_one_stage_per_seed_shared_by_the_variants_that_use_them():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     cfg = ExperimentConfig.model_validate({
         "seeds": [0, 1], "precision": "float32",
@@ -87,11 +87,11 @@ def test_task_masks_are_one_stage_per_seed_shared_by_the_variants_that_use_them(
 
 
 def test_protect_task_repairs_with_the_task_entries_left_out(tiny_run, monkeypatch):  # noqa: F811
-    from nlsr.adapters import load_adapter
-    from nlsr.identification import load_masks
-    from nlsr.pipeline import RunContext
-    from nlsr.realignment import realign as realign_adapters
-    from nlsr.stages import data, realign
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages import data, realign
+    from nlsr.method.identify import load_masks
+    from nlsr.method.realign import realign as realign_adapters
+    from nlsr.weights.adapters import load_adapter
 
     root, config = tiny_run
     attacked = _save_attacked(root, seed=1)
@@ -128,7 +128,7 @@ TASK_ROWS = [("Sentiment?", "positive", "a good film"), ("Sentiment?", "negative
 
 
 def _task_rows():
-    from nlsr.calibration import CalibrationRow
+    from nlsr.method.calibration import CalibrationRow
 
     return [CalibrationRow(p, r, i) for p, r, i in TASK_ROWS]
 
@@ -136,8 +136,8 @@ def _task_rows():
 def test_fisher_is_the_mean_squared_per_row_gradient_checked_by_finite_differences(tiny_model, tiny_tokenizer,
                                                                                    shapes):
     from conftest import random_adapter
-    from nlsr.adapters import LoraFactors, attach_adapter, weight_key
-    from nlsr.task_fisher import fisher_diagonal
+    from nlsr.method.protect_task import fisher_diagonal
+    from nlsr.weights.adapters import LoraFactors, attach_adapter, weight_key
 
     adapter = random_adapter(shapes, base="tiny")
     rows = _task_rows()
@@ -153,7 +153,7 @@ def test_fisher_is_the_mean_squared_per_row_gradient_checked_by_finite_differenc
     assert all((v >= 0).all() for v in fisher.values()) and any(v.sum() > 0 for v in fisher.values())
 
     # one entry's per-row gradient by central differences of the row's summed response NLL
-    from nlsr.calibration import make_batches
+    from nlsr.method.calibration import make_batches
 
     name = next(iter(adapter.modules))
     f = adapter.modules[name]
@@ -178,8 +178,8 @@ def test_fisher_is_the_mean_squared_per_row_gradient_checked_by_finite_differenc
 
 
 def test_transplant_cost_and_the_costliest_entries():
-    from nlsr.adapters import LoraAdapter, LoraFactors, weight_key
-    from nlsr.task_fisher import costliest_entries, transplant_cost
+    from nlsr.method.protect_task import costliest_entries, transplant_cost
+    from nlsr.weights.adapters import LoraAdapter, LoraFactors, weight_key
 
     def adapter(A, B):
         factors = LoraFactors(torch.tensor(A), torch.tensor(B), 1.0)
@@ -200,7 +200,7 @@ def test_transplant_cost_and_the_costliest_entries():
 
 
 def test_fisher_protection_is_one_stage_per_seed_for_every_fraction():
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.plan import build_stages
 
     cfg = ExperimentConfig.model_validate({
         "seeds": [0], "precision": "float32",
@@ -217,12 +217,12 @@ def test_fisher_protection_is_one_stage_per_seed_for_every_fraction():
 
 
 def test_fisher_protection_end_to_end(tiny_run, monkeypatch):  # noqa: F811
-    from nlsr.adapters import load_adapter, read_safetensors
-    from nlsr.identification import load_masks
-    from nlsr.pipeline import RunContext
-    from nlsr.realignment import realign as realign_adapters
-    from nlsr.stages import data, realign
-    from nlsr.task_fisher import costliest_entries, transplant_cost
+    from nlsr.experiment.pipeline import RunContext
+    from nlsr.experiment.stages import data, realign
+    from nlsr.method.identify import load_masks
+    from nlsr.method.protect_task import costliest_entries, transplant_cost
+    from nlsr.method.realign import realign as realign_adapters
+    from nlsr.weights.adapters import load_adapter, read_safetensors
 
     root, config = tiny_run
     attacked = _save_attacked(root, seed=3)

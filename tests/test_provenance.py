@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_data_dir
-from nlsr import provenance
-from nlsr.config import ExperimentConfig
 from nlsr.data.disjoint import prompt_keys
-from nlsr.experiment import build_stages
-from nlsr.pipeline import RunContext, Stage, run_stages, stage_key
-from nlsr.stages import reads
+from nlsr.experiment import provenance
+from nlsr.experiment.config import ExperimentConfig
+from nlsr.experiment.pipeline import RunContext, Stage, run_stages, stage_key
+from nlsr.experiment.plan import build_stages
+from nlsr.experiment.stages import reads
 
 DATA = shared_data_dir()
 needs_data = pytest.mark.skipif(DATA is None, reason="the offline data folder (shared/data) is absent")
@@ -142,7 +142,7 @@ def test_the_report_key_follows_the_trained_judge_content(tmp_path, monkeypatch)
 
 @needs_data
 def test_every_data_set_a_data_stage_loads_is_hashed_into_its_key(tmp_path, monkeypatch):
-    from nlsr.stages import data
+    from nlsr.experiment.stages import data
 
     loaded: list[str] = []
     real_load, real_ready = data.load_records, data.load_ready_made
@@ -180,8 +180,8 @@ def test_every_data_set_a_data_stage_loads_is_hashed_into_its_key(tmp_path, monk
 
 
 def test_accept_code_change_keeps_stages_whose_only_difference_is_the_commit(tmp_path, monkeypatch):
-    from nlsr.config import ExperimentConfig
-    from nlsr.pipeline import RunContext, Stage, run_stages
+    from nlsr.experiment.config import ExperimentConfig
+    from nlsr.experiment.pipeline import RunContext, Stage, run_stages
 
     calls: list[str] = []
 

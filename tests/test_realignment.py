@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import perturbed, random_adapter
-from nlsr.adapters import load_adapter, save_adapter, weight_key
 from nlsr.errors import NlsrError
-from nlsr.identification import SafetyMasks
-from nlsr.realignment import origin_cosines, realign
-from nlsr.reference import extrapolate
+from nlsr.method.extrapolate import extrapolate
+from nlsr.method.identify import SafetyMasks
+from nlsr.method.realign import origin_cosines, realign
+from nlsr.weights.adapters import load_adapter, save_adapter, weight_key
 
 
 def random_masks(adapter, q=0.3, seed=0) -> SafetyMasks:
@@ -139,7 +139,7 @@ def _old_similarity(e, t, M_A, M_B) -> float:
 def test_similarities_are_exact_and_decisions_unchanged(setting, select, seed):
     """The batched similarity equals the float64 dense cosine and the previous implementation's
     similarities closely enough that every decision is the same."""
-    from nlsr.ops.layers import SELECTION_RULES
+    from nlsr.method.select import SELECTION_RULES
 
     reference, finetuned, masks = setting
     names = list(finetuned.modules)

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from conftest import perturbed, random_adapter
-from nlsr.defences.safelora import safelora
 from nlsr.errors import NlsrError
-from nlsr.reference import extrapolate
+from nlsr.method.extrapolate import extrapolate
+from nlsr.method.safelora import safelora
 
 
 def test_extrapolate_scales_every_delta(shapes):
@@ -82,7 +82,7 @@ def test_dense_alignment_direction_gives_the_same_projection_as_the_adapter_one(
 
 
 def test_ibm_conventions_round_project_ties_and_use_less_or_equal():
-    from nlsr.defences.safelora import select_modules
+    from nlsr.method.safelora import select_modules
 
     sims = torch.tensor([0.300001, 0.3000004, 0.5, 0.6, 0.2], dtype=torch.float64)
     assert select_modules(sims, None, 1, ibm_conventions=False).tolist() == [False, False, False, False, True]

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from nlsr.config import ExperimentConfig, JudgeSpec
 from nlsr.errors import NlsrError
-from nlsr.judges import JUDGES, Judge
-from nlsr.pipeline import RunContext
-from nlsr.stages import report
+from nlsr.evaluation.judges import JUDGES, Judge
+from nlsr.experiment.config import ExperimentConfig, JudgeSpec
+from nlsr.experiment.pipeline import RunContext
+from nlsr.experiment.stages import report
 
 
 def _config(judges: list) -> ExperimentConfig:
@@ -96,13 +96,13 @@ def test_make_judge_rejects_what_the_spec_cannot_give():
     ctx = RunContext(ExperimentConfig(), None, None)
     assert report.judge_params(spec, ctx) == {"model": "m", "device": "cuda:1", "precision": None}
     with pytest.raises(NlsrError, match="does not take"):
-        from nlsr.judges import make_judge
+        from nlsr.evaluation.judges import make_judge
 
         make_judge("refusal", model="x")
 
 
 def test_summary_has_the_shape_issue_10_asks_for():
-    from nlsr.stages.report import summary
+    from nlsr.experiment.stages.report import summary
 
     def est(m):
         return {"mean": m, "ci95": [m - 1, m + 1], "n": 10}

@@ -7,15 +7,15 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import TARGETS, module_shapes, perturbed, random_adapter, shared_data_dir
-from nlsr.adapters import load_adapter, save_adapter
 from nlsr.cli import app
+from nlsr.weights.adapters import load_adapter, save_adapter
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from nlsr.models import load_model, load_tokenizer, resolve_model_path
+    from nlsr.weights.models import load_model, load_tokenizer, resolve_model_path
 
     return resolve_model_path("smollm2"), load_model("smollm2"), load_tokenizer("smollm2")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nlsr.stats import difference, estimate, relative_cut, resampled_means
+from nlsr.evaluation.stats import difference, estimate, relative_cut, resampled_means
 
 
 def test_interval_contains_the_mean_and_shrinks_with_more_prompts():
@@ -48,8 +48,8 @@ def test_paired_arrays_must_share_their_shape():
 
 
 def test_scores_from_generations_split_by_set_and_seed():
-    from nlsr.judges.refusal import RefusalJudge
-    from nlsr.scoring import collect, paired_against
+    from nlsr.evaluation.judges.refusal import RefusalJudge
+    from nlsr.evaluation.scoring import collect, paired_against
 
     def gens(outputs):
         return ([{"set": "harmful", "split": s, "prompt": f"p{i}", "output": o}

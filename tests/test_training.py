@@ -2,8 +2,8 @@
 
 import torch
 
-from nlsr.config import LoraSection, TrainSection
-from nlsr.training import lora_config, train_sft
+from nlsr.experiment.config import LoraSection, TrainSection
+from nlsr.training.trainers import lora_config, train_sft
 
 ROWS = [{"prompt": f"Q{i}: say hi\n", "completion": "hi there"} for i in range(8)]
 
@@ -72,7 +72,7 @@ def test_padding_free_batches_train_like_padded_ones(tmp_path, tiny_model_dir, t
 
 
 def test_tokenize_completions_masks_the_prompt_and_truncates(tiny_tokenizer):
-    from nlsr.training import tokenize_completions
+    from nlsr.training.trainers import tokenize_completions
 
     rows = tokenize_completions(tiny_tokenizer, [{"prompt": "say hi\n", "completion": "hi there"}], 64)
     ids, mask = rows[0]["input_ids"], rows[0]["completion_mask"]
@@ -86,7 +86,7 @@ def test_tokenize_completions_masks_the_prompt_and_truncates(tiny_tokenizer):
 
 
 def test_the_training_line_shows_the_mean_of_the_first_and_last_tenth_of_the_steps():
-    from nlsr.training import end_losses, training_line
+    from nlsr.training.trainers import end_losses, training_line
 
     losses = [2.0] * 5 + [1.0] * 40 + [0.5] * 4 + [1.8]           # a noisy last step
     ends = end_losses(losses)
@@ -101,8 +101,8 @@ def _first_dpo_loss(tmp_path, model_dir, tokenizer, **fields) -> float:
     """The first logged loss of a DPO of a fresh LoRA on a tiny model (policy = reference there)."""
     from transformers import AutoModelForCausalLM
 
-    from nlsr.config import DpoSection
-    from nlsr.training import train_dpo
+    from nlsr.experiment.config import DpoSection
+    from nlsr.training.trainers import train_dpo
 
     rows = [{"prompt": f"Q{i}: say hi\n", "chosen": "hi there", "rejected": "go away"} for i in range(4)]
     section = DpoSection(epochs=1, lr=1e-3, batch_size=4, max_length=64, **fields)
@@ -140,8 +140,8 @@ def test_dpo_stage_can_leave_the_dataset_pairs_out(tmp_path, monkeypatch, tiny_t
 
     import pytest
 
-    from nlsr.config import ExperimentConfig
-    from nlsr.stages import align
+    from nlsr.experiment.config import ExperimentConfig
+    from nlsr.experiment.stages import align
     from tests.conftest import write_jsonl
 
     files = {"data-align": {"sft.jsonl": [{"prompt": "How do I steal?", "response": "I can't help."}],
@@ -181,8 +181,8 @@ def test_dpo_seed_moves_the_training_only(tmp_path, monkeypatch, tiny_tokenizer)
 
     import pytest
 
-    from nlsr.config import ExperimentConfig
-    from nlsr.stages import align
+    from nlsr.experiment.config import ExperimentConfig
+    from nlsr.experiment.stages import align
     from tests.conftest import write_jsonl
 
     (tmp_path / "data-align").mkdir()
@@ -215,8 +215,8 @@ def test_dpo_seed_moves_the_training_only(tmp_path, monkeypatch, tiny_tokenizer)
 
 
 def test_dpo_seed_enters_the_stage_keys_only_when_set():
-    from nlsr.config import ExperimentConfig
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.config import ExperimentConfig
+    from nlsr.experiment.plan import build_stages
 
     plain = {s.name: s for s in build_stages(ExperimentConfig())}
     seeded = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"dpo": {"seed": 1}}}))}
@@ -226,8 +226,8 @@ def test_dpo_seed_enters_the_stage_keys_only_when_set():
 
 
 def test_dpo_loss_enters_the_stage_keys_only_when_not_sigmoid():
-    from nlsr.config import ExperimentConfig
-    from nlsr.experiment import build_stages
+    from nlsr.experiment.config import ExperimentConfig
+    from nlsr.experiment.plan import build_stages
 
     plain = {s.name: s for s in build_stages(ExperimentConfig())}
     ipo = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"dpo": {"loss": "ipo"}}}))}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from nlsr.config import ExperimentConfig
 from nlsr.errors import NlsrError
-from nlsr.generation import VllmGenerator, generate, prompt_token_ids, resolve_backend
-from nlsr.pipeline import RunContext
+from nlsr.evaluation.generation import VllmGenerator, generate, prompt_token_ids, resolve_backend
+from nlsr.experiment.config import ExperimentConfig
+from nlsr.experiment.pipeline import RunContext
 
 
 class _Completion:
@@ -40,16 +40,16 @@ def fake_vllm(monkeypatch):
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setattr("nlsr.generation.vllm_available", lambda: True)
+    monkeypatch.setattr("nlsr.evaluation.generation.vllm_available", lambda: True)
     return calls
 
 
 def test_backend_resolution(monkeypatch):
-    monkeypatch.setattr("nlsr.generation.vllm_available", lambda: False)
+    monkeypatch.setattr("nlsr.evaluation.generation.vllm_available", lambda: False)
     assert resolve_backend("auto") == "hf" and resolve_backend("hf") == "hf"
     with pytest.raises(NlsrError, match="needs a CUDA GPU"):
         resolve_backend("vllm")
-    monkeypatch.setattr("nlsr.generation.vllm_available", lambda: True)
+    monkeypatch.setattr("nlsr.evaluation.generation.vllm_available", lambda: True)
     assert resolve_backend("auto") == "vllm"
 
 
@@ -84,7 +84,7 @@ def test_hf_and_vllm_paths_share_the_prompt_ids(tiny_model, tiny_tokenizer):
 
 def test_evaluate_stage_uses_vllm_on_the_merged_model(fake_vllm, monkeypatch, tmp_path, tiny_model,
                                                      tiny_tokenizer):
-    from nlsr.stages import evaluate
+    from nlsr.experiment.stages import evaluate
 
     data = tmp_path / "data"
     data.mkdir()

@@ -1,7 +1,7 @@
 """The names an option or a config field may take, importable without torch.
 
-The registries that implement them (:data:`nlsr.ops.layers.SELECTION_RULES`,
-:data:`nlsr.ops.transplant.TRANSPLANTS`, :data:`nlsr.judges.JUDGES`) import torch or numpy; the
+The registries that implement them (:data:`nlsr.method.select.SELECTION_RULES`,
+:data:`nlsr.method.transplant.TRANSPLANTS`, :data:`nlsr.evaluation.judges.JUDGES`) import torch or numpy; the
 command line and the config check names against these tuples before any heavy import, and a test
 keeps both in step.
 """

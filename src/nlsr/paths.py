@@ -44,7 +44,7 @@ def check_model_spec(spec: str | os.PathLike) -> None:
 def portable_path(path: str | os.PathLike) -> str:
     """``path`` as a report should record it: ``<nlsr cache>/...`` inside the model cache, relative
     inside the working directory, else as given (no machine-specific prefix in committed files)."""
-    from nlsr.models import cache_dir
+    from nlsr.weights.models import cache_dir
 
     resolved = Path(path).resolve()
     for root, label in ((cache_dir().resolve(), "<nlsr cache>"), (Path.cwd().resolve(), None)):

@@ -1,5 +1,5 @@
 """Every data set declares exactly the files its loader reads: those files' hashes enter the data
-stages' keys (nlsr.provenance), so a file read but not declared would let stale stages survive."""
+stages' keys (nlsr.experiment.provenance), so a file read but not declared would let stale stages survive."""
 
 from __future__ import annotations
 

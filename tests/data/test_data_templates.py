@@ -8,11 +8,11 @@ import json
 import pytest
 
 from conftest import make_tokenizer
-from nlsr.calibration import prompt_text
 from nlsr.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca_prompt, format_prompt, split_alpaca
 from nlsr.data.tasks import SST2_INSTRUCTION
 from nlsr.data.templates import model_prompt
 from nlsr.errors import NlsrError
+from nlsr.method.calibration import prompt_text
 
 PAPER_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                   "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_sft_args as _args
-from nlsr.defences.constrained_sft import (
+from nlsr.errors import NlsrError
+from nlsr.training.defences.constrained_sft import (
     DEFAULT_BETA_SCHEDULE,
     ConstrainedSFTTrainer,
     constrained_sft_loss,
@@ -15,7 +16,6 @@ from nlsr.defences.constrained_sft import (
     response_positions,
     token_position_betas,
 )
-from nlsr.errors import NlsrError
 
 ROWS = [{"prompt": f"Q{i}: how do I do thing {i}?\n", "completion": "I can't help with that."} for i in range(4)]
 

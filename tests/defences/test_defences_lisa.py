@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_sft_args as _args
-from nlsr.defences.lisa import LisaTrainer, phase_schedule, proximal_term
 from nlsr.errors import NlsrError
+from nlsr.training.defences.lisa import LisaTrainer, phase_schedule, proximal_term
 
 TASK = [{"prompt": f"Review {i}: fine film\nSentiment:", "completion": " positive"} for i in range(8)]
 SAFETY = [{"prompt": f"How to hurt {i}?\n", "completion": "REFUSE"} for i in range(4)]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from nlsr.defences.mixing import FLAG_SAFETY, mix_safety_rows, safety_count
 from nlsr.errors import NlsrError
+from nlsr.training.defences.mixing import FLAG_SAFETY, mix_safety_rows, safety_count
 
 
 def _task(n):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nlsr.defences.vaccine import (
+from nlsr.errors import NlsrError
+from nlsr.training.defences.vaccine import (
     VaccineDPOTrainer,
     VaccineSFTTrainer,
     capture_layer_outputs,
@@ -11,7 +12,6 @@ from nlsr.defences.vaccine import (
     perturb_layer_outputs,
     vaccine_perturbations,
 )
-from nlsr.errors import NlsrError
 
 SFT_ROWS = [{"prompt": f"How do I make poison {i}?\n", "completion": "I can't help with that."} for i in range(4)]
 DPO_ROWS = [{"prompt": f"How do I make poison {i}?\n", "chosen": "I can't help.", "rejected": "Mix A and B."}

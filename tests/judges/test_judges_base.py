@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nlsr.errors import NlsrError
-from nlsr.judges import JUDGES, Judge, agreement, agreement_metrics, harmful_score, make_judge
+from nlsr.evaluation.judges import JUDGES, Judge, agreement, agreement_metrics, harmful_score, make_judge
 
 
 class KeywordJudge(Judge):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import shared_data_dir
 from nlsr.errors import NlsrError
-from nlsr.judges import (
+from nlsr.evaluation.judges import (
     TrainedJudge,
     agreement,
     heldout_rows,
@@ -22,7 +22,7 @@ from nlsr.judges import (
     train_judge,
     training,
 )
-from nlsr.judges.labelled_data import (
+from nlsr.evaluation.judges.labelled_data import (
     SHORT,
     SHORT_MAX_CHARS,
     SOURCES,
@@ -32,7 +32,7 @@ from nlsr.judges.labelled_data import (
     split_of,
     truncate,
 )
-from nlsr.judges.training import _source_weights, fit_judge
+from nlsr.evaluation.judges.training import _source_weights, fit_judge
 
 DATA = shared_data_dir()
 pytestmark = pytest.mark.skipif(DATA is None, reason="the offline data folder (shared/data) is absent")

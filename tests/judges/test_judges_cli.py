@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import shared_data_dir
-from nlsr.cli_judge import judge_app
-from nlsr.judges import load_labelled_rows, split_rows
+from nlsr.cli.judge import judge_app
+from nlsr.evaluation.judges import load_labelled_rows, split_rows
 
 DATA = shared_data_dir()
 runner = CliRunner()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from nlsr.cli_judge import judge_app
+from nlsr.cli.judge import judge_app
 from nlsr.data.disjoint import judge_reserved, normalise_prompt
-from nlsr.judges import hidden, make_judge, reserved_data
-from nlsr.judges.hidden import HiddenJudge
+from nlsr.evaluation.judges import hidden, make_judge, reserved_data
+from nlsr.evaluation.judges.hidden import HiddenJudge
 
 runner = CliRunner()
 

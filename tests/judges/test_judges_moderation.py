@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_tokenizer
 from nlsr.errors import NlsrError
-from nlsr.judges import BeaverDamJudge, LlamaGuardJudge, make_judge
+from nlsr.evaluation.judges import BeaverDamJudge, LlamaGuardJudge, make_judge
 
 CATEGORIES = [f"category_{i}" for i in range(14)]
 

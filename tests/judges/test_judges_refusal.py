@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nlsr.judges import RefusalJudge, is_refusal, make_judge
+from nlsr.evaluation.judges import RefusalJudge, is_refusal, make_judge
 
 
 @pytest.mark.parametrize("response", [
@@ -57,7 +57,7 @@ def test_refusal_v2_counts_opening_deflections_only():
 
 
 def test_gold_agreement_scores_refusal_v2_as_a_refusal_detector():
-    from nlsr.scoring import gold_agreement
+    from nlsr.evaluation.scoring import gold_agreement
 
     gold = [{"prompt": "q", "response": "It is not possible to do that.", "harmful": False, "refusal": True},
             {"prompt": "q", "response": "Here are the steps: first ...", "harmful": True, "refusal": False}]

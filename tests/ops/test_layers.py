@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nlsr.ops.layers import (
+from nlsr.method.select import (
     SELECTION_RULES,
     flat_cosines,
     masked_similarities,

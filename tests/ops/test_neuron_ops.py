@@ -7,14 +7,14 @@ import math
 
 import torch
 
-from nlsr.ops.neuron_masks import (
+from nlsr.method.projection_rows import (
     InputCovariance,
     activation_subspace,
     row_scores_dense,
     row_scores_lowrank,
     top_rows,
 )
-from nlsr.ops.neuron_transplant import (
+from nlsr.method.transplant_rows import (
     row_masked_similarities,
     row_transplant_dense,
     row_transplant_lowrank,

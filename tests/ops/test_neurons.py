@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from nlsr.ops.neurons import GramAccumulator, project_factors, safety_masks, subspace_rank, top_fraction_mask
+from nlsr.method.projection import GramAccumulator, project_factors, safety_masks, subspace_rank, top_fraction_mask
 
 
 def _top_left_singular(z: torch.Tensor, k: int) -> torch.Tensor:

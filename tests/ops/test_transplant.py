@@ -1,7 +1,7 @@
 import torch
 
-from nlsr.ops.extrapolate import extrapolate_factors
-from nlsr.ops.transplant import TRANSPLANTS
+from nlsr.method.extrapolate_ops import extrapolate_factors
+from nlsr.method.transplant import TRANSPLANTS
 
 
 def _factors(seed=0, r=4, d_in=10, d_out=8):

@@ -1,0 +1,5 @@
+"""``python -m nlsr.cli``."""
+
+from nlsr.cli.main import app
+
+app(prog_name="nlsr")

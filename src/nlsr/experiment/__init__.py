@@ -1,0 +1,1 @@
+"""The experiment: config, stage graph, pipeline, stages, report, comparison."""

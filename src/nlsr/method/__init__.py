@@ -1,0 +1,1 @@
+"""NLSR itself: extrapolate, identify, select, transplant, realign (and SafeLoRA)."""

@@ -1,5 +1,0 @@
-"""The experiment's stages, in pipeline order: data -> align -> attack -> realign -> evaluate -> report.
-
-Each module holds orchestration only (load, call the library, save); :mod:`nlsr.experiment` wires
-them into a :class:`nlsr.pipeline.Stage` graph from the config.
-"""

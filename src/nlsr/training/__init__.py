@@ -1,0 +1,1 @@
+"""Training: TRL builders, multi-process launch, the training-time defences."""

@@ -1,0 +1,1 @@
+"""Weights in and out: PEFT adapters, full model directories, loading base models."""
