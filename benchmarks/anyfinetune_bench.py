@@ -4,10 +4,10 @@
 
 (a) A full fine-tune shaped like SmolLM2-135M (30 layers, hidden 576, MLP 1536, 9 heads / 3 KV
 heads, vocab 49152, bfloat16 like the hub checkpoint) given as sharded safetensors model
-directories (base, reference, fine-tune; synthetic weights): ``realign_neuron_models`` with
+directories (base, reference, fine-tune; synthetic weights): ``realign_model_dir`` with
 random neuron masks (q = 0.2) and the paper's rule, writing the repaired model directory.
 (b) LoRA adapters shaped for Llama-3-8B (32 layers x q,k,v,o,gate,up,down) where the fine-tune has
-another rank than the reference (synthetic factors): ``realign_neuron_adapters`` (trace-form
+another rank than the reference (synthetic factors): ``realign`` (trace-form
 similarity, rank r_ref + r_ft transplant), then writing the adapter.
 
 Peak memory is the growth of this process's resident memory during the call (sampled every 2 ms).
@@ -28,9 +28,8 @@ import torch
 from _common import machine, measure, write_results
 from safetensors.torch import save_file
 
-from nlsr.method.identify import SafetyMasks
-from nlsr.method.identify_rows import neuron_key
-from nlsr.method.realign_rows import realign_neuron_adapters, realign_neuron_models
+from nlsr.method.masks import SafetyMasks, neuron_key
+from nlsr.method.realign import realign, realign_model_dir
 from nlsr.weights.adapters import LoraAdapter, LoraFactors, fingerprint, save_adapter
 from nlsr.weights.model_dirs import ModelDir, model_fingerprint
 
@@ -107,7 +106,7 @@ def bench_full(layers: int, dtype: torch.dtype, work: Path) -> dict:
                         {"granularity": "neuron",
                          "reference_fingerprint": json.dumps(model_fingerprint(reference, modules))})
     gc.collect()
-    result, seconds, peak = measure(lambda: realign_neuron_models(reference, finetuned, base, masks,
+    result, seconds, peak = measure(lambda: realign_model_dir(reference, finetuned, base, masks,
                                                                    work / "out", select="paper", seed=0))
     largest = max(info.end - info.begin for info in finetuned.infos.values())
     largest_layer = max(finetuned.infos[f"{n}.weight"].end - finetuned.infos[f"{n}.weight"].begin for n in modules)
@@ -147,7 +146,7 @@ def bench_lora(layers: int, ref_rank: int, ft_rank: int, work: Path) -> dict:
     masks = SafetyMasks({neuron_key(n): torch.rand(f.B.shape[0], generator=gen) < 0.2 for n, f in reference},
                         {"granularity": "neuron", "reference_fingerprint": json.dumps(fingerprint(reference))})
     gc.collect()
-    result, seconds, peak = measure(lambda: realign_neuron_adapters(reference, finetuned, masks, select="paper",
+    result, seconds, peak = measure(lambda: realign(reference, finetuned, masks, select="paper",
                                                                     seed=0))
     _, save_seconds, save_peak = measure(lambda: save_adapter(result.adapter, work / "lora-out"))
     repaired = [d.module for d in result.decisions if d.repaired]

@@ -20,7 +20,7 @@ import sys
 import torch
 from _common import machine, measure, write_results
 
-from nlsr.method.identify import SafetyMasks
+from nlsr.method.masks import SafetyMasks
 from nlsr.method.realign import realign
 from nlsr.method.select import SELECTION_RULES
 from nlsr.method.transplant import TRANSPLANTS

@@ -230,7 +230,7 @@ def test_fresh_lora_path_end_to_end(tiny_run):
     from nlsr.experiment.config import VariantSection
     from nlsr.experiment.pipeline import RunContext
     from nlsr.experiment.stages import anyfinetune, evaluate, realign
-    from nlsr.method.identify import load_masks
+    from nlsr.method.masks import load_masks
     from nlsr.training.trainers import merge_adapter
     from nlsr.weights.adapters import load_adapter
     from nlsr.weights.models import load_model
@@ -278,7 +278,7 @@ def test_full_fine_tune_path_end_to_end(tiny_run):
     from nlsr.experiment.config import VariantSection
     from nlsr.experiment.pipeline import RunContext
     from nlsr.experiment.stages import anyfinetune, evaluate
-    from nlsr.method.identify import load_masks
+    from nlsr.method.masks import load_masks
     from nlsr.weights.model_dirs import ModelDir
 
     root, config = tiny_run

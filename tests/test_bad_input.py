@@ -25,7 +25,7 @@ from conftest import CALIBRATION_ROWS, write_jsonl
 from nlsr.cli import app
 from nlsr.experiment.stages.realign import random_masks
 from nlsr.method.extrapolate import extrapolate
-from nlsr.method.identify import SafetyMasks, save_masks
+from nlsr.method.masks import SafetyMasks, save_masks
 from nlsr.weights import synthetic
 from nlsr.weights.adapters import load_adapter, save_adapter
 

@@ -106,7 +106,7 @@ def test_similarity_legend_draws_kinds_hollow(tmp_path, monkeypatch):
 
 
 def test_progress_outside_a_terminal_prints_plain_lines(capsys):
-    from nlsr.method.identify import _progress
+    from nlsr.method.activations import _progress
 
     assert list(_progress(list(range(4)), True, "calibration pass")) == [0, 1, 2, 3]
     err = capsys.readouterr().err.splitlines()
@@ -119,11 +119,11 @@ def test_progress_in_a_terminal_draws_a_bar(monkeypatch):
 
     from rich.console import Console
 
-    from nlsr.method import identify as identification
+    from nlsr.method import activations
 
     buffer = io.StringIO()
     monkeypatch.setattr("rich.console.Console", lambda **kw: Console(file=buffer, force_terminal=True, width=80))
-    assert list(identification._progress(list(range(3)), True, "calibration pass")) == [0, 1, 2]
+    assert list(activations._progress(list(range(3)), True, "calibration pass")) == [0, 1, 2]
     assert "calibration pass" in buffer.getvalue() and "100%" in buffer.getvalue()
 
 

@@ -3,8 +3,10 @@ import math
 import torch
 
 from conftest import CALIBRATION_ROWS, random_adapter
+from nlsr.method.activations import accumulate_grams
 from nlsr.method.calibration import CalibrationRow, encode_row, make_batches
-from nlsr.method.identify import accumulate_grams, identify, load_masks, save_masks
+from nlsr.method.identify import identify
+from nlsr.method.masks import load_masks, save_masks
 from nlsr.method.projection import subspace_rank
 from nlsr.weights.adapters import attach_adapter, weight_key
 

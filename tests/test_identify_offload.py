@@ -7,8 +7,10 @@ from typer.testing import CliRunner
 
 from conftest import CALIBRATION_ROWS, random_adapter, write_jsonl
 from nlsr.errors import NlsrError
+from nlsr.method.activations import accumulate_grams
 from nlsr.method.calibration import CalibrationRow
-from nlsr.method.identify import accumulate_grams, identify, load_masks
+from nlsr.method.identify import identify
+from nlsr.method.masks import load_masks
 from nlsr.weights.adapters import save_adapter
 from nlsr.weights.models import load_model, parse_max_memory
 from nlsr.weights.synthetic import module_shapes

@@ -13,7 +13,8 @@ from nlsr.errors import NlsrError
 from nlsr.experiment.stages.realign import random_masks
 from nlsr.io import file_sha256
 from nlsr.method.calibration import CalibrationRow
-from nlsr.method.identify import SafetyMasks, identify, load_masks, masks_fingerprint, save_masks
+from nlsr.method.identify import identify
+from nlsr.method.masks import SafetyMasks, load_masks, masks_fingerprint, save_masks
 from nlsr.method.realign import realign
 from nlsr.weights.adapters import fingerprint, load_adapter, save_adapter
 

@@ -23,8 +23,7 @@ from typer.testing import CliRunner
 from conftest import CALIBRATION_ROWS, write_jsonl
 from nlsr.cli import app
 from nlsr.experiment.stages.realign import random_masks
-from nlsr.method.identify import SafetyMasks, save_masks
-from nlsr.method.identify_rows import neuron_key
+from nlsr.method.masks import SafetyMasks, neuron_key, save_masks
 from nlsr.weights import synthetic
 from nlsr.weights.adapters import load_adapter, save_adapter
 from nlsr.weights.model_dirs import ModelDir, extrapolate_model, merge_adapter, model_fingerprint, module_of

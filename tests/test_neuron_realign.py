@@ -16,11 +16,12 @@ from typer.testing import CliRunner
 from conftest import CALIBRATION_ROWS, random_adapter, write_jsonl
 from nlsr.cli import app
 from nlsr.errors import NlsrError
+from nlsr.method.activations import accumulate_input_covariances
 from nlsr.method.calibration import CalibrationRow
 from nlsr.method.extrapolate import extrapolate
-from nlsr.method.identify import SafetyMasks, load_masks
-from nlsr.method.identify_rows import accumulate_input_covariances, identify_neurons, neuron_key
-from nlsr.method.realign_rows import realign_neuron_adapters
+from nlsr.method.identify import identify
+from nlsr.method.masks import SafetyMasks, load_masks, neuron_key
+from nlsr.method.realign import realign
 from nlsr.weights import synthetic
 from nlsr.weights.adapters import fingerprint, load_adapter, save_adapter
 from nlsr.weights.model_dirs import ModelDir, merge_adapter, model_fingerprint, module_of
@@ -100,7 +101,7 @@ def test_input_covariances_equal_stored_inputs_and_share_q_v(tiny_model, tiny_to
 def test_identify_neurons_masks_rows_with_provenance(tiny_model, tiny_tokenizer, shapes):
     reference = random_adapter(shapes)
     rows = [CalibrationRow(**r) for r in CALIBRATION_ROWS]
-    masks = identify_neurons(tiny_model, reference, rows, tiny_tokenizer, rho=0.8, q=0.25,
+    masks = identify(tiny_model, reference, rows, tiny_tokenizer, granularity="neuron", rho=0.8, q=0.25,
                              batch_size=2, progress=False)
     assert set(masks.masks) == {neuron_key(n) for n in shapes}
     for name, (d_out, _) in shapes.items():
@@ -156,7 +157,7 @@ def test_lora_on_merged_aligned_model_takes_beta_times_aligned_update(tmp_path, 
     shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "W_a" / "tokenizer.json")
     finetuned = random_adapter(shapes, rank=2, alpha=4, seed=6, base=str(tmp_path / "W_a"))
     masks = random_neuron_masks(reference, seed=2)
-    result = realign_neuron_adapters(reference, finetuned, masks, select="all")
+    result = realign(reference, finetuned, masks, select="all")
     assert result.settings["rebased"] and "recorded in" in result.notes[0]
     save_adapter(result.adapter, tmp_path / "out")
     merged = merged_weights(tmp_path / "W_a", tmp_path / "out")
@@ -172,8 +173,8 @@ def test_lora_on_merged_aligned_model_takes_beta_times_aligned_update(tmp_path, 
     renamed = finetuned.with_modules(finetuned.modules)
     renamed.config["base_model_name_or_path"] = "org/aligned-merged"
     with pytest.raises(NlsrError, match="--rebase ADAPTER"):
-        realign_neuron_adapters(reference, renamed, masks, select="all")
-    explicit = realign_neuron_adapters(reference, renamed, masks, select="all", rebase=aligned)
+        realign(reference, renamed, masks, select="all")
+    explicit = realign(reference, renamed, masks, select="all", rebase=aligned)
     for name in shapes:
         torch.testing.assert_close(explicit.adapter.modules[name].B, result.adapter.modules[name].B)
 
@@ -270,7 +271,7 @@ def test_full_finetune_model_dirs_rows_are_reference_or_finetune_through_from_pr
 
 
 def test_safelora_full_parameter_form(full_finetune, tiny_model_dir, tmp_path):
-    from nlsr.method.safelora_ops import projected_dense
+    from nlsr.method.safelora import projected_dense
 
     d = full_finetune
     invoke("safelora", "--aligned", d / "W_a", "--unaligned", tiny_model_dir, "--finetuned", d / "ft",

@@ -9,7 +9,7 @@ from test_anyfinetune import _run, tiny_run  # noqa: F401  (fixture)
 
 from nlsr.errors import NlsrError
 from nlsr.experiment.config import ExperimentConfig, VariantSection
-from nlsr.method.identify import SafetyMasks
+from nlsr.method.masks import SafetyMasks
 
 
 def _masks(values: dict[str, list[bool]], **metadata) -> SafetyMasks:
@@ -89,7 +89,7 @@ def test_task_masks_are_one_stage_per_seed_shared_by_the_variants_that_use_them(
 def test_protect_task_repairs_with_the_task_entries_left_out(tiny_run, monkeypatch):  # noqa: F811
     from nlsr.experiment.pipeline import RunContext
     from nlsr.experiment.stages import data, realign
-    from nlsr.method.identify import load_masks
+    from nlsr.method.masks import load_masks
     from nlsr.method.realign import realign as realign_adapters
     from nlsr.weights.adapters import load_adapter
 
@@ -219,7 +219,7 @@ def test_fisher_protection_is_one_stage_per_seed_for_every_fraction():
 def test_fisher_protection_end_to_end(tiny_run, monkeypatch):  # noqa: F811
     from nlsr.experiment.pipeline import RunContext
     from nlsr.experiment.stages import data, realign
-    from nlsr.method.identify import load_masks
+    from nlsr.method.masks import load_masks
     from nlsr.method.protect_task import costliest_entries, transplant_cost
     from nlsr.method.realign import realign as realign_adapters
     from nlsr.weights.adapters import load_adapter, read_safetensors

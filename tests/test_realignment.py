@@ -5,9 +5,10 @@ import torch
 
 from conftest import perturbed, random_adapter
 from nlsr.errors import NlsrError
+from nlsr.method.checks import origin_cosines
 from nlsr.method.extrapolate import extrapolate
-from nlsr.method.identify import SafetyMasks
-from nlsr.method.realign import origin_cosines, realign
+from nlsr.method.masks import SafetyMasks
+from nlsr.method.realign import realign
 from nlsr.weights.adapters import load_adapter, save_adapter, weight_key
 
 

@@ -1,4 +1,4 @@
-"""Where nlsr looks for the offline data sets."""
+"""Where nlsr looks for things: the offline data sets, the model cache, model paths."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
                     "holding the offline data sets (shared/data)")
 
 
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$NLSR_CACHE_DIR`` or ``~/.cache/nlsr``."""
+    return Path(os.environ.get("NLSR_CACHE_DIR", Path.home() / ".cache" / "nlsr"))
+
+
 def check_model_spec(spec: str | os.PathLike) -> None:
     """A model spec that names a path must be a model directory (with config.json); one that looks
     like a path must exist. Hub ids and ``smollm2`` pass. Cheap: no torch, no network."""
@@ -44,8 +49,6 @@ def check_model_spec(spec: str | os.PathLike) -> None:
 def portable_path(path: str | os.PathLike) -> str:
     """``path`` as a report should record it: ``<nlsr cache>/...`` inside the model cache, relative
     inside the working directory, else as given (no machine-specific prefix in committed files)."""
-    from nlsr.weights.models import cache_dir
-
     resolved = Path(path).resolve()
     for root, label in ((cache_dir().resolve(), "<nlsr cache>"), (Path.cwd().resolve(), None)):
         try:

@@ -1,14 +1,8 @@
 import pytest
 import torch
 
-from nlsr.method.select import (
-    SELECTION_RULES,
-    flat_cosines,
-    masked_similarities,
-    masked_similarity,
-    normalized_rank,
-    product_cosine,
-)
+from nlsr.method.select import SELECTION_RULES, normalized_rank
+from nlsr.method.similarity import flat_cosines, masked_similarities, masked_similarity, product_cosine
 
 
 def _dense_cos(x: torch.Tensor, y: torch.Tensor) -> float:

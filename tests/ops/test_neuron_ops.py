@@ -7,19 +7,9 @@ import math
 
 import torch
 
-from nlsr.method.projection_rows import (
-    InputCovariance,
-    activation_subspace,
-    row_scores_dense,
-    row_scores_lowrank,
-    top_rows,
-)
-from nlsr.method.transplant_rows import (
-    row_masked_similarities,
-    row_transplant_dense,
-    row_transplant_lowrank,
-    subtract_lowrank,
-)
+from nlsr.method.projection import InputCovariance, activation_subspace, row_scores_dense, row_scores_lowrank, top_rows
+from nlsr.method.similarity import row_masked_similarities
+from nlsr.method.transplant import row_transplant_dense, row_transplant_lowrank, subtract_lowrank
 
 
 def _direct_scores(X: torch.Tensor, delta: torch.Tensor, rho: float) -> torch.Tensor:

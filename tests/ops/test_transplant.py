@@ -1,6 +1,6 @@
 import torch
 
-from nlsr.method.extrapolate_ops import extrapolate_factors
+from nlsr.method.extrapolate import extrapolate_factors
 from nlsr.method.transplant import TRANSPLANTS
 
 

@@ -172,7 +172,7 @@ def identify(
     from nlsr.io import file_sha256
     from nlsr.method.calibration import read_calibration_jsonl
     from nlsr.method.identify import identify as run
-    from nlsr.method.identify import save_masks
+    from nlsr.method.masks import save_masks
     from nlsr.weights.adapters import load_adapter, same_base
     from nlsr.weights.models import load_model, load_tokenizer
 
@@ -266,14 +266,15 @@ def realign(
     require_file(masks, "mask file", "make one with `nlsr identify`")
     check_output_path(out, force)
     from nlsr.experiment.plots import plot_similarity_by_layer
-    from nlsr.method.identify import load_masks
+    from nlsr.method.masks import load_masks
     from nlsr.method.realign import realign as run
     from nlsr.weights.adapters import load_adapter, save_adapter
 
     result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle),
                  load_masks(masks), select=select, transplant=transplant, threshold=threshold,
                  p_base=p_base, epsilon=epsilon, seed=seed, min_origin_cosine=min_origin_cosine,
-                 check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch)
+                 check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch,
+                 granularity="entry")
     report = result.report()
     report["settings"].update({"reference": str(reference), "finetuned": str(finetuned),
                                "masks": str(masks)})

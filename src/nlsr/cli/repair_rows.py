@@ -64,7 +64,7 @@ def identify_neuron(*, base: str, reference: Path, calibration: Path, out: Path,
     check_output_path(out, force)
     from nlsr.cli.common import check_device, model_errors
     from nlsr.method.calibration import read_calibration_jsonl
-    from nlsr.method.identify import save_masks
+    from nlsr.method.masks import save_masks
     from nlsr.precision import resolve_precision
     from nlsr.weights.models import load_model, load_tokenizer
 
@@ -75,7 +75,7 @@ def identify_neuron(*, base: str, reference: Path, calibration: Path, out: Path,
     common = dict(rho=rank_ratio, q=keep, batch_size=batch_size, max_length=max_length,
                   template=template)
     if kind == "adapter":
-        from nlsr.method.identify_rows import identify_neurons
+        from nlsr.method.identify import identify
         from nlsr.weights.adapters import load_adapter, same_base
 
         ref = load_adapter(reference, allow_pickle)
@@ -89,10 +89,10 @@ def identify_neuron(*, base: str, reference: Path, calibration: Path, out: Path,
         _say(chosen.line())
         with model_errors(base):
             model = load_model(base, device=device, precision=chosen.dtype)
-        masks = identify_neurons(model, ref, rows, tokenizer, metadata=made_from, **common)
+        masks = identify(model, ref, rows, tokenizer, granularity="neuron", metadata=made_from, **common)
         modules = len(ref)
     else:
-        from nlsr.method.identify_rows import identify_neurons_model
+        from nlsr.method.identify import identify_model_dir
         from nlsr.weights.model_dirs import ModelDir
 
         ref_dir, base_dir = ModelDir(reference, "--reference"), ModelDir(base, "--base")
@@ -102,7 +102,7 @@ def identify_neuron(*, base: str, reference: Path, calibration: Path, out: Path,
         with model_errors(str(reference)):
             model = load_model(str(reference), device=device, precision=chosen.dtype)
         made_from = {k: v for k, v in made_from.items() if k not in ("reference", "base")}
-        masks = identify_neurons_model(model, ref_dir, base_dir, rows, tokenizer, metadata=made_from,
+        masks = identify_model_dir(model, ref_dir, base_dir, rows, tokenizer, metadata=made_from,
                                        check_base=not allow_base_mismatch, **common)
         modules = len(masks.masks)
     save_masks(masks, out, force=force)
@@ -143,28 +143,29 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
     require_file(masks, "mask file", "make one with `nlsr identify --granularity neuron`")
     check_output_path(out, force)
     from nlsr.experiment.plots import plot_similarity_by_layer
-    from nlsr.method.identify import load_masks
+    from nlsr.method.masks import load_masks
 
     loaded = load_masks(masks)
     rule = dict(select=select, threshold=threshold, p_base=p_base, epsilon=epsilon, seed=seed,
                 check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch)
     if ref_kind == "adapter":
-        from nlsr.method.realign_rows import realign_neuron_adapters
+        from nlsr.method.realign import realign
         from nlsr.weights.adapters import load_adapter, save_adapter
 
-        result = realign_neuron_adapters(
+        result = realign(
             load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle), loaded,
-            rebase=load_adapter(rebase, allow_pickle) if rebase is not None else None, **rule)
+            rebase=load_adapter(rebase, allow_pickle) if rebase is not None else None, granularity="neuron",
+            **rule)
         report = result.report()
         report["settings"].update({"reference": str(reference), "finetuned": str(finetuned),
                                    "masks": str(masks)})
         save_adapter(result.adapter, out, force=force, extra_files={
             "realign_report.json": (json.dumps(report, indent=2) + "\n").encode()})
     else:
-        from nlsr.method.realign_rows import realign_neuron_models
+        from nlsr.method.realign import realign_model_dir
         from nlsr.weights.model_dirs import ModelDir
 
-        result = realign_neuron_models(ModelDir(reference, "--reference"), ModelDir(finetuned, "--finetuned"),
+        result = realign_model_dir(ModelDir(reference, "--reference"), ModelDir(finetuned, "--finetuned"),
                                        ModelDir(base, "--base"), loaded, out, force=force, **rule)
         report = result.report()
     plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png")

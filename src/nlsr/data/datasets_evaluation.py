@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from nlsr.data import hub
+import nlsr.data.hub as hub
 from nlsr.data.files import SPARD_TEST
 from nlsr.data.hub import HubSource
 from nlsr.data.readers import Row, csv_rows, json_rows, jsonl_rows, line_rows

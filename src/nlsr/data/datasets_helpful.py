@@ -3,7 +3,7 @@ half of the SFT set (``align.helpful``)."""
 
 from __future__ import annotations
 
-from nlsr.data import hub
+import nlsr.data.hub as hub
 from nlsr.data.hub import HubSource
 from nlsr.data.readers import json_rows
 from nlsr.data.registry import DataFiles, register_dataset

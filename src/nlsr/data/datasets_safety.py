@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nlsr.data import hub
+import nlsr.data.hub as hub
 from nlsr.data.files import NLSR_POISON, PKU_DPO, PKU_SFT, SPARD_TRAIN, STL_SAFETY
 from nlsr.data.hub import HubSource
 from nlsr.data.poison import FLAG_POISON, read_merged

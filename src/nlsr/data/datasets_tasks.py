@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nlsr.data import hub
+import nlsr.data.hub as hub
 from nlsr.data.files import (
     AG_NEWS_TEST,
     AG_NEWS_TRAIN,

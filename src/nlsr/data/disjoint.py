@@ -105,3 +105,17 @@ class Gate:
 def overlap(a: Iterable[Mapping], b: Iterable[Mapping]) -> int:
     """How many normalised prompts two sets share (for checks and tests)."""
     return len(prompt_keys(a) & prompt_keys(b))
+
+
+def evaluation_set_names(harmful_dataset: str) -> list[str]:
+    """Every evaluation data set a training-side row is gated against: the main harmful set, every
+    other registered harmful-prompt set (``harmful_*``), XSTest and every task's test set.
+
+    Whole sets, and all of them whatever the config evaluates, so the alignment data (and the
+    aligned model) are the same for every evaluation config and every fine-tuning task."""
+    from nlsr.data.registry import list_datasets
+    from nlsr.data.tasks import TASKS
+
+    names = {harmful_dataset, "xstest"} | {t.eval_dataset for t in TASKS.values()}
+    names |= {spec.name for spec in list_datasets() if spec.name.startswith("harmful_")}
+    return sorted(names)

@@ -19,7 +19,7 @@ import torch
 
 from nlsr.errors import NlsrError
 from nlsr.method.calibration import CalibrationRow, make_batches
-from nlsr.method.identify import SafetyMasks, provenance
+from nlsr.method.masks import SafetyMasks, provenance
 from nlsr.method.projection import top_fraction_mask
 from nlsr.weights.adapters import LoraAdapter, attach_adapter, weight_key
 

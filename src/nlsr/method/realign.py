@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
 
 from nlsr.errors import NlsrError
-from nlsr.method.identify import SafetyMasks
-from nlsr.method.select import SELECTION_RULES, flat_cosines, masked_similarities
-from nlsr.method.transplant import TRANSPLANTS
-from nlsr.weights.adapters import LoraAdapter, LoraFactors, check_comparable, weight_key
+from nlsr.method.checks import (
+    check_entry_granularity,
+    check_masks,
+    check_neuron_masks,
+    check_same_modules,
+    check_shared_origin,
+)
+from nlsr.method.masks import NEURON, SafetyMasks, granularity_of, neuron_key
+from nlsr.method.select import check_rule, decide
+from nlsr.method.similarity import cosine_of_sums, dense_row_sums, masked_similarities, row_masked_similarities
+from nlsr.method.transplant import TRANSPLANTS, LowRank, row_transplant_dense, row_transplant_lowrank, subtract_lowrank
+from nlsr.paths import portable_path
+from nlsr.weights.adapters import (
+    LoraAdapter,
+    LoraFactors,
+    check_comparable,
+    fingerprint,
+    load_adapter,
+    natural_key,
+    same_base,
+)
+from nlsr.weights.model_dirs import (
+    MERGED_INFO,
+    ModelDir,
+    check_derived_from,
+    check_same_tensors,
+    merged_record,
+    model_fingerprint,
+    module_of,
+    write_edited,
+)
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -29,19 +61,24 @@ class ModuleDecision:
 
 @dataclass
 class RealignResult:
-    adapter: LoraAdapter
+    """The repaired adapter (adapters) or output directory (model directories), the decision per
+    module, the settings used and notes on how the updates were compared."""
+
     decisions: list[ModuleDecision]
     settings: dict
+    adapter: LoraAdapter | None = None
+    out: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
     def report(self) -> dict:
         """The JSON-ready report: settings, a summary, and one row per module."""
         repaired = [d for d in self.decisions if d.repaired]
-        return {
-            "settings": self.settings,
-            "summary": {"modules": len(self.decisions), "repaired": len(repaired),
-                        "mean_similarity": statistics.fmean(d.similarity for d in self.decisions)},
-            "modules": [asdict(d) for d in self.decisions],
-        }
+        summary = {"modules": len(self.decisions), "repaired": len(repaired)}
+        if "rows_replaced" in self.settings:
+            summary["rows_replaced"] = self.settings["rows_replaced"]
+        summary["mean_similarity"] = statistics.fmean(d.similarity for d in self.decisions)
+        settings = {**self.settings, "notes": self.notes} if self.notes else self.settings
+        return {"settings": settings, "summary": summary, "modules": [asdict(d) for d in self.decisions]}
 
 
 def layer_and_kind(module: str) -> tuple[int | None, str]:
@@ -50,150 +87,55 @@ def layer_and_kind(module: str) -> tuple[int | None, str]:
     return (int(match.group(1)) if match else None), module.rsplit(".", 1)[-1]
 
 
-def _few(names: list[str], count: int = 3) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:count])
-    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, *, select: str = "paper",
+            transplant: str | None = None, threshold: float | None = None, p_base: float = 0.5,
+            epsilon: float = 0.2, seed: int = 0, min_origin_cosine: float = 0.5,
+            rebase: LoraAdapter | None = None, check_base: bool = True, allow_mask_mismatch: bool = False,
+            granularity: str | None = None) -> RealignResult:
+    """Repair the fine-tuned adapter towards the reference inside the safety masks (NLSR steps 3-4).
 
+    The granularity is the masks' (:func:`~nlsr.method.masks.granularity_of`); ``granularity``, when
+    given, is what the caller expects, and masks of the other granularity are refused:
 
-def check_entry_granularity(masks: SafetyMasks) -> None:
-    """Refuse masks made at another granularity (neuron masks: one bool per weight row)."""
-    granularity = masks.metadata.get("granularity", "entry")
-    if granularity != "entry":
-        src = f"'{masks.source}'" if masks.source else "(in memory)"
-        raise NlsrError(f"the masks {src} were made at {granularity} granularity (one mask per weight "
-                        "row), but entry granularity needs masks of the LoRA factor entries: realign "
-                        "with --granularity neuron, or identify entry masks (`nlsr identify` without "
-                        "--granularity neuron)")
-
-
-def check_masks(masks: SafetyMasks, reference: LoraAdapter, allow_mismatch: bool = False) -> None:
-    """Refuse masks that do not belong to ``reference``.
-
-    * Every module of the reference needs bool masks of its factors' shapes (always).
-    * Masks of modules the reference lacks are an error, not silently dropped (``allow_mismatch``:
-      the matching subset is used).
-    * The reference fingerprint recorded in the masks (see :func:`nlsr.method.identify.provenance`)
-      must equal the reference's (``allow_mismatch``: accepted anyway).
-    * A masks *file* that records no fingerprint (written before nlsr recorded one) is refused
-      unless ``allow_mismatch``; masks built in memory without metadata are taken as given.
-    """
-    from nlsr.method.identify import masks_fingerprint
-    from nlsr.weights.adapters import describe_fingerprint, fingerprint, module_name
-
-    src = f"'{masks.source}'" if masks.source else "(in memory)"
-    ref_name = f"'{reference.source}'" if reference.source else "(in memory)"
-    regenerate = ("identify masks for this reference (`nlsr identify --reference "
-                  f"{reference.source or 'REFERENCE'} ...`)")
-    check_entry_granularity(masks)
-    mask_modules: dict[str, None] = {}
-    for key in masks.masks:
-        try:
-            mask_modules[module_name(key)] = None
-        except AssertionError:
-            raise NlsrError(f"the masks {src} hold '{key}', which is not a LoRA factor mask; make "
-                            "the masks with `nlsr identify`") from None
-    missing = [n for n in reference.modules
-               if weight_key(n, "A") not in masks.masks or weight_key(n, "B") not in masks.masks]
-    extra = [n for n in mask_modules if n not in reference.modules]
-    if missing or (extra and not allow_mismatch):
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} of the reference adapter's {len(reference)} modules have no "
-                         f"masks ({_few(missing)})")
-        if extra and not allow_mismatch:
-            parts.append(f"{len(extra)} masked modules are not in the reference adapter ({_few(extra)})")
-        escape = "" if missing else "; or pass --allow-mask-mismatch to use the matching subset"
-        raise NlsrError(f"the masks {src} ({len(mask_modules)} modules) do not match the reference "
-                        f"adapter {ref_name} ({len(reference)} modules): {'; '.join(parts)}. The "
-                        f"masks are never silently subset: {regenerate}{escape}")
-    for name, f in reference:
-        for factor, tensor in (("A", f.A), ("B", f.B)):
-            key = weight_key(name, factor)
-            mask = masks.masks[key]
-            if mask.shape != tensor.shape:
-                raise NlsrError(f"mask '{key}' in {src} has shape {tuple(mask.shape)} but the "
-                                f"factor of the reference adapter {ref_name} has {tuple(tensor.shape)}; "
-                                f"{regenerate}")
-    if allow_mismatch:
-        return
-    recorded = masks_fingerprint(masks)
-    if recorded is None:
-        if masks.source is not None:
-            raise NlsrError(f"the masks {src} do not record which reference adapter they were made "
-                            "from (an older masks file); make them again with `nlsr identify` (in a "
-                            "pipeline run: `nlsr run CONFIG --force identify-...`), or pass "
-                            "--allow-mask-mismatch if you are sure they belong to the reference "
-                            f"adapter {ref_name}")
-        return
-    actual = fingerprint(reference)
-    if any(recorded.get(k) != actual[k] for k in ("layout", "content")):
-        made_from = masks.metadata.get("reference")
-        same_layout = recorded.get("layout") == actual["layout"]
-        raise NlsrError(
-            f"the masks {src} were identified on "
-            f"{'reference adapter ' + repr(made_from) if made_from else 'another reference adapter'} "
-            f"({describe_fingerprint(recorded)}), "
-            f"but the given reference adapter {ref_name} is a different one ({describe_fingerprint(actual)}"
-            f"{': same modules and shapes, other weights' if same_layout else ''}); {regenerate}, "
-            "or pass --allow-mask-mismatch to use them anyway")
-
-
-def origin_cosines(reference: LoraAdapter, finetuned: LoraAdapter) -> dict[str, float]:
-    """Entry-wise cosine of ``A_e`` and ``A_t`` per module: near 1 when the fine-tune continued
-    the aligned adapter, near 0 for an independently initialised LoRA."""
-    # float32 dot products are accurate enough for a plausibility check and 10x faster.
-    names = list(reference.modules)
-    cosines = flat_cosines([(reference.modules[n].A, finetuned.modules[n].A) for n in names])
-    return dict(zip(names, cosines.tolist(), strict=True))
-
-
-def check_shared_origin(reference: LoraAdapter, finetuned: LoraAdapter,
-                        min_cosine: float) -> float:
-    """Refuse the entry-wise comparison when the adapters do not share an origin.
-
-    Entry ``(i, k)`` of ``A_t`` and ``A_e`` is the same neuron only when the fine-tune started
-    from the aligned adapter. Returns the median cosine.
-    """
-    median = statistics.median(origin_cosines(reference, finetuned).values())
-    if median < min_cosine:
-        raise NlsrError(
-            f"the fine-tuned adapter does not continue the aligned one (median cosine of the A "
-            f"factors {median:.3f} < {min_cosine}); neuron-level comparison needs the fine-tune to "
-            "start from the aligned adapter. For an unrelated adapter compare dense deltas "
-            "instead (e.g. `nlsr safelora`), or pass --min-origin-cosine 0 to force it")
-    return median
-
-
-def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks,
-            select: str = "paper", transplant: str = "exact", threshold: float | None = None,
-            p_base: float = 0.5, epsilon: float = 0.2, seed: int = 0,
-            min_origin_cosine: float = 0.5, check_base: bool = True,
-            allow_mask_mismatch: bool = False) -> RealignResult:
-    """Repair ``finetuned`` towards ``reference`` inside the safety ``masks`` (NLSR steps 3-4).
+    * ``entry`` (the paper): the fine-tune must continue the aligned adapter (median cosine of the
+      ``A`` factors at least ``min_origin_cosine``); repaired modules take ``transplant``
+      (``exact``, the default: the paper's formula, rank 2r; ``factor``: the authors' code, rank r).
+    * ``neuron``: any LoRA fine-tune of the same base and modules, of any rank; repaired modules take
+      the reference's masked rows (rank ``r_ref + r_ft``). ``rebase`` is the adapter merged into the
+      fine-tune's base, if any (see :func:`reference_updates`).
 
     Args:
-        reference: the super-aligned reference adapter ``(A_e, B_e)``.
-        finetuned: the user's fine-tuned adapter ``(A_t, B_t)`` (continued from the aligned one).
-        masks: safety-critical masks of the reference (from :func:`nlsr.identify`).
+        reference: the reference adapter the masks were identified on.
+        finetuned: the user's fine-tuned adapter.
+        masks: safety-critical masks of ``reference`` (:func:`nlsr.method.identify.identify`).
         select: module selection rule: ``paper``, ``reverse``, ``threshold`` or ``all``.
-        transplant: ``exact`` (rank 2r, the paper's formula) or ``factor`` (rank r, authors' code).
         threshold: τ for the ``threshold`` rule. p_base, epsilon: ``P_L`` and ε of the
             probabilistic rules. seed: seed of their draw.
-        min_origin_cosine: refuse when the median cosine of ``A_e`` and ``A_t`` is below this.
         allow_mask_mismatch: accept masks recorded for another reference, an older masks file
-            without a fingerprint, or masks of extra modules (see :func:`check_masks`).
+            without a fingerprint, or masks of extra modules.
 
     Returns:
         The repaired adapter, one decision per module, and the settings used.
     """
-    if select not in SELECTION_RULES:
-        raise NlsrError(f"unknown selection rule '{select}'; use one of {sorted(SELECTION_RULES)}")
-    if transplant not in TRANSPLANTS:
+    rule = {"select": select, "threshold": threshold, "p_base": p_base, "epsilon": epsilon, "seed": seed}
+    check_rule(**rule)
+    if transplant is not None and transplant not in TRANSPLANTS:
         raise NlsrError(f"unknown transplant '{transplant}'; use one of {sorted(TRANSPLANTS)}")
-    if select == "threshold" and threshold is None:
-        raise NlsrError("the 'threshold' rule needs --threshold T (repair modules with S < T)")
-    if not (p_base - epsilon >= 0 and p_base + epsilon <= 1):
-        raise NlsrError(f"p_base ± epsilon must stay in [0, 1] (got {p_base} ± {epsilon})")
+    if (granularity or granularity_of(masks)) == NEURON:
+        if transplant is not None:
+            raise NlsrError(f"transplant '{transplant}' applies to entry masks; neuron masks take the "
+                            "reference's rows: drop the transplant, or identify entry masks")
+        return _realign_rows(reference, finetuned, masks, rule, rebase, check_base, allow_mask_mismatch)
+    if rebase is not None:
+        raise NlsrError("rebase applies to neuron masks (a fine-tune on another base); entry masks compare "
+                        "a fine-tune that continued the aligned adapter: drop rebase")
+    return _realign_entries(reference, finetuned, masks, rule, transplant or "exact", min_origin_cosine,
+                            check_base, allow_mask_mismatch)
+
+
+def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, rule: dict,
+                     transplant: str, min_origin_cosine: float, check_base: bool,
+                     allow_mask_mismatch: bool) -> RealignResult:
     check_entry_granularity(masks)
     check_comparable(reference, finetuned, check_base=check_base)
     check_masks(masks, reference, allow_mismatch=allow_mask_mismatch)
@@ -204,8 +146,7 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks,
     similarity = masked_similarities([
         (reference.modules[n].A, reference.modules[n].B, finetuned.modules[n].A,
          finetuned.modules[n].B, *masks.pair(n)) for n in names])
-    prob, repaired = SELECTION_RULES[select](similarity, p_base=p_base, epsilon=epsilon,
-                                             seed=seed, threshold=threshold)
+    prob, repaired = decide(similarity, **rule)
     form = TRANSPLANTS[transplant]
     modules: dict[str, LoraFactors] = {}
     decisions = []
@@ -220,7 +161,186 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks,
         layer, kind = layer_and_kind(name)
         decisions.append(ModuleDecision(name, layer, kind, float(similarity[i]), float(prob[i]),
                                         bool(repaired[i])))
-    settings = {"select": select, "transplant": transplant, "threshold": threshold,
-                "p_base": p_base, "epsilon": epsilon, "seed": seed,
+    settings = {"select": rule["select"], "transplant": transplant, "threshold": rule["threshold"],
+                "p_base": rule["p_base"], "epsilon": rule["epsilon"], "seed": rule["seed"],
                 "median_origin_cosine": origin, "masks": dict(masks.metadata)}
-    return RealignResult(finetuned.with_modules(modules), decisions, settings)
+    return RealignResult(decisions, settings, adapter=finetuned.with_modules(modules))
+
+
+
+def _scaled(f: LoraFactors) -> LowRank:
+    return f.scale * f.B, f.A
+
+
+def reference_updates(reference: LoraAdapter, finetuned: LoraAdapter,
+                      rebase: LoraAdapter | None = None,
+                      check_base: bool = True) -> tuple[dict[str, LowRank], str, bool]:
+    """The reference's update per module measured from the fine-tune's base, what was done (a
+    line to print), and whether an adapter was subtracted.
+
+    * ``rebase`` given (the adapter merged into the fine-tune's base, e.g. the aligned adapter
+      when the fine-tune is a fresh LoRA on ``W_0 + ΔW_a``): ``ΔW_ref - ΔW_rebase``.
+    * Otherwise, when the fine-tune's recorded base is a model directory whose ``nlsr_merged.json``
+      says it is the reference's base with an adapter merged in (:func:`nlsr.weights.model_dirs.merge_adapter`),
+      that adapter is subtracted (it must still be at the recorded path, with the recorded fingerprint).
+    * Otherwise both must name the same base (``check_base``), and the updates are used as they are.
+    """
+    ref_base, ft_base = reference.base_model, finetuned.base_model
+    how = "given as --rebase"
+    if rebase is None:
+        record = merged_record(ft_base)
+        if record and ref_base and same_base(str(record.get("base")), ref_base):
+            path = record.get("adapter")
+            if not path or not Path(path).is_dir():
+                raise NlsrError(f"the fine-tuned adapter's base '{ft_base}' is '{record.get('base')}' with "
+                                f"the adapter '{path}' merged in (its {MERGED_INFO}), but that adapter "
+                                "is not at hand; pass it as --rebase ADAPTER")
+            rebase = load_adapter(path)
+            if record.get("adapter_fingerprint", {}).get("content") != fingerprint(rebase)["content"]:
+                raise NlsrError(f"the adapter '{path}' has changed since it was merged into '{ft_base}' "
+                                f"(its fingerprint differs from {MERGED_INFO}); pass the merged adapter "
+                                "as --rebase ADAPTER")
+            how = f"recorded in {Path(ft_base) / MERGED_INFO}"
+    if rebase is not None:
+        if check_base and rebase.base_model and ref_base and not same_base(rebase.base_model, ref_base):
+            raise NlsrError(f"the --rebase adapter is on base '{rebase.base_model}' but the reference on "
+                            f"'{ref_base}'; the merged adapter must be on the reference's base "
+                            "(pass --allow-base-mismatch if they are the same model under two names)")
+        updates = {}
+        for name, f in reference:
+            g = rebase.modules.get(name)
+            if g is None:
+                raise NlsrError(f"module '{name}' of the reference is not in the rebase adapter "
+                                f"'{rebase.source}'; give the adapter that was merged into the "
+                                "fine-tune's base")
+            if (g.B.shape[0], g.A.shape[1]) != (f.B.shape[0], f.A.shape[1]):
+                raise NlsrError(f"module '{name}' is {g.B.shape[0]}x{g.A.shape[1]} in the rebase adapter "
+                                f"but {f.B.shape[0]}x{f.A.shape[1]} in the reference")
+            updates[name] = subtract_lowrank(_scaled(f), _scaled(g))
+        note = (f"the fine-tune sits on '{ft_base}' = the reference's base '{ref_base}' + the adapter "
+                f"'{rebase.source}' ({how}); the reference's update was taken relative to it, "
+                "ΔW_ref - ΔW_merged (for an ExPO reference of that adapter: β ΔW_a)")
+        return updates, note, True
+    if check_base and ref_base and ft_base and not same_base(ref_base, ft_base):
+        raise NlsrError(f"the reference adapter is on base '{ref_base}' but the fine-tuned adapter on "
+                        f"'{ft_base}'; both updates must be measured from the same weights: pass "
+                        "--rebase ADAPTER if the fine-tune's base is the reference's base with ADAPTER "
+                        "(e.g. the aligned adapter) merged in, or --allow-base-mismatch if they are the "
+                        "same model under two names")
+    if ref_base and ft_base:
+        note = f"both adapters are on base '{ft_base}'; their updates were compared as they are"
+    else:
+        note = ("an adapter does not record its base model; assumed the same base for both, updates "
+                "compared as they are")
+    return {name: _scaled(f) for name, f in reference}, note, False
+
+
+def _realign_rows(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, rule: dict,
+                  rebase: LoraAdapter | None, check_base: bool, allow_mask_mismatch: bool) -> RealignResult:
+    """Neuron granularity of :func:`realign`: the repaired modules have rank ``r_ref + r_ft`` and keep
+    the fine-tune's scale via ``rank_pattern``/``alpha_pattern``."""
+    check_same_modules(reference, finetuned)
+    check_neuron_masks(masks, {n: f.B.shape[0] for n, f in reference}, fingerprint(reference),
+                       f"'{reference.source}'" if reference.source else "(in memory)", allow_mask_mismatch)
+    updates, note, rebased = reference_updates(reference, finetuned, rebase=rebase, check_base=check_base)
+    names = list(finetuned.modules)
+    rows = {n: masks.masks[neuron_key(n)] for n in names}
+    similarity = row_masked_similarities(
+        [(updates[n], _scaled(finetuned.modules[n]), rows[n]) for n in names])
+    prob, repaired = decide(similarity, **rule)
+    modules, decisions, replaced = {}, [], 0
+    for i, name in enumerate(names):
+        ft = finetuned.modules[name]
+        if repaired[i]:
+            A, B = row_transplant_lowrank(updates[name], _scaled(ft), rows[name], ft.scale)
+            modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
+            replaced += int(rows[name].sum())
+        else:
+            modules[name] = ft
+        layer, kind = layer_and_kind(name)
+        decisions.append(ModuleDecision(name, layer, kind, float(similarity[i]), float(prob[i]),
+                                        bool(repaired[i])))
+    settings = {"granularity": NEURON, "input": "adapters", **rule, "rows_replaced": replaced,
+                "reference_ranks": sorted({r.rank for _, r in reference}),
+                "finetuned_ranks": sorted({f.rank for _, f in finetuned}),
+                "rebased": rebased, "masks": dict(masks.metadata)}
+    return RealignResult(decisions, settings, adapter=finetuned.with_modules(modules), notes=[note])
+
+
+def realign_model_dir(reference: ModelDir, finetuned: ModelDir, base: ModelDir,
+                          masks: SafetyMasks, out: str | os.PathLike, select: str = "paper",
+                          threshold: float | None = None, p_base: float = 0.5, epsilon: float = 0.2,
+                          seed: int = 0, check_base: bool = True, allow_mask_mismatch: bool = False,
+                          force: bool = False) -> RealignResult:
+    """Repair a full fine-tune (a model directory) at neuron granularity, writing a model directory.
+
+    Updates are measured from ``base``: ``ΔW_ref = W_ref - W_base``, ``ΔW_ft = W_ft - W_base``.
+    For the modules the rule picks, the masked rows of ``W_ft`` become ``W_ref``'s rows (so
+    ``ΔW''[i] = ΔW_ref[i]``); every other tensor, row, file and header is the fine-tune's bit for
+    bit. Two passes over the masked modules, one block of rows at a time: similarity (and the
+    reference's fingerprint, checked against the masks before anything is written), then the edit.
+    ``realign_report.json`` is written into ``out``.
+    """
+    names = sorted((module_of(k) for k in masks.masks), key=natural_key)
+    weights = [neuron_key(n) for n in names]
+    for model, label in ((reference, "reference"), (base, "base")):
+        missing = [w for w in weights if w not in model]
+        if missing:
+            raise NlsrError(f"the masks name {len(missing)} weights that the {label} model '{model.path}' "
+                            f"lacks (e.g. '{missing[0]}'); identify neuron masks on this reference "
+                            "(`nlsr identify --granularity neuron --reference DIR --base DIR ...`)")
+    check_same_tensors(reference, finetuned, weights, ("reference", "fine-tuned"))
+    check_same_tensors(reference, base, weights, ("reference", "base"))
+    label = f"'{reference.path}'"
+    rows_by_module = {n: reference.shape(neuron_key(n))[0] for n in names}
+    notes = []
+    if check_base:
+        change_ft = check_derived_from(finetuned, base, weights, "fine-tuned")
+        change_ref = check_derived_from(reference, base, weights, "reference")
+        notes.append(f"updates measured from --base '{base.path}' (median relative change: fine-tune "
+                     f"{change_ft:.4f}, reference {change_ref:.4f})")
+    else:
+        notes.append(f"updates measured from --base '{base.path}' (not checked: --allow-base-mismatch)")
+    check_neuron_masks(masks, rows_by_module, model_fingerprint(reference, names), label,
+                       allow_mask_mismatch)
+    sims = []
+    for name in names:
+        key, m = neuron_key(name), masks.masks[neuron_key(name)]
+        total = torch.zeros(3, dtype=torch.float64)
+        for (start, r), (_, f), (_, b) in zip(reference.row_blocks(key), finetuned.row_blocks(key),
+                                             base.row_blocks(key), strict=True):
+            rows = m[start:start + r.shape[0]]
+            if rows.any():
+                b64 = b.to(torch.float64)
+                total += dense_row_sums(r.to(torch.float64) - b64, f.to(torch.float64) - b64, rows)
+        sims.append(cosine_of_sums(total))
+    similarity = torch.tensor(sims, dtype=torch.float64)
+    prob, repaired = decide(similarity, select=select, threshold=threshold, p_base=p_base, epsilon=epsilon,
+                            seed=seed)
+    decisions, replaced = [], 0
+    for i, name in enumerate(names):
+        layer, kind = layer_and_kind(name)
+        decisions.append(ModuleDecision(name, layer, kind, float(similarity[i]), float(prob[i]),
+                                        bool(repaired[i])))
+        replaced += int(masks.masks[neuron_key(name)].sum()) if repaired[i] else 0
+
+    def edit(key: str):
+        m = masks.masks[key]
+        for (start, r), (_, f) in zip(reference.row_blocks(key), finetuned.row_blocks(key), strict=True):
+            yield start, row_transplant_dense(r, f, m[start:start + r.shape[0]])
+
+    dtypes = {str(reference.infos[w].dtype) for w in weights} | {str(finetuned.infos[w].dtype) for w in weights}
+    if len(dtypes) > 1:
+        notes.append(f"dtypes differ ({', '.join(sorted(dtypes))}): reference rows were cast to the "
+                     "fine-tune's dtype")
+    settings = {"granularity": NEURON, "input": "model directories", "select": select,
+                "threshold": threshold, "p_base": p_base, "epsilon": epsilon, "seed": seed,
+                "rows_replaced": replaced, "reference": portable_path(reference.path),
+                "finetuned": portable_path(finetuned.path), "base": portable_path(base.path),
+                "masks": dict(masks.metadata)}
+    result = RealignResult(decisions, settings, out=Path(out), notes=notes)
+    report = json.dumps(result.report(), indent=2) + "\n"
+    write_edited(finetuned, out, {neuron_key(d.module): edit for d in decisions if d.repaired},
+                 force=force, extra_files={"realign_report.json": report.encode()})
+    return result
+

@@ -2,13 +2,20 @@
 
 Inside the safety masks take the reference's entries, outside keep the fine-tuned ones.
 
+Entry masks (``M_A``, ``M_B`` over the LoRA factors; the fine-tune continued the aligned adapter):
+
 * ``exact`` (the paper's formula): ``ΔW'' = s[(M_B⊙B_e)(M_A⊙A_e) + ((1-M_B)⊙B_t)((1-M_A)⊙A_t)]``,
   itself a rank-2r LoRA with ``B'' = [M_B⊙B_e | (1-M_B)⊙B_t]`` and
   ``A'' = [M_A⊙A_e ; (1-M_A)⊙A_t]`` at the same scale ``s``.
 * ``factor`` (the authors' code): ``A'' = (1-M_A)⊙A_t + M_A⊙A_e``, ``B'' = (1-M_B)⊙B_t + M_B⊙B_e``
   (rank r; the product mixes both adapters in cross terms).
-"""
 
+Row masks (``m`` over output neurons; any fine-tune of the same base): ``ΔW''[i] = ΔW_ref[i]`` for
+masked rows and ``ΔW_ft[i]`` otherwise. For low-rank updates ``ΔW_ref = B_r A_r`` and
+``ΔW_ft = B_f A_f`` (scales folded into ``B``) this is the LoRA of rank ``r_r + r_f``
+``B'' = [diag(m) B_r | diag(1-m) B_f] / s''``, ``A'' = [A_r ; A_f]`` (:func:`row_transplant_lowrank`);
+for full weights a row copy (:func:`row_transplant_dense`).
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,8 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from nlsr.method.similarity import LowRank
+
 Transplant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 TRANSPLANTS: dict[str, Transplant] = {}
 
 
@@ -86,3 +97,41 @@ def _masked_into(out: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor, in
         np.multiply(factor.numpy(), keep, out=out.numpy())
     else:
         torch.mul(factor, mask if inside else ~mask, out=out)
+
+
+
+
+
+def subtract_lowrank(first: LowRank, second: LowRank) -> LowRank:
+    """``B1 A1 - B2 A2`` as low-rank factors: rank r when ``A1`` equals ``A2`` (then
+    ``(B1 - B2) A1``, as for an ExPO reference minus its aligned adapter), else the stacked
+    ``[B1 | -B2] [A1 ; A2]``."""
+    (b1, a1), (b2, a2) = first, second
+    if a1.shape == a2.shape and torch.equal(a1, a2):
+        return b1 - b2, a1
+    return torch.cat([b1, -b2], dim=1), torch.cat([a1, a2], dim=0)
+
+
+def row_transplant_lowrank(reference: LowRank, finetuned: LowRank, rows: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A'', B'')`` with ``scale · B'' A'' = diag(m) B_r A_r + diag(1-m) B_f A_f``.
+
+    Args:
+        reference, finetuned: ``(B, A)`` with the LoRA scale folded into ``B``.
+        rows: bool ``d_out`` mask, True where the reference's row is taken.
+        scale: the PEFT scale ``s''`` the output adapter declares for this module.
+    Returns:
+        ``A''`` (``(r_r + r_f) x d_in``) and ``B''`` (``d_out x (r_r + r_f)``).
+    """
+    (b_r, a_r), (b_f, a_f) = reference, finetuned
+    m = rows.reshape(-1, 1).to(b_r.dtype)
+    B = torch.cat([b_r * m, b_f * (1 - m)], dim=1) / scale
+    return torch.cat([a_r, a_f], dim=0), B
+
+
+def row_transplant_dense(reference: torch.Tensor, finetuned: torch.Tensor,
+                         rows: torch.Tensor) -> torch.Tensor:
+    """``finetuned`` with the masked rows replaced by ``reference``'s (cast to its dtype); the other
+    rows are the fine-tune's values bit for bit."""
+    return torch.where(rows.reshape(-1, 1), reference.to(finetuned.dtype), finetuned)
+

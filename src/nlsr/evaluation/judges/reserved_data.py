@@ -5,7 +5,7 @@ and never trains on them. From the data sets the pipeline draws from (the SPARD 
 PKU-SafeRLHF), this judge trains **only** on rows whose prompt is judge-reserved; every row of every
 source (JailbreakBench too) must also not share a normalised prompt
 (:func:`nlsr.data.disjoint.normalise_prompt`) with any evaluation set
-(:func:`nlsr.experiment.stages.data.evaluation_set_names`). What the gate removed is counted in ``gate``.
+(:func:`nlsr.data.disjoint.evaluation_set_names`). What the gate removed is counted in ``gate``.
 
 The rows imitate what the judge will read: short answers of a small model, cut at
 :data:`MAX_RESPONSE_TOKENS` tokens of the SmolLM2 tokenizer, to harmful prompts.
@@ -73,10 +73,9 @@ def split_of(prompt: str, seed: int = 0) -> str:
 
 
 def evaluation_prompts(data_dir: str | os.PathLike | None = None) -> set[str]:
-    """The normalised prompts of every evaluation set (:func:`nlsr.experiment.stages.data.evaluation_set_names`)."""
+    """The normalised prompts of every evaluation set (:func:`nlsr.data.disjoint.evaluation_set_names`)."""
     from nlsr.data import load_records
-    from nlsr.data.disjoint import prompt_keys
-    from nlsr.experiment.stages.data import evaluation_set_names
+    from nlsr.data.disjoint import evaluation_set_names, prompt_keys
 
     keys: set[str] = set()
     for name in evaluation_set_names("harmful_eval"):

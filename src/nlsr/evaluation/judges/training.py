@@ -218,7 +218,7 @@ def _train_gated(data_dir, out_dir, seed: int, max_per_source: int | None, force
 
 def default_dir() -> Path:
     """The cached default judge: ``<nlsr cache>/judges/trained-v3`` (trained on the gated rows)."""
-    from nlsr.weights.models import cache_dir
+    from nlsr.paths import cache_dir
 
     return cache_dir() / "judges" / DEFAULT_NAME
 

@@ -113,7 +113,7 @@ def run_identify_neuron(variant: VariantSection, form: str):
         raise ValueError(f"form must be 'adapter' or 'model' (got {form!r})")
 
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
-        from nlsr.method.identify import save_masks
+        from nlsr.method.masks import save_masks
 
         section = ctx.config.realign
         rows, made_from = _calibration(inputs)
@@ -124,7 +124,7 @@ def run_identify_neuron(variant: VariantSection, form: str):
         if form == "adapter":
             from nlsr.experiment.stages.common import load_weak
             from nlsr.method.extrapolate import extrapolate
-            from nlsr.method.identify_rows import identify_neurons
+            from nlsr.method.identify import identify
             from nlsr.weights.adapters import load_adapter, save_adapter
 
             aligned = load_adapter(inputs["align_dpo"] / "adapter")
@@ -132,9 +132,10 @@ def run_identify_neuron(variant: VariantSection, form: str):
             save_adapter(reference, out / "reference", force=True)
             reference.source = str(final)
             model = load_weak(ctx, inputs["align_sft"], precision=ctx.precision.dtype)
-            masks = identify_neurons(model, reference, rows, ctx.tokenizer(), metadata=made_from, **common)
+            masks = identify(model, reference, rows, ctx.tokenizer(), granularity="neuron",
+                             metadata=made_from, **common)
         else:
-            from nlsr.method.identify_rows import identify_neurons_model
+            from nlsr.method.identify import identify_model_dir
             from nlsr.weights.model_dirs import ModelDir, extrapolate_model
             from nlsr.weights.models import load_model
 
@@ -146,7 +147,7 @@ def run_identify_neuron(variant: VariantSection, form: str):
                               extra_files={"nlsr_reference.json": (json.dumps(record, indent=2) + "\n").encode()})
             reference = ModelDir(out / "reference", "reference")
             model = load_model(str(out / "reference"), device=ctx.config.device, precision=ctx.precision.dtype)
-            masks = identify_neurons_model(model, reference, aligned, rows, ctx.tokenizer(),
+            masks = identify_model_dir(model, reference, aligned, rows, ctx.tokenizer(),
                                            metadata={**made_from, "reference": str(final)}, **common)
         save_masks(masks, out / "masks.safetensors", force=True)
         forwarded = masks.metadata.get("calibration_tokens")
@@ -163,29 +164,29 @@ def run_realign(variant: VariantSection, init: str):
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         if variant.method == "safelora":
             return _safelora_model(ctx, variant, out, inputs)
-        from nlsr.method.identify import load_masks
+        from nlsr.method.masks import load_masks
 
         ident = inputs[neuron_identify_name(variant)]
         masks = load_masks(ident / "masks.safetensors")
         rule = dict(select=variant.select, threshold=variant.threshold, p_base=variant.p_base,
                     epsilon=variant.epsilon, seed=variant.seed)
         if init == "full":
-            from nlsr.method.realign_rows import realign_neuron_models
+            from nlsr.method.realign import realign_model_dir
             from nlsr.weights.model_dirs import ModelDir
 
-            result = realign_neuron_models(ModelDir(ident / "reference", "reference"),
+            result = realign_model_dir(ModelDir(ident / "reference", "reference"),
                                            ModelDir(inputs["attack"] / "model", "fine-tuned"),
                                            ModelDir(inputs[MERGED] / "model", MERGED), masks, out / "model",
                                            force=True, **rule)
         else:
-            from nlsr.method.realign_rows import realign_neuron_adapters
+            from nlsr.method.realign import realign
             from nlsr.weights.adapters import load_adapter, save_adapter
 
             # A fresh LoRA sits on W_a = W_0 + ΔW_a: the reference is taken relative to it (β ΔW_a).
             rebase = load_adapter(inputs["align_dpo"] / "adapter") if init == "fresh" else None
             # check_base=False: the stage graph fixes both bases, while adapters copied by reuse_from
             # record the paths of the run folder they were trained in.
-            result = realign_neuron_adapters(load_adapter(ident / "reference"),
+            result = realign(load_adapter(ident / "reference"),
                                              load_adapter(inputs["attack"] / "adapter"), masks,
                                              rebase=rebase, check_base=False, **rule)
             report = json.dumps(result.report(), indent=2) + "\n"

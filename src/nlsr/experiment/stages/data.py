@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from nlsr.data import build_poisoned, get_task, load_ready_made, load_records, split_records
-from nlsr.data.disjoint import Gate, normalise_prompt, prompt_of
+from nlsr.data.disjoint import Gate, evaluation_set_names, normalise_prompt, prompt_of
 from nlsr.errors import NlsrError
 from nlsr.experiment.stages.common import read_jsonl, write_jsonl
 from nlsr.io import write_json
@@ -67,19 +67,6 @@ def _unique_prompts(rows: list[dict]) -> list[dict]:
 
 
 # ---- the evaluation sets and the gate ------------------------------------------------------------
-
-def evaluation_set_names(harmful_dataset: str) -> list[str]:
-    """Every evaluation data set a training-side row is gated against: the main harmful set, every
-    other registered harmful-prompt set (``harmful_*``), XSTest and every task's test set.
-
-    Whole sets, and all of them whatever the config evaluates, so the alignment data (and the
-    aligned model) are the same for every evaluation config and every fine-tuning task."""
-    from nlsr.data import TASKS, list_datasets
-
-    names = {harmful_dataset, XSTEST} | {t.eval_dataset for t in TASKS.values()}
-    names |= {spec.name for spec in list_datasets() if spec.name.startswith("harmful_")}
-    return sorted(names)
-
 
 def evaluation_gate(cfg, data_dir: Path) -> Gate:
     """A :class:`Gate` holding the prompts of :func:`evaluation_set_names`."""

@@ -13,7 +13,8 @@ from nlsr.experiment.stages.common import load_weak, read_jsonl, write_jsonl
 from nlsr.io import file_sha256
 from nlsr.method.calibration import CalibrationRow
 from nlsr.method.extrapolate import extrapolate
-from nlsr.method.identify import SafetyMasks, identify, load_masks, provenance, save_masks
+from nlsr.method.identify import identify
+from nlsr.method.masks import SafetyMasks, load_masks, provenance, save_masks
 from nlsr.weights.adapters import load_adapter, save_adapter, weight_key
 
 

@@ -1,0 +1,231 @@
+"""Step 3's measurement: how far the fine-tune drifted inside the safety masks.
+
+The similarity of a module's safety region in the reference and the fine-tuned adapter is the
+cosine of the masked products, ``S = cos((M_B⊙B_e)(M_A⊙A_e), (M_B⊙B_t)(M_A⊙A_t))`` (entry masks),
+or ``S = cos(diag(m) ΔW_ref, diag(m) ΔW_ft)`` (row masks), computed from ``r x r`` matrices with
+``<B1A1, B2A2>_F = tr((B1ᵀB2)(A2A1ᵀ))``; the ``d_out x d_in`` products are never formed.
+
+All three numbers of a cosine (the inner product and both squared norms) come from ONE Gram matrix
+per side: with the stacked factors ``B = [B1 | B2]`` (``d_out x 2r``) and ``A = [A1 ; A2]``
+(``2r x d_in``), ``G_B = BᵀB`` and ``G_A = AAᵀ`` hold ``BᵢᵀBⱼ`` and ``AᵢAⱼᵀ`` in their
+``r x r`` blocks ``(i, j)``, and ``<BᵢAᵢ, BⱼAⱼ>_F = Σ (G_B ⊙ G_A)`` over block ``(i, j)``.
+Both Gram matrices are symmetric, so BLAS computes only one triangle (a symmetric rank-k update,
+``?syrk``, on CPU): ``4r²(d_out + d_in)`` flops per cosine instead of the ``6r²(d_out + d_in)`` of
+three separate pairs of products. For full weights (model directories) the row-masked sums are
+accumulated block by block (:func:`dense_row_sums`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+LowRank = tuple[torch.Tensor, torch.Tensor]  # (B: d_out x r, A: r x d_in), product B @ A
+
+
+def product_inner(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor,
+                  B2: torch.Tensor) -> torch.Tensor:
+    """Frobenius inner product ``<B1 A1, B2 A2>_F = tr((B1ᵀ B2)(A2 A1ᵀ))`` in O(r²(d_in+d_out)).
+
+    The two ``r x r`` matrices are formed in the factors' dtype and multiplied out in float64.
+    """
+    return torch.sum((B1.T @ B2).double() * (A1 @ A2.T).double())
+
+
+def product_cosine(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor,
+                   B2: torch.Tensor, eps: float = 1e-30) -> float:
+    """Cosine between the flattened products ``B1 A1`` and ``B2 A2``, by trace identities.
+
+    One Gram matrix per side of the stacked factors ``[B1 | B2]`` and ``[A1 ; A2]`` (module
+    docstring), in float32 (float64 if a factor is float64), summed in float64.
+    """
+    with torch.no_grad(), _one_blas_thread():
+        sums = _stacked_sums(A1, B1, A2, B2, None, None, {})
+    return float(_cosine(*torch.tensor([float(x) for x in sums], dtype=torch.float64), eps))
+
+
+def masked_similarity(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor,
+                      M_A: torch.Tensor, M_B: torch.Tensor) -> float:
+    """``S_j``: cosine of the reference and fine-tuned products inside the safety masks."""
+    return float(masked_similarities([(A_e, B_e, A_t, B_t, M_A, M_B)], workers=1)[0])
+
+
+ModuleFactors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.no_grad()
+def masked_similarities(modules: Sequence[ModuleFactors], eps: float = 1e-30,
+                        workers: int | None = None) -> torch.Tensor:
+    """``S_j`` of many modules: a float64 vector, one entry per ``(A_e, B_e, A_t, B_t, M_A, M_B)``.
+
+    Equal to :func:`masked_similarity` module by module. Per module the masked factors are written
+    once, straight into two stacked buffers ``[M_B⊙B_e | M_B⊙B_t]`` (``d_out x 2r``) and
+    ``[M_A⊙A_e ; M_A⊙A_t]`` (``2r x d_in``) that are reused by every module of the same shape (a
+    model repeats a handful of shapes), so nothing of size ``d`` is allocated per module; one
+    symmetric Gram matrix per buffer then gives the inner product and both norms (module
+    docstring). Gram matrices are float32 (float64 for float64 factors; bf16/fp16 factors are
+    widened to float32) and every sum after them is float64: the result agrees with a float64 dense
+    reference to about 1e-7.
+
+    On CPU the work runs in numpy, whose matrix product calls BLAS ``?syrk`` for ``XᵀX`` and
+    ``XXᵀ`` (half the flops of a general product) and releases the GIL: ``workers`` threads
+    (default ``torch.get_num_threads()``) each take whole modules, with single-threaded BLAS. That
+    keeps the cores busy without a barrier per operation, which matters on a shared machine: there
+    a multi-threaded operation stalls whenever another process holds one of its cores. Modules on
+    another device run the same computation in torch, one after another.
+    """
+    modules = list(modules)
+    if not modules:
+        return torch.empty(0, dtype=torch.float64)
+    sums: list = [None] * len(modules)
+    on_cpu = [i for i, m in enumerate(modules) if all(t.device.type == "cpu" for t in m)]
+    device_buffers: dict = {}
+    for i in sorted(set(range(len(modules))) - set(on_cpu)):
+        sums[i] = torch.stack(_stacked_sums(*modules[i], device_buffers)).cpu()
+
+    local = threading.local()          # each worker thread keeps its own stacked buffers
+
+    def cpu_sums(i: int) -> torch.Tensor:
+        if not hasattr(local, "buffers"):
+            local.buffers = {}
+        return torch.tensor([float(x) for x in _stacked_sums(*modules[i], local.buffers)],
+                            dtype=torch.float64)
+
+    for i, row in zip(on_cpu, _cpu_map(cpu_sums, on_cpu, workers), strict=True):
+        sums[i] = row
+    inner, sq_e, sq_t = torch.stack(sums).unbind(1)
+    return _cosine(inner, sq_e, sq_t, eps)
+
+
+@torch.no_grad()
+def flat_cosines(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 workers: int | None = None) -> torch.Tensor:
+    """Entry-wise cosine of each pair of equally shaped tensors, as a float64 vector.
+
+    Dot products in the tensors' dtype (float32 factors: float32, accurate enough for a
+    plausibility check), on CPU in numpy threads with single-threaded BLAS like
+    :func:`masked_similarities`.
+    """
+    pairs = list(pairs)
+
+    def cosine(i: int) -> float:
+        x, y = pairs[i]
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            x, y = x.flatten(), y.flatten()
+            return float(torch.dot(x, y) / (torch.dot(x, x) * torch.dot(y, y)).sqrt().clamp_min(1e-30))
+        a, b = x.detach().numpy().reshape(-1), y.detach().numpy().reshape(-1)
+        return float(np.dot(a, b)) / max(float(np.dot(a, a) * np.dot(b, b)) ** 0.5, 1e-30)
+
+    return torch.tensor(_cpu_map(cosine, range(len(pairs)), workers), dtype=torch.float64)
+
+
+def _cosine(inner: torch.Tensor, sq1: torch.Tensor, sq2: torch.Tensor, eps: float) -> torch.Tensor:
+    return inner / (sq1.clamp_min(0).sqrt() * sq2.clamp_min(0).sqrt()).clamp_min(eps)
+
+
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries (numpy's), or None without it."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:           # pragma: no cover - threadpoolctl comes with scikit-learn
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """A context in which numpy's BLAS runs single-threaded (a no-op without threadpoolctl)."""
+    controller = _blas_controller()
+    return controller.limit(limits=1, user_api="blas") if controller else contextlib.nullcontext()
+
+
+def _cpu_map(fn: Callable, items: Sequence, workers: int | None = None) -> list:
+    """``[fn(x) for x in items]``, on ``workers`` threads (default ``torch.get_num_threads()``)
+    that each run single-threaded BLAS (numpy's BLAS is limited to one thread process-wide while
+    they run); ``fn`` must release the GIL for its heavy work, as numpy does. Without threadpoolctl,
+    one thread with multi-threaded BLAS instead."""
+    items = list(items)
+    workers = min(max(1, workers or torch.get_num_threads()), len(items))
+    if _blas_controller() is None or workers <= 1:
+        with _one_blas_thread() if workers == 1 else contextlib.nullcontext():
+            return [fn(x) for x in items]
+    with _one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _stacked_sums(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: torch.Tensor,
+                  M_A: torch.Tensor | None, M_B: torch.Tensor | None, buffers: dict) -> tuple:
+    """``(<P1, P2>, ||P1||², ||P2||²)`` of ``Pᵢ = (M_B⊙Bᵢ)(M_A⊙Aᵢ)`` (no mask: ``Pᵢ = BᵢAᵢ``).
+
+    ``<BᵢAᵢ, BⱼAⱼ>_F = tr((BᵢᵀBⱼ)(AⱼAᵢᵀ)) = Σ (BᵢᵀBⱼ) ⊙ (AᵢAⱼᵀ)``, the sum over block ``(i, j)`` of
+    ``G_B ⊙ G_A`` with ``G_B = [B1 | B2]ᵀ[B1 | B2]`` and ``G_A = [A1 ; A2][A1 ; A2]ᵀ``, both widened
+    to float64 before the product. ``buffers`` holds the stacked factors between calls, by shape.
+    CPU tensors go through numpy (float64 scalars back), others through torch (0-d tensors).
+    """
+    (r1, d_in), r2, d_out = A1.shape, A2.shape[0], B1.shape[0]
+    wide = any(t.dtype == torch.float64 for t in (A1, B1, A2, B2))
+    cpu = all(t.device.type == "cpu" for t in (A1, B1, A2, B2))
+    if cpu:
+        dtype = np.float64 if wide else np.float32
+        key = (r1, r2, d_in, d_out, dtype)
+        if key not in buffers:
+            buffers[key] = (np.empty((d_out, r1 + r2), dtype), np.empty((r1 + r2, d_in), dtype))
+        B, A = buffers[key]
+        for dst, factor, mask in ((B[:, :r1], B1, M_B), (B[:, r1:], B2, M_B),
+                                  (A[:r1], A1, M_A), (A[r1:], A2, M_A)):
+            src = factor.detach()
+            src = (src if src.dtype in (torch.float32, torch.float64) else src.float()).numpy()
+            if mask is None:
+                np.copyto(dst, src)
+            else:
+                np.multiply(src, mask.numpy(), out=dst)
+        # numpy multiplies a matrix by its own transpose with BLAS ?syrk and mirrors the triangle.
+        product = (B.T @ B).astype(np.float64) * (A @ A.T)
+    else:
+        dtype = torch.float64 if wide else torch.float32
+        key = (r1, r2, d_in, d_out, dtype, A1.device)
+        if key not in buffers:
+            buffers[key] = (torch.empty(d_out, r1 + r2, dtype=dtype, device=A1.device),
+                            torch.empty(r1 + r2, d_in, dtype=dtype, device=A1.device))
+        B, A = buffers[key]
+        for dst, factor, mask in ((B[:, :r1], B1, M_B), (B[:, r1:], B2, M_B),
+                                  (A[:r1], A1, M_A), (A[r1:], A2, M_A)):
+            if mask is None:
+                dst.copy_(factor)
+            else:
+                torch.mul(factor, mask.to(factor.device), out=dst)
+        product = (B.T @ B).double() * (A @ A.T).double()
+    return product[:r1, r1:].sum(), product[:r1, :r1].sum(), product[r1:, r1:].sum()
+
+
+
+@torch.no_grad()
+def row_masked_similarities(modules: Sequence[tuple[LowRank, LowRank, torch.Tensor]],
+                            workers: int | None = None) -> torch.Tensor:
+    """``S_j = cos(diag(m) B_r A_r, diag(m) B_f A_f)`` per ``((B_r, A_r), (B_f, A_f), m)``,
+    as a float64 vector (ranks may differ between the two sides)."""
+    everything = torch.ones(1, 1, dtype=torch.bool)  # no column mask on A: broadcast
+    return masked_similarities(
+        [(a_r, b_r, a_f, b_f, everything, m.reshape(-1, 1)) for (b_r, a_r), (b_f, a_f), m in modules],
+        workers=workers)
+
+
+def dense_row_sums(reference_delta: torch.Tensor, finetuned_delta: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """``(<P_r, P_f>, ||P_r||², ||P_f||²)`` (float64) of ``P = diag(m) ΔW`` for one block of rows;
+    sums over row blocks give a module's similarity."""
+    r = reference_delta[rows].to(torch.float64)
+    f = finetuned_delta[rows].to(torch.float64)
+    return torch.stack([(r * f).sum(), (r * r).sum(), (f * f).sum()])
+
+
+def cosine_of_sums(sums: torch.Tensor, eps: float = 1e-30) -> float:
+    """The cosine from :func:`dense_row_sums` totals."""
+    inner, sq_r, sq_f = (float(x) for x in sums)
+    return inner / max((max(sq_r, 0.0) ** 0.5) * (max(sq_f, 0.0) ** 0.5), eps)
+
