@@ -21,23 +21,28 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "NlsrError": "nlsr.errors",
+    # weights in and out
     "LoraAdapter": "nlsr.weights.adapters",
     "LoraFactors": "nlsr.weights.adapters",
     "load_adapter": "nlsr.weights.adapters",
     "save_adapter": "nlsr.weights.adapters",
     "check_comparable": "nlsr.weights.adapters",
     "attach_adapter": "nlsr.weights.adapters",
-    "extrapolate": "nlsr.method.extrapolate",
-    "identify": "nlsr.method.identify",
-    "SafetyMasks": "nlsr.method.identify",
-    "save_masks": "nlsr.method.identify",
-    "load_masks": "nlsr.method.identify",
-    "read_calibration_jsonl": "nlsr.method.calibration",
-    "CalibrationRow": "nlsr.method.calibration",
-    "realign": "nlsr.method.realign",
-    "safelora": "nlsr.method.safelora",
     "load_model": "nlsr.weights.models",
     "load_tokenizer": "nlsr.weights.models",
+    # the method, step by step
+    "extrapolate": "nlsr.method.extrapolate",
+    "read_calibration_jsonl": "nlsr.method.calibration",
+    "CalibrationRow": "nlsr.method.calibration",
+    "identify": "nlsr.method.identify",
+    "identify_model_dir": "nlsr.method.identify",
+    "SafetyMasks": "nlsr.method.masks",
+    "save_masks": "nlsr.method.masks",
+    "load_masks": "nlsr.method.masks",
+    "realign": "nlsr.method.realign",
+    "realign_model_dir": "nlsr.method.realign",
+    "RealignResult": "nlsr.method.realign",
+    "safelora": "nlsr.method.safelora",
 }
 
 __all__ = sorted(_EXPORTS)
