@@ -491,15 +491,43 @@ def export(
 @app.command()
 @_errors_to_exit
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="Finished run folders or their exports, one per setting.")],
-    out: Annotated[Path, typer.Option(help="Output folder for comparison.md/.json and the HS-vs-FA plots.")],
+    runs: Annotated[list[Path], typer.Argument(
+        help="Finished run folders (or their exports), one per setting; or `nlsr evaluate` output folders, "
+             "the first the baseline (e.g. before and after a repair).")],
+    out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Output folder for comparison.md/.json (and, for runs, the HS-vs-FA plots).")] = None,
     judge: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
         help="Judge(s) to tabulate (default: every judge in the runs).")] = None,
     force: Force = False,
 ) -> None:
-    """One table across settings in the paper's layout (rows = methods, HS / FA), with the paper's numbers."""
+    """Runs: one table across settings in the paper's layout (rows = methods, HS / FA), with the paper's
+    numbers. Evaluations: paired differences against the first, with 95% intervals."""
     for run_dir in runs:
         require_dir(run_dir, "run folder")
+    from nlsr.evaluation.paired import is_evaluation
+
+    evaluations = [is_evaluation(r) for r in runs]
+    if any(evaluations):
+        if not all(evaluations):
+            odd = [str(r) for r, e in zip(runs, evaluations, strict=True) if not e]
+            raise NlsrError(f"{', '.join(odd)} are not `nlsr evaluate` outputs; compare evaluation folders "
+                            "with each other, or run folders with each other")
+        if out is not None:
+            check_output_path(out, force)
+        from nlsr.evaluation.paired import compare_evaluations, comparison_table
+
+        result = compare_evaluations(runs)
+        table = comparison_table(result)
+        if out is not None:
+            from nlsr.io import atomic_dir, write_json
+
+            with atomic_dir(out, force=force) as tmp:
+                write_json(tmp / "comparison.json", result)
+                (tmp / "comparison.md").write_text(table + "\n")
+        _say(table)
+        return
+    if out is None:
+        raise NlsrError("comparing run folders writes tables and plots: give --out FOLDER")
     check_output_path(out, force)
     from nlsr.experiment.comparison import write_comparison
 
@@ -526,8 +554,10 @@ def list_registries() -> None:
 
 
 def _register_judge_commands() -> None:
+    from nlsr.cli.evaluate import evaluate as evaluate_command
     from nlsr.cli.judge import judge_app
 
+    app.command(name="evaluate")(_errors_to_exit(evaluate_command))
     app.add_typer(judge_app, name="judge", help="Train and validate harmfulness judges.")
 
 
