@@ -162,3 +162,36 @@ def test_similarities_are_exact_and_decisions_unchanged(setting, select, seed):
     old_prob, old_repaired = SELECTION_RULES[select](old, seed=seed, threshold=threshold)
     assert [d.repaired for d in result.decisions] == old_repaired.tolist()
     assert [d.repair_probability for d in result.decisions] == old_prob.tolist()
+
+
+def _dense(f) -> torch.Tensor:
+    return f.scale * (f.B.double() @ f.A.double())
+
+
+@pytest.mark.parametrize("transplant", ["exact", "factor"])
+def test_report_says_how_much_the_update_changed(setting, transplant):
+    reference, finetuned, masks = setting
+    result = realign(reference, finetuned, masks, select="paper", seed=1, transplant=transplant)
+    summary = result.report()["summary"]
+    repaired = [d.module for d in result.decisions if d.repaired]
+    assert 0 < len(repaired) < len(result.decisions)
+    diff = sum(float((_dense(result.adapter.modules[n]) - _dense(finetuned.modules[n])).pow(2).sum()) for n in repaired)
+    old_repaired = sum(float(_dense(finetuned.modules[n]).pow(2).sum()) for n in repaired)
+    old_all = sum(float(_dense(f).pow(2).sum()) for _, f in finetuned)
+    assert summary["relative_change_repaired"] == pytest.approx((diff / old_repaired) ** 0.5, rel=1e-5)
+    assert summary["relative_change"] == pytest.approx((diff / old_all) ** 0.5, rel=1e-5)
+    kept = [d.similarity for d in result.decisions if not d.repaired]
+    assert summary["similarity_kept"] == pytest.approx(sum(kept) / len(kept))
+    assert not result.notes
+
+
+def test_realigning_an_adapter_against_itself_is_flagged(setting):
+    reference, _, masks = setting
+    exact = realign(reference, reference, masks, select="all")
+    factor = realign(reference, reference, masks, select="all", transplant="factor")
+    assert any("equals the reference" in n for n in exact.notes)
+    assert exact.report()["settings"]["notes"] == exact.notes
+    # the paper's exact form drops the cross terms, so even a self-transplant changes the update;
+    # the factor form swaps equal entries and changes nothing
+    assert exact.report()["summary"]["relative_change"] > 0.05
+    assert factor.report()["summary"]["relative_change"] == pytest.approx(0.0, abs=1e-6)

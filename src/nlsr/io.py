@@ -57,6 +57,14 @@ def _chmod_like_new(path: Path, mode: int) -> None:
         os.chmod(path, mode & ~umask)
 
 
+def _give_usual_modes(folder: Path) -> None:
+    """Some writers (safetensors) create private files (0600); give everything in ``folder`` the
+    mode a new file or folder gets under the umask, as PEFT's own outputs have."""
+    for entry in folder.rglob("*"):
+        if not entry.is_symlink():
+            _chmod_like_new(entry, 0o777 if entry.is_dir() else 0o666)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False,
                owned: Callable[[str], bool] | None = None) -> Iterator[Path]:
@@ -81,6 +89,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _give_usual_modes(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

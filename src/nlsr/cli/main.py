@@ -267,6 +267,7 @@ def realign(
     check_output_path(out, force)
     from nlsr.experiment.plots import plot_similarity_by_layer
     from nlsr.method.masks import load_masks
+    from nlsr.method.realign import describe_change
     from nlsr.method.realign import realign as run
     from nlsr.weights.adapters import load_adapter, save_adapter
 
@@ -284,6 +285,9 @@ def realign(
     summary = report["summary"]
     _say(f"repaired {summary['repaired']} of {summary['modules']} modules ({select}, "
          f"{transplant}) -> {out}")
+    _say(describe_change(summary))
+    for note in result.notes:
+        _say(note)
 
 
 @app.command()

@@ -144,6 +144,7 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
     check_output_path(out, force)
     from nlsr.experiment.plots import plot_similarity_by_layer
     from nlsr.method.masks import load_masks
+    from nlsr.method.realign import describe_change
 
     loaded = load_masks(masks)
     rule = dict(select=select, threshold=threshold, p_base=p_base, epsilon=epsilon, seed=seed,
@@ -174,6 +175,7 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
     summary = report["summary"]
     _say(f"repaired {summary['repaired']} of {summary['modules']} modules ({select}, neuron granularity, "
          f"{summary['rows_replaced']} rows from the reference) -> {out}")
+    _say(describe_change(summary))
 
 
 def extrapolate_model(*, aligned: Path, weak: Path | None, beta: float, out: Path, force: bool) -> None:

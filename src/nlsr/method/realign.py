@@ -21,7 +21,14 @@ from nlsr.method.checks import (
 )
 from nlsr.method.masks import NEURON, SafetyMasks, granularity_of, neuron_key
 from nlsr.method.select import check_rule, decide
-from nlsr.method.similarity import cosine_of_sums, dense_row_sums, masked_similarities, row_masked_similarities
+from nlsr.method.similarity import (
+    cosine_of_sums,
+    dense_row_sums,
+    masked_similarities,
+    product_inner,
+    row_masked_similarities,
+    update_change,
+)
 from nlsr.method.transplant import TRANSPLANTS, LowRank, row_transplant_dense, row_transplant_lowrank, subtract_lowrank
 from nlsr.paths import portable_path
 from nlsr.weights.adapters import (
@@ -69,6 +76,7 @@ class RealignResult:
     adapter: LoraAdapter | None = None
     out: Path | None = None
     notes: list[str] = field(default_factory=list)
+    change: dict = field(default_factory=dict)    # see change_summary
 
     def report(self) -> dict:
         """The JSON-ready report: settings, a summary, and one row per module."""
@@ -77,8 +85,51 @@ class RealignResult:
         if "rows_replaced" in self.settings:
             summary["rows_replaced"] = self.settings["rows_replaced"]
         summary["mean_similarity"] = statistics.fmean(d.similarity for d in self.decisions)
+        summary.update(self.change)
         settings = {**self.settings, "notes": self.notes} if self.notes else self.settings
         return {"settings": settings, "summary": summary, "modules": [asdict(d) for d in self.decisions]}
+
+
+def describe_change(summary: dict) -> str:
+    """One line of a report's summary: what the repair changed."""
+    def sim(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    if "relative_change" not in summary:
+        return f"mean masked similarity {summary['mean_similarity']:.3f}"
+    return (f"masked similarity: repaired {sim(summary['similarity_repaired'])}, "
+            f"kept {sim(summary['similarity_kept'])}; "
+            f"update changed by {100 * summary['relative_change_repaired']:.1f}% in the repaired modules, "
+            f"{100 * summary['relative_change']:.1f}% over the adapter")
+
+
+def change_summary(decisions: list[ModuleDecision], before: LoraAdapter, after: LoraAdapter) -> dict:
+    """What a repair did, for the report and the terminal: modules repaired, the mean masked similarity
+    of the repaired and the kept modules, and the relative change ``||ΔW'' - ΔW_t||_F / ||ΔW_t||_F``
+    of the update inside the repaired modules and over the whole adapter."""
+    changed = old_total = old_repaired = 0.0
+    for d in decisions:
+        f = before.modules[d.module]
+        if d.repaired:
+            g = after.modules[d.module]
+            diff, old = update_change((f.scale * f.B, f.A), (g.scale * g.B, g.A))
+            changed, old_repaired = changed + diff, old_repaired + old
+        else:
+            old = product_inner(f.A, f.B, f.A, f.B).item() * f.scale ** 2
+        old_total += old
+    repaired = [d.similarity for d in decisions if d.repaired]
+    kept = [d.similarity for d in decisions if not d.repaired]
+    return {"similarity_repaired": statistics.fmean(repaired) if repaired else None,
+            "similarity_kept": statistics.fmean(kept) if kept else None,
+            "relative_change_repaired": (changed / old_repaired) ** 0.5 if old_repaired > 0 else 0.0,
+            "relative_change": (changed / old_total) ** 0.5 if old_total > 0 else 0.0}
+
+
+def _same_as_reference_note(reference: LoraAdapter, finetuned: LoraAdapter) -> list[str]:
+    if fingerprint(reference)["content"] == fingerprint(finetuned)["content"]:
+        return ["warning: the fine-tuned adapter equals the reference: nothing drifted, and a repair can "
+                "only change it where the transplant drops terms (see relative_change)"]
+    return []
 
 
 def layer_and_kind(module: str) -> tuple[int | None, str]:
@@ -164,7 +215,9 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
     settings = {"select": rule["select"], "transplant": transplant, "threshold": rule["threshold"],
                 "p_base": rule["p_base"], "epsilon": rule["epsilon"], "seed": rule["seed"],
                 "median_origin_cosine": origin, "masks": dict(masks.metadata)}
-    return RealignResult(decisions, settings, adapter=finetuned.with_modules(modules))
+    adapter = finetuned.with_modules(modules)
+    return RealignResult(decisions, settings, adapter=adapter, notes=_same_as_reference_note(reference, finetuned),
+                         change=change_summary(decisions, finetuned, adapter))
 
 
 
@@ -264,7 +317,10 @@ def _realign_rows(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyM
                 "reference_ranks": sorted({r.rank for _, r in reference}),
                 "finetuned_ranks": sorted({f.rank for _, f in finetuned}),
                 "rebased": rebased, "masks": dict(masks.metadata)}
-    return RealignResult(decisions, settings, adapter=finetuned.with_modules(modules), notes=[note])
+    adapter = finetuned.with_modules(modules)
+    notes = [note, *_same_as_reference_note(reference, finetuned)]
+    return RealignResult(decisions, settings, adapter=adapter, notes=notes,
+                         change=change_summary(decisions, finetuned, adapter))
 
 
 def realign_model_dir(reference: ModelDir, finetuned: ModelDir, base: ModelDir,

@@ -205,6 +205,15 @@ def _stacked_sums(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: torc
 
 
 @torch.no_grad()
+def update_change(old: LowRank, new: LowRank) -> tuple[float, float]:
+    """``(||B'A' - BA||_F², ||BA||_F²)`` of two low-rank updates ``(B, A)`` of one module (scales folded
+    into ``B``; the ranks may differ), by the trace identities: no ``d_out x d_in`` product is formed."""
+    (b_old, a_old), (b_new, a_new) = old, new
+    with torch.no_grad(), _one_blas_thread():
+        inner, sq_old, sq_new = (float(x) for x in _stacked_sums(a_old, b_old, a_new, b_new, None, None, {}))
+    return max(sq_old + sq_new - 2 * inner, 0.0), sq_old
+
+
 def row_masked_similarities(modules: Sequence[tuple[LowRank, LowRank, torch.Tensor]],
                             workers: int | None = None) -> torch.Tensor:
     """``S_j = cos(diag(m) B_r A_r, diag(m) B_f A_f)`` per ``((B_r, A_r), (B_f, A_f), m)``,
