@@ -47,7 +47,7 @@ def test_identify_records_provenance(tiny_model, tiny_tokenizer, shapes, tmp_pat
                      progress=False, metadata={"beta": 0.9})
     meta = masks.metadata
     assert masks_fingerprint(masks) == fingerprint(reference)
-    assert meta["granularity"] == "entry" and meta["template"] == "chat"
+    assert meta["granularity"] == "entry" and meta["template"] == "alpaca"   # the default: the paper's
     assert meta["rank_ratio"] == "0.5" and meta["keep_fraction"] == "0.3" and meta["beta"] == "0.9"
     assert meta["calibration_rows"] == str(len(rows))
     save_masks(masks, tmp_path / "m.safetensors")

@@ -77,7 +77,8 @@ def test_input_covariances_equal_stored_inputs_and_share_q_v(tiny_model, tiny_to
     modules = dict(tiny_model.named_modules())
     targets = {n: modules[n] for n in shapes}
     covs, owner, tokens = accumulate_input_covariances(tiny_model, targets, rows, tiny_tokenizer,
-                                                       batch_size=2, progress=False, dtype=torch.float64)
+                                                       batch_size=2, progress=False, dtype=torch.float64,
+                                                       template="chat")
     layer0 = "model.layers.0"
     assert owner[f"{layer0}.self_attn.v_proj"] == f"{layer0}.self_attn.q_proj"   # same input tensor
     assert owner[f"{layer0}.mlp.up_proj"] == f"{layer0}.mlp.up_proj"

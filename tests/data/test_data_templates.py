@@ -86,8 +86,8 @@ def test_unknown_template():
 
 def test_calibration_prompt_text_uses_these_templates():
     tokenizer = make_tokenizer()
-    assert prompt_text(tokenizer, "hi") == format_prompt("hi", "chat", tokenizer)
-    tokenizer.chat_template = None
-    # The model sees the Alpaca prompt plus the newline that separates "### Response:" from the answer.
+    assert prompt_text(tokenizer, "hi", "chat") == format_prompt("hi", "chat", tokenizer)
+    # The default is the paper's (and the pipeline's) Alpaca template, whatever the tokenizer has: the
+    # model sees the Alpaca prompt plus the newline that separates "### Response:" from the answer.
     assert prompt_text(tokenizer, "hi") == format_prompt("hi", "alpaca") + "\n" == alpaca_prompt("hi") + "\n"
     assert prompt_text(tokenizer, "hi", template="alpaca") == model_prompt("hi", "alpaca")

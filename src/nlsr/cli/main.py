@@ -53,6 +53,17 @@ def _say(message: str) -> None:
 REFERENCE_INFO = "nlsr_reference.json"  # written by `extrapolate` beside the reference adapter
 
 
+def _identify_template(explicit: str | None, reference: Path) -> tuple[str, str]:
+    """The template masks are made in: ``--template``, else the reference's record, else the default."""
+    from nlsr.weights.records import DEFAULT_TEMPLATE, recorded_template
+
+    if explicit is not None:
+        return explicit, "--template"
+    if recorded := recorded_template(reference):
+        return recorded, f"recorded in {reference}"
+    return DEFAULT_TEMPLATE, "the default; the reference records none"
+
+
 def _reference_beta(reference: Path) -> float | None:
     """β of a reference adapter written by `nlsr extrapolate`, when it says."""
     try:
@@ -90,12 +101,15 @@ def extrapolate(
     check_output_path(out, force)
     from nlsr.method.extrapolate import extrapolate as run
     from nlsr.weights.adapters import load_adapter, save_adapter
+    from nlsr.weights.records import RECORD_FILE, record_bytes, recorded_template
 
     reference = run(load_adapter(aligned, allow_pickle), beta=beta, scale_both=scale_both)
     # what made it, for the masks identified on it (`nlsr identify` records beta)
     made = {"beta": beta, "scale_both": scale_both, "aligned": str(aligned)}
-    save_adapter(reference, out, force=force,
-                 extra_files={REFERENCE_INFO: (json.dumps(made, indent=2) + "\n").encode()})
+    extra = {REFERENCE_INFO: (json.dumps(made, indent=2) + "\n").encode()}
+    if template := recorded_template(aligned):      # the reference answers in the aligned adapter's template
+        extra[RECORD_FILE] = record_bytes(template=template)
+    save_adapter(reference, out, force=force, extra_files=extra)
     _say(f"reference adapter (beta={beta}, {len(reference)} modules) -> {out}")
 
 
@@ -116,7 +130,8 @@ def identify(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 1024,
     template: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="Prompt template: chat or alpaca (default: chat when the tokenizer has one).")] = None,
+        help="Prompt template: alpaca or chat (default: the one the reference records, else alpaca, as "
+             "in the pipeline).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (auto).")] = None,  # noqa: UP045
     precision: Precision = None,
     device_map: Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -147,6 +162,7 @@ def identify(
     from nlsr.cli.repair_rows import GRANULARITY_NAMES, identify_neuron, refuse_model_dir
 
     check_choice("--granularity", granularity, GRANULARITY_NAMES)
+    template, source = _identify_template(template, reference)
     if granularity == "neuron":
         if device_map or max_memory or offload_folder is not None:
             raise NlsrError("--granularity neuron does not support --device-map, --max-memory or "
@@ -201,7 +217,7 @@ def identify(
     save_masks(masks, out, force=force)
     _say(f"masks for {len(ref)} modules from {len(rows)} rows "
          f"({masks.metadata['response_tokens']} response tokens, {masks.metadata['template']} "
-         f"template), density {masks.density():.3f} -> {out}")
+         f"template: {source}), density {masks.density():.3f} -> {out}")
 
 
 @app.command()
@@ -238,10 +254,14 @@ def realign(
         help="Neuron granularity, adapters: the adapter merged into the fine-tune's base (e.g. the "
              "aligned adapter for a fresh LoRA on the merged aligned model); the reference's update "
              "is taken relative to it.")] = None,
+    template: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="The template the repaired adapter records (default: the fine-tune's, else the masks'); "
+             "needed to repair a fine-tune whose recorded template differs from the masks'.")] = None,
 ) -> None:
     """Steps 3-4: pick the drifted modules and transplant the reference's safety neurons."""
     check_choice("--select", select, SELECTION_RULE_NAMES)
     check_choice("--transplant", transplant, TRANSPLANT_NAMES)
+    check_choice("--template", template, TEMPLATE_NAMES)
     if select == "threshold" and threshold is None:
         raise NlsrError("the 'threshold' rule needs --threshold T (repair modules with S < T)")
     if not (p_base - epsilon >= 0 and p_base + epsilon <= 1):
@@ -253,7 +273,7 @@ def realign(
     check_choice("--granularity", granularity, GRANULARITY_NAMES)
     if granularity == "neuron":
         realign_neuron(reference=reference, finetuned=finetuned, masks=masks, out=out, base=base,
-                       rebase=rebase, select=select, threshold=threshold, p_base=p_base,
+                       rebase=rebase, template=template, select=select, threshold=threshold, p_base=p_base,
                        epsilon=epsilon, seed=seed, allow_base_mismatch=allow_base_mismatch,
                        allow_mask_mismatch=allow_mask_mismatch, force=force, allow_pickle=allow_pickle)
         return
@@ -266,21 +286,28 @@ def realign(
     require_file(masks, "mask file", "make one with `nlsr identify`")
     check_output_path(out, force)
     from nlsr.experiment.plots import plot_similarity_by_layer
+    from nlsr.method.checks import check_template
     from nlsr.method.masks import load_masks
     from nlsr.method.realign import describe_change
     from nlsr.method.realign import realign as run
     from nlsr.weights.adapters import load_adapter, save_adapter
+    from nlsr.weights.records import RECORD_FILE, record_bytes, recorded_template
 
+    loaded = load_masks(masks)
+    kept_template = check_template(loaded.metadata.get("template"), recorded_template(finetuned), template,
+                                   f"the fine-tuned adapter '{finetuned}'")
     result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle),
-                 load_masks(masks), select=select, transplant=transplant, threshold=threshold,
+                 loaded, select=select, transplant=transplant, threshold=threshold,
                  p_base=p_base, epsilon=epsilon, seed=seed, min_origin_cosine=min_origin_cosine,
                  check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch,
                  granularity="entry")
     report = result.report()
     report["settings"].update({"reference": str(reference), "finetuned": str(finetuned),
                                "masks": str(masks)})
-    save_adapter(result.adapter, out, force=force, extra_files={
-        "realign_report.json": (json.dumps(report, indent=2) + "\n").encode()})
+    extra = {"realign_report.json": (json.dumps(report, indent=2) + "\n").encode()}
+    if kept_template:
+        extra[RECORD_FILE] = record_bytes(template=kept_template)
+    save_adapter(result.adapter, out, force=force, extra_files=extra)
     plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png")
     summary = report["summary"]
     _say(f"repaired {summary['repaired']} of {summary['modules']} modules ({select}, "

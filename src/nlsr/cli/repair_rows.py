@@ -112,7 +112,7 @@ def identify_neuron(*, base: str, reference: Path, calibration: Path, out: Path,
 
 
 def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, base: Path | None,
-                   rebase: Path | None, select: str, threshold: float | None, p_base: float,
+                   rebase: Path | None, template: str | None, select: str, threshold: float | None, p_base: float,
                    epsilon: float, seed: int, allow_base_mismatch: bool, allow_mask_mismatch: bool,
                    force: bool, allow_pickle: bool) -> None:
     """``nlsr realign --granularity neuron``: adapters of any rank, or model directories."""
@@ -143,10 +143,14 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
     require_file(masks, "mask file", "make one with `nlsr identify --granularity neuron`")
     check_output_path(out, force)
     from nlsr.experiment.plots import plot_similarity_by_layer
+    from nlsr.method.checks import check_template
     from nlsr.method.masks import load_masks
     from nlsr.method.realign import describe_change
+    from nlsr.weights.records import RECORD_FILE, record_bytes, recorded_template
 
     loaded = load_masks(masks)
+    kept_template = check_template(loaded.metadata.get("template"), recorded_template(finetuned), template,
+                                   f"the fine-tuned model '{finetuned}'")
     rule = dict(select=select, threshold=threshold, p_base=p_base, epsilon=epsilon, seed=seed,
                 check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch)
     if ref_kind == "adapter":
@@ -160,8 +164,10 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
         report = result.report()
         report["settings"].update({"reference": str(reference), "finetuned": str(finetuned),
                                    "masks": str(masks)})
-        save_adapter(result.adapter, out, force=force, extra_files={
-            "realign_report.json": (json.dumps(report, indent=2) + "\n").encode()})
+        extra = {"realign_report.json": (json.dumps(report, indent=2) + "\n").encode()}
+        if kept_template:
+            extra[RECORD_FILE] = record_bytes(template=kept_template)
+        save_adapter(result.adapter, out, force=force, extra_files=extra)
     else:
         from nlsr.method.realign import realign_model_dir
         from nlsr.weights.model_dirs import ModelDir

@@ -55,15 +55,15 @@ def read_calibration_jsonl(path: str | os.PathLike, limit: int | None = None,
 
 
 def resolve_template(tokenizer, template: str | None = None) -> str:
-    """``template``, or by default "chat" when the tokenizer has a chat template, else "alpaca"."""
-    if template is None:
-        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
-    return template
+    """``template``, or by default the paper's Alpaca template (the pipeline's default too)."""
+    from nlsr.weights.records import DEFAULT_TEMPLATE
+
+    return template or DEFAULT_TEMPLATE
 
 
 def prompt_text(tokenizer, prompt: str, template: str | None = None, input: str = "") -> str:
     """The prompt as the model sees it before its answer, in ``template`` ("alpaca" or "chat");
-    by default the chat template when the tokenizer has one, else the paper's Alpaca template.
+    by default the paper's Alpaca template.
     ``input``: a task's input, as in the fine-tuning rows."""
     return model_prompt(prompt, resolve_template(tokenizer, template), tokenizer, input)
 

@@ -199,3 +199,17 @@ def check_same_modules(reference: LoraAdapter, finetuned: LoraAdapter) -> None:
                             f"{shape_f[0]}x{shape_f[1]} in the fine-tuned adapter; the two adapters "
                             "belong to different base models: repair a fine-tune of the reference's base")
 
+
+def check_template(masks_template: str | None, finetuned_template: str | None, explicit: str | None = None,
+                   finetuned_label: str = "the fine-tuned adapter") -> str | None:
+    """The template a repaired adapter records: ``explicit`` when given, else the fine-tune's, else the
+    masks'. Masks made in another template than the one the fine-tune records are refused unless
+    ``explicit`` says which to keep: their neurons were found on other activations."""
+    if explicit is not None:
+        return explicit
+    if masks_template and finetuned_template and masks_template != finetuned_template:
+        raise NlsrError(f"the masks were identified with the '{masks_template}' template but {finetuned_label} "
+                        f"records '{finetuned_template}'; identify masks in '{finetuned_template}' "
+                        f"(`nlsr identify --template {finetuned_template}`), or pass --template to repair anyway "
+                        "and record that template")
+    return finetuned_template or masks_template

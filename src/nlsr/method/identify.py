@@ -54,7 +54,7 @@ def identify(model, reference: LoraAdapter, rows: Sequence[CalibrationRow], toke
         tokenizer: the model's tokenizer.
         granularity: ``entry`` or ``neuron``.
         rho: rank ratio of the kept subspace, ``k = ceil(ρ r)``. q: fraction kept per matrix (rows).
-        template: "alpaca" or "chat" (default: chat when the tokenizer has a chat template).
+        template: "alpaca" or "chat" (default: alpaca, the paper's and the pipeline's).
         dtype: precision of the neuron granularity's covariance accumulators.
     """
     if granularity not in GRANULARITIES:

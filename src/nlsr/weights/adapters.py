@@ -239,6 +239,14 @@ def describe_fingerprint(fp: Mapping) -> str:
             f"{str(fp.get('layout', '?'))[:8]}, content {str(fp.get('content', '?'))[:8]}")
 
 
+def loadable_base(base: str | None) -> str | None:
+    """A base model path as an adapter config must record it to load from any directory: a relative
+    path to an existing model folder becomes absolute; hub ids and absolute paths stay as they are."""
+    if not base or os.path.isabs(base) or not (Path(base) / "config.json").is_file():
+        return base
+    return str(Path(base).resolve())
+
+
 def adapter_config_for(adapter: LoraAdapter) -> dict:
     """The ``adapter_config.json`` that describes ``adapter``'s per-module ranks and scales.
 
@@ -246,6 +254,7 @@ def adapter_config_for(adapter: LoraAdapter) -> dict:
     exact (regex-escaped) ``rank_pattern`` / ``alpha_pattern`` entry.
     """
     config = dict(adapter.config)
+    config["base_model_name_or_path"] = loadable_base(config.get("base_model_name_or_path"))
     rslora = bool(config.get("use_rslora", False))
 
     def alpha_of(f: LoraFactors) -> float:

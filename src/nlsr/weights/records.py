@@ -14,6 +14,8 @@ from pathlib import Path
 
 RECORD_FILE = "nlsr.json"
 TEMPLATE_NAMES = ("alpaca", "chat")
+DEFAULT_TEMPLATE = "alpaca"
+"""The paper's template, and the default of the pipeline and of every command that makes masks."""
 
 
 def read_record(folder: str | os.PathLike) -> dict:
