@@ -76,7 +76,7 @@ def evaluation_set_names(harmful_dataset: str) -> list[str]:
     aligned model) are the same for every evaluation config and every fine-tuning task."""
     from nlsr.data import TASKS, list_datasets
 
-    names = {harmful_dataset, XSTEST} | {t.eval_dataset for t in TASKS.values()}
+    names = {harmful_dataset, XSTEST} | {TASKS.get(t).eval_dataset for t in TASKS}
     names |= {spec.name for spec in list_datasets() if spec.name.startswith("harmful_")}
     return sorted(names)
 
