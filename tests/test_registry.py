@@ -99,8 +99,9 @@ def test_the_builtin_names():
     assert TRANSPLANTS.names() == ("exact", "factor")
     assert SELECTION_RULES.names() == ("paper", "reverse", "threshold", "all")
     assert set(JUDGES) == {"trained", "beaverdam", "llamaguard", "refusal", "refusal-v2", "hidden"}
-    assert {n: DEFENCES.info(n).meta["stage"] for n in DEFENCES} == {
-        "vaccine": "alignment", "lisa": "fine-tuning", "mixing": "fine-tuning", "constrained_sft": "fine-tuning"}
+    assert {n: (DEFENCES.info(n).meta["stage"], DEFENCES.info(n).meta["single_process"]) for n in DEFENCES} == {
+        "vaccine": ("alignment", True), "lisa": ("fine-tuning", True), "mixing": ("fine-tuning", False),
+        "constrained_sft": ("fine-tuning", True)}
 
 
 def test_needs_model_is_exactly_the_judges_whose_factory_requires_a_model():
