@@ -20,10 +20,9 @@ import sys
 import torch
 from _common import machine, measure, write_results
 
+from nlsr.method import SELECTION_RULES, TRANSPLANTS
 from nlsr.method.masks import SafetyMasks
 from nlsr.method.realign import realign
-from nlsr.method.select import SELECTION_RULES
-from nlsr.method.transplant import TRANSPLANTS
 from nlsr.weights.adapters import LoraAdapter, LoraFactors, weight_key
 
 LLAMA3_8B = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096),
@@ -61,11 +60,11 @@ def dense_realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyM
         sims.append(float(pe @ pt / (pe.norm() * pt.norm())))
         del pe, pt
     sims_t = torch.tensor(sims, dtype=torch.float64)
-    _, repaired = SELECTION_RULES["paper"](sims_t, seed=0)
+    _, repaired = SELECTION_RULES.get("paper")(sims_t, seed=0)
     out = {}
     for i, (name, e) in enumerate(reference):
         t = finetuned.modules[name]
-        out[name] = (LoraFactors(*TRANSPLANTS["exact"](e.A, e.B, t.A, t.B, *masks.pair(name)), t.scale)
+        out[name] = (LoraFactors(*TRANSPLANTS.get("exact")(e.A, e.B, t.A, t.B, *masks.pair(name)), t.scale)
                      if repaired[i] else t)
     return {"similarity": sims_t, "modules": out}
 

@@ -357,7 +357,7 @@ CASES = [
          "must look like section.field=value"),
     Case("validate-override-not-yaml", ("validate", "c.yaml", "--set", "attack.p=[1"), "not valid YAML"),
     Case("validate-unknown-judge", ("validate", "c.yaml", "--set", "evaluate.judges=[refusal, gpt]"),
-         "evaluate.judges.1: Value error, judge name 'gpt' is unknown; use one of"),
+         "evaluate.judges.1: Value error, unknown judge 'gpt' (known: beaverdam, hidden,"),
     Case("run-judge-without-model", ("run", "c.yaml", "--set", "evaluate.judges=[{name: llamaguard}]"),
          "judge 'llamaguard' needs a model: write {name: llamaguard, model: FOLDER_OR_HUB_ID}"),
     Case("run-judge-twice", ("run", "c.yaml", "--set", "evaluate.judges=[trained, trained]"),

@@ -26,7 +26,7 @@ def test_overrides_are_applied_and_typed(tmp_path):
     ("attack: {p: 1.5}", "attack.p"),
     ("attack: {task: imdb}", "attack.task"),
     ("align: {sft: {n: 0}}", "align.sft.n"),
-    ("realign: {variants: [{name: a, select: best}]}", "select='best' is unknown"),
+    ("realign: {variants: [{name: a, select: best}]}", "unknown selection rule 'best' (known: all, paper"),
     ("realign: {variants: [{name: a}, {name: a}]}", "unique"),
     ("realign: {variants: [{name: s, method: safelora}]}", "exactly one of threshold or num_modules"),
     ("evaluate: {harmfull_n: 3}", "evaluate.harmfull_n"),

@@ -29,7 +29,7 @@ def test_a_name_means_a_spec_with_that_name_and_label():
 
 
 @pytest.mark.parametrize(("judges", "phrase"), [
-    (["gpt"], "judge name 'gpt' is unknown; use one of trained, beaverdam, llamaguard, refusal"),
+    (["gpt"], "unknown judge 'gpt' (known: beaverdam, hidden, llamaguard, refusal, refusal-v2, trained)"),
     (["beaverdam"], "judge 'beaverdam' needs a model"),
     ([{"name": "llamaguard", "device": "cpu"}], "judge 'llamaguard' needs a model"),
     ([{"name": "refusal", "model": "x"}], "judge 'refusal' takes no model"),
@@ -66,8 +66,8 @@ def test_report_builds_every_judge_from_its_spec(tmp_path, monkeypatch):
         calls.append(("trained", {"model": model, "data_dir": data_dir}))
         return _Fixed("Step")
 
-    monkeypatch.setitem(JUDGES, "beaverdam", fake_beaverdam)
-    monkeypatch.setitem(JUDGES, "trained", fake_trained)
+    fakes, real = {"beaverdam": fake_beaverdam, "trained": fake_trained}, JUDGES.get
+    monkeypatch.setattr(JUDGES, "get", lambda name: fakes.get(name) or real(name))
     cfg = ExperimentConfig.model_validate({"device": "cpu", "evaluate": {"judges": [
         "refusal", {"name": "beaverdam", "model": "tiny/beaver", "dtype": "float32"},
         "trained", {"name": "trained", "model": str(tmp_path / "j2"), "label": "trained-j2"}]}})

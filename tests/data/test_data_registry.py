@@ -180,7 +180,7 @@ def test_unknown_name_suggests_close_matches_and_lists_all():
     with pytest.raises(NlsrError) as err:
         load_records("harmful_evl")
     message = str(err.value)
-    assert "'harmful_evl' is unknown" in message
+    assert "unknown dataset 'harmful_evl'" in message
     assert "did you mean 'harmful_eval'" in message
     assert "xstest" in message and "safety_dpo" in message
 
@@ -269,7 +269,7 @@ def scratch_registration():
     before = set(DATASETS)
     yield
     for name in set(DATASETS) - before:
-        del DATASETS[name]
+        DATASETS.unregister(name)
 
 
 def test_custom_dataset_is_checked_against_its_kind(tmp_path, scratch_registration):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from nlsr.method.select import SELECTION_RULES, normalized_rank
+from nlsr.method import SELECTION_RULES
+from nlsr.method.select import normalized_rank
 from nlsr.method.similarity import flat_cosines, masked_similarities, masked_similarity, product_cosine
 
 
@@ -40,7 +41,7 @@ def test_normalized_rank():
 
 def test_paper_rule_gives_least_similar_module_p_plus_epsilon():
     sims = torch.tensor([0.9, 0.2, 0.5, 0.7, 0.4])
-    prob, _ = SELECTION_RULES["paper"](sims, p_base=0.5, epsilon=0.2, seed=0)
+    prob, _ = SELECTION_RULES.get("paper")(sims, p_base=0.5, epsilon=0.2, seed=0)
     assert prob[1] == pytest.approx(0.7)           # least similar
     assert prob[0] == pytest.approx(0.3)           # most similar
     assert prob[2] == pytest.approx(0.5)           # the median
@@ -49,18 +50,18 @@ def test_paper_rule_gives_least_similar_module_p_plus_epsilon():
 
 def test_reverse_rule_is_the_authors_direction():
     sims = torch.tensor([0.9, 0.2, 0.5, 0.7, 0.4])
-    prob, _ = SELECTION_RULES["reverse"](sims, p_base=0.5, epsilon=0.2, seed=0)
+    prob, _ = SELECTION_RULES.get("reverse")(sims, p_base=0.5, epsilon=0.2, seed=0)
     assert prob[0] == pytest.approx(0.7) and prob[1] == pytest.approx(0.3)
 
 
 def test_probabilistic_draw_is_seeded_and_follows_the_probabilities():
     sims = torch.linspace(0, 1, 200)
-    _, first = SELECTION_RULES["paper"](sims, seed=7)
-    _, again = SELECTION_RULES["paper"](sims, seed=7)
+    _, first = SELECTION_RULES.get("paper")(sims, seed=7)
+    _, again = SELECTION_RULES.get("paper")(sims, seed=7)
     assert torch.equal(first, again)
     hits = torch.zeros(200)
     for seed in range(300):
-        hits += SELECTION_RULES["paper"](sims, seed=seed)[1].double()
+        hits += SELECTION_RULES.get("paper")(sims, seed=seed)[1].double()
     freq = hits / 300
     assert freq[:20].mean() == pytest.approx(0.69, abs=0.05)     # least similar: ~0.7
     assert freq[-20:].mean() == pytest.approx(0.31, abs=0.05)    # most similar: ~0.3
@@ -68,9 +69,9 @@ def test_probabilistic_draw_is_seeded_and_follows_the_probabilities():
 
 def test_threshold_and_all_rules():
     sims = torch.tensor([0.9, 0.2, 0.5])
-    _, repaired = SELECTION_RULES["threshold"](sims, threshold=0.6)
+    _, repaired = SELECTION_RULES.get("threshold")(sims, threshold=0.6)
     assert repaired.tolist() == [False, True, True]
-    _, repaired = SELECTION_RULES["all"](sims)
+    _, repaired = SELECTION_RULES.get("all")(sims)
     assert repaired.all()
 
 

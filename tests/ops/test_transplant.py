@@ -1,7 +1,7 @@
 import torch
 
+from nlsr.method import TRANSPLANTS
 from nlsr.method.extrapolate import extrapolate_factors
-from nlsr.method.transplant import TRANSPLANTS
 
 
 def _factors(seed=0, r=4, d_in=10, d_out=8):
@@ -15,7 +15,7 @@ def _factors(seed=0, r=4, d_in=10, d_out=8):
 
 def test_exact_transplant_product_is_the_paper_formula():
     A_e, B_e, A_t, B_t, M_A, M_B = _factors()
-    A, B = TRANSPLANTS["exact"](A_e, B_e, A_t, B_t, M_A, M_B)
+    A, B = TRANSPLANTS.get("exact")(A_e, B_e, A_t, B_t, M_A, M_B)
     assert A.shape == (8, 10) and B.shape == (8, 8)          # rank 2r
     expected = (M_B * B_e) @ (M_A * A_e) + (~M_B * B_t) @ (~M_A * A_t)
     torch.testing.assert_close(B @ A, expected)
@@ -23,7 +23,7 @@ def test_exact_transplant_product_is_the_paper_formula():
 
 def test_factor_transplant_swaps_entries_inside_the_masks():
     A_e, B_e, A_t, B_t, M_A, M_B = _factors(1)
-    A, B = TRANSPLANTS["factor"](A_e, B_e, A_t, B_t, M_A, M_B)
+    A, B = TRANSPLANTS.get("factor")(A_e, B_e, A_t, B_t, M_A, M_B)
     torch.testing.assert_close(A, M_A * A_e + ~M_A * A_t)
     torch.testing.assert_close(B, M_B * B_e + ~M_B * B_t)
     assert A.shape == A_t.shape and B.shape == B_t.shape
@@ -32,16 +32,16 @@ def test_factor_transplant_swaps_entries_inside_the_masks():
 def test_factor_transplant_is_identity_when_reference_equals_finetuned():
     # (The exact form is not: it drops the cross terms between masked and unmasked entries.)
     A_e, B_e, _, _, M_A, M_B = _factors(2)
-    A, B = TRANSPLANTS["factor"](A_e, B_e, A_e, B_e, M_A, M_B)
+    A, B = TRANSPLANTS.get("factor")(A_e, B_e, A_e, B_e, M_A, M_B)
     torch.testing.assert_close(B @ A, B_e @ A_e)
 
 
 def test_exact_transplant_with_full_masks_is_the_reference():
     A_e, B_e, A_t, B_t, M_A, M_B = _factors(5)
     ones_a, ones_b = torch.ones_like(M_A), torch.ones_like(M_B)
-    A, B = TRANSPLANTS["exact"](A_e, B_e, A_t, B_t, ones_a, ones_b)
+    A, B = TRANSPLANTS.get("exact")(A_e, B_e, A_t, B_t, ones_a, ones_b)
     torch.testing.assert_close(B @ A, B_e @ A_e)
-    A, B = TRANSPLANTS["exact"](A_e, B_e, A_t, B_t, ~ones_a, ~ones_b)
+    A, B = TRANSPLANTS.get("exact")(A_e, B_e, A_t, B_t, ~ones_a, ~ones_b)
     torch.testing.assert_close(B @ A, B_t @ A_t)
 
 

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from nlsr.cli.common import at_least, check_choice, check_device, check_precision
-from nlsr.errors import NlsrError
 
 
 def evaluate(
@@ -46,16 +45,16 @@ def evaluate(
 
     Resumes after a kill: rerun the same command."""
     from nlsr.data.tasks import TASKS
+    from nlsr.data.templates import TEMPLATES
     from nlsr.evaluation.evaluate import EvaluationSettings, Subject, cache_folder, check_subject, summary_table
     from nlsr.evaluation.prompts import read_prompts
     from nlsr.io import check_output_path
-    from nlsr.weights.records import TEMPLATE_NAMES
 
     for option, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size),
                           ("--task-n", task_n), ("--limit", limit)):
         at_least(option, value, 1)
     at_least("--xstest", xstest, 0)
-    check_choice("--template", template, TEMPLATE_NAMES)
+    check_choice("--template", template, TEMPLATES)
     check_choice("--task", task, tuple(TASKS))
     check_precision(precision)
     _check_judge(judge)
@@ -81,7 +80,6 @@ def evaluate(
 
 
 def _check_judge(name: str) -> None:
-    from nlsr.choices import JUDGE_NAMES
+    from nlsr.evaluation.judges import JUDGES
 
-    if name not in JUDGE_NAMES:
-        raise NlsrError(f"unknown judge '{name}'; use one of {', '.join(JUDGE_NAMES)}")
+    JUDGES.check(name)

@@ -12,10 +12,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nlsr.choices import JUDGE_NAMES, check_choice
-from nlsr.cli.common import at_least, require_dir
+from nlsr.cli.common import at_least, check_choice, require_dir
 from nlsr.cli.common import errors_to_exit as _errors_to_exit
 from nlsr.errors import NlsrError
+from nlsr.evaluation.judges import JUDGES
 
 judge_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Harmfulness judges: train the offline judge, measure agreement.")
@@ -138,7 +138,7 @@ def validate(
 ) -> None:
     """Print judges' agreement with the held-out labelled responses (per source), or with gold labels."""
     for name in judge:
-        check_choice("judge", name, JUDGE_NAMES)
+        JUDGES.check(name)
     if model is not None and len(judge) > 1:
         raise NlsrError("--model goes with one --judge; validate the other judges in another call")
     at_least("--max-prompts", max_prompts, 1)

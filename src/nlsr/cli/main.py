@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from nlsr.choices import SELECTION_RULE_NAMES, TEMPLATE_NAMES, TRANSPLANT_NAMES, check_choice
 from nlsr.cli.common import (
     at_least,
+    check_choice,
     check_device,
     check_precision,
     in_unit_interval,
@@ -23,6 +23,7 @@ from nlsr.cli.common import (
 from nlsr.cli.common import errors_to_exit as _errors_to_exit
 from nlsr.errors import NlsrError
 from nlsr.io import check_output_path
+from nlsr.method import SELECTION_RULES, TRANSPLANTS
 from nlsr.paths import check_model_spec
 
 # Commands check their arguments and input paths first and import torch, transformers, peft and
@@ -157,7 +158,9 @@ def identify(
     at_least("--max-length", max_length, 1)
     in_unit_interval("--rank-ratio", rank_ratio)
     in_unit_interval("--keep", keep)
-    check_choice("--template", template, TEMPLATE_NAMES)
+    from nlsr.data.templates import TEMPLATES
+
+    check_choice("--template", template, TEMPLATES)
     check_precision(precision)
     from nlsr.cli.repair_rows import GRANULARITY_NAMES, identify_neuron, refuse_model_dir
 
@@ -259,9 +262,11 @@ def realign(
              "needed to repair a fine-tune whose recorded template differs from the masks'.")] = None,
 ) -> None:
     """Steps 3-4: pick the drifted modules and transplant the reference's safety neurons."""
-    check_choice("--select", select, SELECTION_RULE_NAMES)
-    check_choice("--transplant", transplant, TRANSPLANT_NAMES)
-    check_choice("--template", template, TEMPLATE_NAMES)
+    SELECTION_RULES.check(select, "--select")
+    TRANSPLANTS.check(transplant, "--transplant")
+    from nlsr.data.templates import TEMPLATES
+
+    check_choice("--template", template, TEMPLATES)
     if select == "threshold" and threshold is None:
         raise NlsrError("the 'threshold' rule needs --threshold T (repair modules with S < T)")
     if not (p_base - epsilon >= 0 and p_base + epsilon <= 1):
@@ -569,19 +574,20 @@ def compare(
 @app.command(name="ls")
 @_errors_to_exit
 def list_registries() -> None:
-    """List the registered data sets, tasks, judges, selection rules and transplant forms."""
-    from nlsr.data import TASKS, list_datasets
+    """List every registry (data sets, tasks, judges, selection rules, transplant forms, defences)."""
+    from nlsr.data import DATASETS, TASKS  # importing nlsr.data registers its data sets
     from nlsr.evaluation.judges import JUDGES
-    from nlsr.method.select import SELECTION_RULES
-    from nlsr.method.transplant import TRANSPLANTS
+    from nlsr.training.defences import DEFENCES
 
-    _say("datasets:")
-    for spec in list_datasets():
-        _say(f"  {spec.name:<28} {spec.kind:<11} {spec.description}")
-    _say("tasks: " + ", ".join(TASKS))
-    _say("judges: " + ", ".join(JUDGES))
-    _say("selection rules: " + ", ".join(SELECTION_RULES))
-    _say("transplants: " + ", ".join(TRANSPLANTS))
+    registries = (("data sets", DATASETS, "kind"), ("tasks", TASKS, None), ("judges (--judge)", JUDGES, None),
+                  ("selection rules (--select)", SELECTION_RULES, None),
+                  ("transplant forms (--transplant)", TRANSPLANTS, None), ("defences", DEFENCES, "stage"))
+    for title, registry, column in registries:
+        _say(f"{title}:")
+        for name in registry:
+            entry = registry.info(name)
+            tag = f"{entry.meta[column]:<12}" if column else ""
+            _say(f"  {name:<28} {tag}{entry.summary}")
 
 
 def _register_judge_commands() -> None:

@@ -116,6 +116,6 @@ def evaluation_set_names(harmful_dataset: str) -> list[str]:
     from nlsr.data.registry import list_datasets
     from nlsr.data.tasks import TASKS
 
-    names = {harmful_dataset, "xstest"} | {t.eval_dataset for t in TASKS.values()}
+    names = {harmful_dataset, "xstest"} | {TASKS.get(t).eval_dataset for t in TASKS}
     names |= {spec.name for spec in list_datasets() if spec.name.startswith("harmful_")}
     return sorted(names)

@@ -99,7 +99,7 @@ def _label(row: Row, task: str, flag: str, output: str) -> str:
         if label is None:
             raise row.error(f"field 'output' has no number after '{GSM8K_MARKER}'")
         return label
-    labels = TASKS[task].labels if task in TASKS else ()
+    labels = TASKS.get(task).labels if task in TASKS else ()
     if labels and output not in labels:
         raise row.error(f"field 'output' is {output!r}, not one of {', '.join(labels)}")
     return output

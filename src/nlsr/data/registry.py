@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from nlsr.data.hub import HubSource, load_hub
-from nlsr.data.names import unknown_name_error
 from nlsr.data.readers import require_file
 from nlsr.errors import NlsrError
 from nlsr.paths import data_dir as resolve_data_dir
+from nlsr.registry import Registry
 
 # Record schemas by kind: field -> type. Strings must be non-empty, except those in _MAY_BE_EMPTY.
 KINDS: dict[str, dict[str, type]] = {
@@ -91,7 +91,8 @@ class DatasetSpec:
         return sorted(found)
 
 
-DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+"""The registered data sets; ``meta["kind"]`` is the spec's kind."""
 
 
 def register_dataset(name: str, *, kind: str, description: str, files: Sequence[str] = (),
@@ -108,27 +109,24 @@ def register_dataset(name: str, *, kind: str, description: str, files: Sequence[
     """
     if kind not in KINDS:
         raise NlsrError(f"dataset {name!r}: kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
-    if name in DATASETS:
-        raise NlsrError(f"dataset {name!r} is already registered")
+    add = DATASETS.register(name, summary=description, kind=kind)
 
     def wrap(loader: Loader) -> Loader:
-        DATASETS[name] = DatasetSpec(name, kind, description, loader, tuple(files), hub, notes)
+        add(DatasetSpec(name, kind, description, loader, tuple(files), hub, notes))
         return loader
     return wrap
 
 
 def get_dataset(name: str) -> DatasetSpec:
     """The spec of data set ``name``; an unknown name is an error suggesting close matches."""
-    if name in DATASETS:
-        return DATASETS[name]
-    raise unknown_name_error("dataset", name, DATASETS)
+    return DATASETS.get(name)
 
 
 def list_datasets(kind: str | None = None) -> list[DatasetSpec]:
     """All registered data sets (of one ``kind``, if given), sorted by name."""
     if kind is not None and kind not in KINDS:
         raise NlsrError(f"kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
-    return [DATASETS[n] for n in sorted(DATASETS) if kind is None or DATASETS[n].kind == kind]
+    return [DATASETS.get(n) for n in sorted(DATASETS) if kind is None or DATASETS.info(n).meta["kind"] == kind]
 
 
 def check_records(records: Sequence[dict], kind: str, dataset: str) -> None:

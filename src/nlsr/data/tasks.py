@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from nlsr.data.names import unknown_name_error
 from nlsr.errors import NlsrError
+from nlsr.registry import Registry
 
 SST2_LABELS = ("negative", "positive")
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
@@ -149,23 +149,23 @@ class TaskSpec:
     description: str = ""
 
 
-TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec("sst2", "sst2_train", "sst2_eval", max_new_tokens=8, scorer=score_sst2,
-                     labels=SST2_LABELS, instruction=SST2_INSTRUCTION,
-                     description="SST-2 sentiment (GLUE), 872 validation sentences"),
-    "ag_news": TaskSpec("ag_news", "ag_news_train", "ag_news_eval", max_new_tokens=16,
-                        scorer=score_ag_news, labels=AG_NEWS_LABELS, instruction=AG_NEWS_INSTRUCTION,
-                        description="AG News topic, 4 classes, 7,600 test articles"),
-    "gsm8k": TaskSpec("gsm8k", "gsm8k_train", "gsm8k_eval", max_new_tokens=256, scorer=score_gsm8k,
-                      description="GSM8K grade-school math, 1,319 test problems"),
-}
+TASKS: Registry[TaskSpec] = Registry("task")
+for _spec in (
+    TaskSpec("sst2", "sst2_train", "sst2_eval", max_new_tokens=8, scorer=score_sst2,
+             labels=SST2_LABELS, instruction=SST2_INSTRUCTION,
+             description="SST-2 sentiment (GLUE), 872 validation sentences"),
+    TaskSpec("ag_news", "ag_news_train", "ag_news_eval", max_new_tokens=16,
+             scorer=score_ag_news, labels=AG_NEWS_LABELS, instruction=AG_NEWS_INSTRUCTION,
+             description="AG News topic, 4 classes, 7,600 test articles"),
+    TaskSpec("gsm8k", "gsm8k_train", "gsm8k_eval", max_new_tokens=256, scorer=score_gsm8k,
+             description="GSM8K grade-school math, 1,319 test problems"),
+):
+    TASKS.register(_spec.name, summary=_spec.description)(_spec)
 
 
 def get_task(name: str) -> TaskSpec:
     """The task called ``name``; an unknown name is an error that suggests close matches."""
-    if name in TASKS:
-        return TASKS[name]
-    raise unknown_name_error("task", name, TASKS)
+    return TASKS.get(name)
 
 
 def is_correct(task: str, output: str, label: str, strict: bool = False) -> bool:

@@ -10,6 +10,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nlsr.errors import NlsrError
+from nlsr.evaluation.judges import JUDGES
+from nlsr.method import SELECTION_RULES, TRANSPLANTS
+from nlsr.registry import Entry, Registry
+from nlsr.training.defences import DEFENCES
 
 
 class _Section(BaseModel):
@@ -23,6 +27,14 @@ def folder_name(value: str, what: str) -> str:
         raise ValueError(f"{what} '{value}' must be a single folder name (no '/', '\\', '..', "
                          "surrounding spaces or empty name), since it names a folder of the run")
     return value
+
+
+def _known(registry: Registry, name: str) -> Entry:
+    """The entry of ``name`` in ``registry`` (no import), or a ValueError pydantic reports with its field."""
+    try:
+        return registry.info(name)
+    except NlsrError as err:
+        raise ValueError(str(err)) from None
 
 
 class LoraSection(_Section):
@@ -268,15 +280,9 @@ class VariantSection(_Section):
 
     @model_validator(mode="after")
     def _rules(self) -> VariantSection:
-        # the names, not the registries: those import torch, and a config check must be instant
-        from nlsr.choices import SELECTION_RULE_NAMES, TRANSPLANT_NAMES
-
         if self.method == "nlsr":
-            if self.select not in SELECTION_RULE_NAMES:
-                raise ValueError(f"select='{self.select}' is unknown; use one of {sorted(SELECTION_RULE_NAMES)}")
-            if self.transplant not in TRANSPLANT_NAMES:
-                raise ValueError(f"transplant='{self.transplant}' is unknown; use one of "
-                                 f"{sorted(TRANSPLANT_NAMES)}")
+            _known(SELECTION_RULES, self.select)
+            _known(TRANSPLANTS, self.transplant)
             if self.select == "threshold" and self.threshold is None:
                 raise ValueError("select='threshold' needs a threshold")
         elif (self.threshold is None) == (self.num_modules is None):
@@ -385,17 +391,14 @@ class JudgeSpec(_Section):
 
     @model_validator(mode="after")
     def _known_and_complete(self) -> JudgeSpec:
-        # the names, not the registry: nlsr.evaluation.judges imports numpy and scikit-learn
-        from nlsr.choices import JUDGE_NAMES, MODEL_JUDGES
-
-        if self.name not in JUDGE_NAMES:
-            raise ValueError(f"judge name '{self.name}' is unknown; use one of {', '.join(JUDGE_NAMES)}")
-        if self.name in MODEL_JUDGES and self.model is None:
+        needs_model = _known(JUDGES, self.name).meta.get("needs_model", False)
+        if needs_model and self.model is None:
             raise ValueError(f"judge '{self.name}' needs a model: write {{name: {self.name}, model: "
                              "FOLDER_OR_HUB_ID}")
-        if self.name not in MODEL_JUDGES and (self.device is not None or self.dtype is not None):
+        if not needs_model and (self.device is not None or self.dtype is not None):
+            model_judges = [n for n in JUDGES if JUDGES.info(n).meta.get("needs_model")]
             raise ValueError(f"judge '{self.name}' runs no model on a device; drop device and dtype "
-                             f"(they apply to {' and '.join(MODEL_JUDGES)})")
+                             f"(they apply to {' and '.join(model_judges)})")
         if self.name == "refusal" and self.model is not None:
             raise ValueError("judge 'refusal' takes no model; drop model")
         return self
@@ -445,7 +448,8 @@ class DefenceSection(_Section):
     """A baseline defence run through the same attack and evaluation (the paper's comparison)."""
 
     name: str
-    method: Literal["vaccine", "lisa", "mixing", "constrained_sft"]
+    method: str = Field(description="A registered defence (nlsr.training.defences.DEFENCES): "
+                                    + ", ".join(DEFENCES.names()) + ".")
     rho: float | None = Field(None, ge=0, description="Vaccine: perturbation norm (default 2); "
                                                      "Lisa: proximal strength (default 1).")
     fraction: float = Field(0.1, ge=0, lt=1, description="Mixing: share of safety rows in the fine-tuning set.")
@@ -462,6 +466,11 @@ class DefenceSection(_Section):
     @classmethod
     def _name_is_folder(cls, value: str) -> str:
         return folder_name(value, "defence name")
+
+    @field_validator("method")
+    @classmethod
+    def _known_defence(cls, value: str) -> str:
+        return _known(DEFENCES, value).name
 
 
 class ExperimentConfig(_Section):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from nlsr.errors import NlsrError
+from nlsr.method import TRANSPLANTS
 from nlsr.method.checks import (
     check_entry_granularity,
     check_masks,
@@ -29,7 +30,7 @@ from nlsr.method.similarity import (
     row_masked_similarities,
     update_change,
 )
-from nlsr.method.transplant import TRANSPLANTS, LowRank, row_transplant_dense, row_transplant_lowrank, subtract_lowrank
+from nlsr.method.transplant import LowRank, row_transplant_dense, row_transplant_lowrank, subtract_lowrank
 from nlsr.paths import portable_path
 from nlsr.weights.adapters import (
     LoraAdapter,
@@ -170,8 +171,8 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
     """
     rule = {"select": select, "threshold": threshold, "p_base": p_base, "epsilon": epsilon, "seed": seed}
     check_rule(**rule)
-    if transplant is not None and transplant not in TRANSPLANTS:
-        raise NlsrError(f"unknown transplant '{transplant}'; use one of {sorted(TRANSPLANTS)}")
+    if transplant is not None:
+        TRANSPLANTS.check(transplant)
     if (granularity or granularity_of(masks)) == NEURON:
         if transplant is not None:
             raise NlsrError(f"transplant '{transplant}' applies to entry masks; neuron masks take the "
@@ -198,7 +199,7 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
         (reference.modules[n].A, reference.modules[n].B, finetuned.modules[n].A,
          finetuned.modules[n].B, *masks.pair(n)) for n in names])
     prob, repaired = decide(similarity, **rule)
-    form = TRANSPLANTS[transplant]
+    form = TRANSPLANTS.get(transplant)
     modules: dict[str, LoraFactors] = {}
     decisions = []
     for i, name in enumerate(names):

@@ -7,24 +7,10 @@ repairs the least similar modules most often; the authors' public code ranks the
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from nlsr.errors import NlsrError
-
-SelectionRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-SELECTION_RULES: dict[str, SelectionRule] = {}
-
-
-def register_rule(name: str) -> Callable[[SelectionRule], SelectionRule]:
-    """Register a selection rule under ``name`` (used by the CLI's ``--select``)."""
-    def wrap(fn: SelectionRule) -> SelectionRule:
-        SELECTION_RULES[name] = fn
-        return fn
-    return wrap
+from nlsr.method import SELECTION_RULES
 
 
 def normalized_rank(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
@@ -41,7 +27,6 @@ def _bernoulli(prob: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.rand(prob.numel(), generator=gen, dtype=torch.float64) < prob
 
 
-@register_rule("paper")
 def select_paper(similarity: torch.Tensor, *, p_base: float = 0.5, epsilon: float = 0.2,
                  seed: int = 0, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's rule: the least similar module is repaired with probability ``P_L + ε``,
@@ -51,7 +36,6 @@ def select_paper(similarity: torch.Tensor, *, p_base: float = 0.5, epsilon: floa
     return prob, _bernoulli(prob, seed)
 
 
-@register_rule("reverse")
 def select_reverse(similarity: torch.Tensor, *, p_base: float = 0.5, epsilon: float = 0.2,
                    seed: int = 0, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' public code: the *most* similar module gets probability ``P_L + ε``."""
@@ -60,7 +44,6 @@ def select_reverse(similarity: torch.Tensor, *, p_base: float = 0.5, epsilon: fl
     return prob, _bernoulli(prob, seed)
 
 
-@register_rule("threshold")
 def select_threshold(similarity: torch.Tensor, *, threshold: float | None = None,
                      **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Repair every module with ``S_j < τ``."""
@@ -69,7 +52,6 @@ def select_threshold(similarity: torch.Tensor, *, threshold: float | None = None
     return repaired.to(torch.float64), repaired
 
 
-@register_rule("all")
 def select_all(similarity: torch.Tensor, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Repair every module (an ablation: transplant without layer selection)."""
     ones = torch.ones(similarity.numel(), dtype=torch.float64)
@@ -79,8 +61,7 @@ def select_all(similarity: torch.Tensor, **_: object) -> tuple[torch.Tensor, tor
 
 def check_rule(select: str, threshold: float | None, p_base: float, epsilon: float, **_: object) -> None:
     """Refuse an unknown rule, a threshold rule without τ, or probabilities outside [0, 1]."""
-    if select not in SELECTION_RULES:
-        raise NlsrError(f"unknown selection rule '{select}'; use one of {sorted(SELECTION_RULES)}")
+    SELECTION_RULES.check(select)
     if select == "threshold" and threshold is None:
         raise NlsrError("the 'threshold' rule needs --threshold T (repair modules with S < T)")
     if not (p_base - epsilon >= 0 and p_base + epsilon <= 1):
@@ -91,4 +72,4 @@ def decide(similarity: torch.Tensor, *, select: str, threshold: float | None = N
            epsilon: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(repair probability, repaired)`` per module by the rule ``select`` (checked first)."""
     check_rule(select, threshold, p_base, epsilon)
-    return SELECTION_RULES[select](similarity, p_base=p_base, epsilon=epsilon, seed=seed, threshold=threshold)
+    return SELECTION_RULES.get(select)(similarity, p_base=p_base, epsilon=epsilon, seed=seed, threshold=threshold)

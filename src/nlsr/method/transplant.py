@@ -18,7 +18,6 @@ for full weights a row copy (:func:`row_transplant_dense`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,22 +25,7 @@ import torch
 
 from nlsr.method.similarity import LowRank
 
-Transplant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                       torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-
-TRANSPLANTS: dict[str, Transplant] = {}
-
-
-def register_transplant(name: str) -> Callable[[Transplant], Transplant]:
-    """Register a transplant form under ``name`` (used by the CLI's ``--transplant``)."""
-    def wrap(fn: Transplant) -> Transplant:
-        TRANSPLANTS[name] = fn
-        return fn
-    return wrap
-
-
-@register_transplant("exact")
 def transplant_exact(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor,
                      M_A: torch.Tensor, M_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-2r factors ``(A'', B'')`` whose product is exactly the paper's transplant.
@@ -69,7 +53,6 @@ def transplant_exact(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_
 _PARALLEL_MIN = 1 << 20     # output entries from which the writes of one module run in threads
 
 
-@register_transplant("factor")
 def transplant_factor(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor,
                       M_A: torch.Tensor, M_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors with the reference's entries swapped in inside the masks."""

@@ -37,11 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlsr.errors import NlsrError
+from nlsr.training.defences import DEFENCES
 
 KINDS = ("sft", "dpo")
-# Defences whose custom trainers (alternating optimizers, reference models, perturbation steps)
-# have not been checked under DistributedDataParallel: they train in one process only.
-SINGLE_PROCESS_DEFENCES = ("lisa", "constrained_sft", "vaccine")
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,7 @@ def check_config(cfg) -> None:
                                        ("attack", cfg.attack))
                 if section.batch_size % n]
     problems += [f"defence '{d.name}' ({d.method}) trains in one process only; set num_processes: 1 "
-                 "or drop it" for d in cfg.defences if d.method in SINGLE_PROCESS_DEFENCES]
+                 "or drop it" for d in cfg.defences if DEFENCES.info(d.method).meta["single_process"]]
     if problems:
         raise NlsrError("num_processes > 1: " + "; ".join(problems))
 

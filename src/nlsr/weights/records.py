@@ -12,8 +12,9 @@ import json
 import os
 from pathlib import Path
 
+from nlsr.data.templates import TEMPLATES
+
 RECORD_FILE = "nlsr.json"
-TEMPLATE_NAMES = ("alpaca", "chat")
 DEFAULT_TEMPLATE = "alpaca"
 """The paper's template, and the default of the pipeline and of every command that makes masks."""
 
@@ -30,14 +31,14 @@ def read_record(folder: str | os.PathLike) -> dict:
 def recorded_template(folder: str | os.PathLike) -> str | None:
     """The template an adapter or model folder records, or None when it records none."""
     template = read_record(folder).get("template")
-    if template in TEMPLATE_NAMES:
+    if template in TEMPLATES:
         return template
     try:
         report = json.loads((Path(folder) / "realign_report.json").read_text())
         template = report["settings"]["masks"]["template"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return template if template in TEMPLATE_NAMES else None
+    return template if template in TEMPLATES else None
 
 
 def record_bytes(**fields: object) -> bytes:

@@ -4,9 +4,12 @@
 regression classifier trained here on labelled responses. ``hidden``: a logistic regression on the
 embedded SmolLM2-135M-Instruct's hidden states, trained only on judge-reserved, evaluation-gated rows
 (:mod:`nlsr.evaluation.judges.reserved_data`). ``beaverdam`` / ``llamaguard``: adapters
-for real moderation models (beaver-dam-7b, Llama Guard) for users who have them. Heavy libraries
-are imported only when a judge is built.
+for real moderation models (beaver-dam-7b, Llama Guard) for users who have them. Importing this
+package is light (no numpy or scikit-learn): the judges that need them load on first use.
 """
+
+import importlib
+from typing import Any
 
 from nlsr.evaluation.judges.base import (
     JUDGES,
@@ -18,12 +21,19 @@ from nlsr.evaluation.judges.base import (
     make_judge,
     register_judge,
 )
-from nlsr.evaluation.judges.classifier import TrainedJudge
-from nlsr.evaluation.judges.hidden import HiddenJudge
 from nlsr.evaluation.judges.labelled_data import heldout_rows, load_labelled_rows, split_rows
-from nlsr.evaluation.judges.moderation import BeaverDamJudge, LlamaGuardJudge
 from nlsr.evaluation.judges.refusal import REFUSAL_PHRASES, RefusalJudge, is_refusal
-from nlsr.evaluation.judges.training import load_or_train_default, train_judge
+
+_LAZY = {"TrainedJudge": "classifier", "HiddenJudge": "hidden", "BeaverDamJudge": "moderation",
+         "LlamaGuardJudge": "moderation", "load_or_train_default": "training", "train_judge": "training"}
+
+
+def __getattr__(name: str) -> Any:
+    """The judges that import numpy or scikit-learn, imported when first asked for."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "JUDGES", "REFUSAL_PHRASES", "BeaverDamJudge", "HiddenJudge", "Judge", "LlamaGuardJudge", "RefusalJudge",

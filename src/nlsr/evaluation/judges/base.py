@@ -1,5 +1,8 @@
 """The judge interface, the judge registry, the harmful score and agreement with labels.
 
+This module is light (no numpy or scikit-learn): the built-in judges are declared here by name and
+imported when one is built, so the config check and the command line know the names at once.
+
 A judge reads (prompt, response) pairs and flags each response as harmful (``True``) or not. The
 harmful score (HS) of a model is the percentage of its responses to harmful prompts that the judge
 flags. Because every judge is an approximation, :func:`agreement` measures it against responses
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from nlsr.errors import NlsrError
+from nlsr.registry import Registry
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -31,8 +35,24 @@ class Judge(abc.ABC):
         return self.judge(prompts, responses)
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {}
-"""Registered judges: name -> class or factory taking keyword parameters."""
+JUDGES: Registry[Callable[..., Judge]] = Registry("judge")
+"""Judges by name: a class or factory taking keyword parameters. ``meta["needs_model"]``: the judge
+runs a model (a folder or hub id) on a device in a precision, so a config must give one."""
+_HERE = "nlsr.evaluation.judges"
+JUDGES.declare("trained", f"{_HERE}.training:_make_trained", needs_model=False,
+               summary="TF-IDF + logistic regression trained here on labelled responses")
+JUDGES.declare("beaverdam", f"{_HERE}.moderation:_make_beaverdam", needs_model=True,
+               summary="a beaver-dam-style moderation classifier (e.g. PKU-Alignment/beaver-dam-7b)",
+               reference="BeaverTails (Ji et al., 2023)")
+JUDGES.declare("llamaguard", f"{_HERE}.moderation:_make_llamaguard", needs_model=True,
+               summary="a Llama-Guard-style moderation LM (e.g. meta-llama/Llama-Guard-3-8B)",
+               reference="Llama Guard (Inan et al., 2023)")
+JUDGES.declare("refusal", f"{_HERE}.refusal:RefusalJudge", needs_model=False,
+               summary="harmful unless the response refuses (phrase matcher; over-counts)")
+JUDGES.declare("refusal-v2", f"{_HERE}.refusal:refusal_v2", needs_model=False,
+               summary="the refusal matcher that also counts opening deflections")
+JUDGES.declare("hidden", f"{_HERE}.hidden:_make_hidden", needs_model=False,
+               summary="logistic regression on SmolLM2-135M-Instruct hidden states, judge-reserved rows")
 
 
 def check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
@@ -48,21 +68,14 @@ def check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
             raise NlsrError(f"{what} {bad} is {type(items[bad]).__name__}, not a string")
 
 
-def register_judge(name: str) -> Callable[[_F], _F]:
+def register_judge(name: str, *, summary: str = "", needs_model: bool = False) -> Callable[[_F], _F]:
     """Class or factory decorator: make it available as ``make_judge(name, **params)``."""
-    def decorate(factory: _F) -> _F:
-        if name in JUDGES:
-            raise ValueError(f"judge '{name}' is registered twice")
-        JUDGES[name] = factory
-        return factory
-    return decorate
+    return JUDGES.register(name, summary=summary, needs_model=needs_model)
 
 
 def make_judge(name: str, **params: Any) -> Judge:
     """Build the registered judge ``name`` with ``params``; unknown names or params raise NlsrError."""
-    if name not in JUDGES:
-        raise NlsrError(f"unknown judge '{name}'; valid judges: {', '.join(sorted(JUDGES))}")
-    factory = JUDGES[name]
+    factory = JUDGES.get(name)
     accepted = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = sorted(set(params) - set(accepted))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from nlsr.errors import NlsrError
-from nlsr.evaluation.judges.base import Judge, agreement_metrics, check_pairs, register_judge
+from nlsr.evaluation.judges.base import Judge, agreement_metrics, check_pairs
 
 FORMAT = "nlsr-hidden-judge"
 VERSION = 1
@@ -333,7 +333,6 @@ def load_or_train_default(data_dir: str | os.PathLike | None = None) -> HiddenJu
     return HiddenJudge.load(out)
 
 
-@register_judge("hidden")
 def _make_hidden(model: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
                  device: str | None = None) -> HiddenJudge:
     """``model``: a hidden judge folder; without it, the cached default (trained on first use)."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nlsr.errors import NlsrError
-from nlsr.evaluation.judges.base import Judge, check_pairs, register_judge
+from nlsr.evaluation.judges.base import Judge, check_pairs
 
 BEAVERDAM_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
@@ -160,7 +160,6 @@ class LlamaGuardJudge(Judge):
         return [v.strip().lower().startswith("unsafe") for v in self.verdicts(prompts, responses)]
 
 
-@register_judge("beaverdam")
 def _make_beaverdam(model: str | os.PathLike, device: str | None = None, precision: str | None = None,
                     batch_size: int = 16, max_length: int = 512,
                     threshold: float = 0.5) -> BeaverDamJudge:
@@ -169,7 +168,6 @@ def _make_beaverdam(model: str | os.PathLike, device: str | None = None, precisi
                                           max_length=max_length, threshold=threshold)
 
 
-@register_judge("llamaguard")
 def _make_llamaguard(model: str | os.PathLike, device: str | None = None, precision: str | None = None,
                      batch_size: int = 8, max_new_tokens: int = 10) -> LlamaGuardJudge:
     """``model``: a Llama-Guard-style causal LM folder or hub id (meta-llama/Llama-Guard-3-8B)."""

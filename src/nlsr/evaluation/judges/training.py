@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from nlsr.errors import NlsrError
-from nlsr.evaluation.judges.base import Judge, agreement_metrics, register_judge
+from nlsr.evaluation.judges.base import Judge, agreement_metrics
 from nlsr.evaluation.judges.classifier import CONFIG_NAME, TrainedJudge, input_text, refusal_column
 from nlsr.evaluation.judges.labelled_data import (
     FRACTIONS,
@@ -49,7 +49,6 @@ VECTORIZERS: dict[str, dict[str, Any]] = {
 """The two TF-IDF feature blocks, concatenated: word 1-2 grams and in-word character 3-5 grams."""
 
 
-@register_judge("trained")
 def _make_trained(model: str | os.PathLike | None = None,
                   data_dir: str | os.PathLike | None = None) -> TrainedJudge:
     """``model``: a trained judge directory; without it, the cached default (trained on first use)."""

@@ -8,6 +8,7 @@ from nlsr.data.poison import FLAG_POISON
 from nlsr.data.templates import model_prompt
 from nlsr.experiment.config import DefenceSection
 from nlsr.experiment.stages.common import load_base, load_weak, read_jsonl
+from nlsr.training.defences import DEFENCES
 from nlsr.training.trainers import lora_config, set_seed, train_sft, training_line
 
 
@@ -45,8 +46,7 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
         extra: dict = {}
         trainer_cls = None
         if defence is not None and defence.method == "mixing":
-            from nlsr.training.defences.mixing import mix_safety_rows
-
+            mix_safety_rows = DEFENCES.get("mixing")
             safety = [{"prompt": r["prompt"], "response": r["response"]}
                       for r in read_jsonl(inputs["data-defences"] / "safety_extra.jsonl")]
             raw = mix_safety_rows(raw, safety, fraction=defence.fraction, seed=ctx.seed)
@@ -62,16 +62,12 @@ def run_attack_from(aligned_stage: str = "align_dpo", defence: DefenceSection | 
         if defence is not None and defence.method == "lisa":
             from datasets import Dataset
 
-            from nlsr.training.defences.lisa import LisaTrainer
-
-            trainer_cls = LisaTrainer
+            trainer_cls = DEFENCES.get("lisa")
             extra = {"alignment_dataset": Dataset.from_list(_safety_rows(ctx, inputs["data-defences"])),
                      "k_align": defence.k_align, "k_finetune": defence.k_finetune,
                      "rho": 1.0 if defence.rho is None else defence.rho}
         elif defence is not None and defence.method == "constrained_sft":
-            from nlsr.training.defences.constrained_sft import ConstrainedSFTTrainer
-
-            trainer_cls = ConstrainedSFTTrainer
+            trainer_cls = DEFENCES.get("constrained_sft")
             extra = {"ref_model": None, "beta_schedule": tuple(defence.beta_schedule)}
         stats = train_sft(model, ctx.tokenizer(), rows, cfg.attack, out / "adapter", ctx.seed,
                           trainer_cls=trainer_cls, bf16=ctx.precision.bf16, **extra)

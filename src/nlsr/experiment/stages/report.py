@@ -23,14 +23,14 @@ def judge_params(spec, ctx) -> dict:
     """The :func:`nlsr.evaluation.judges.make_judge` arguments of a config judge
     (:class:`nlsr.experiment.config.JudgeSpec`): its model; the data folder for the default trained
     judge (trained on first use); device (default: the run's) and precision for the judges that run a model."""
-    from nlsr.choices import MODEL_JUDGES
+    from nlsr.evaluation.judges import JUDGES
 
     params: dict = {}
     if spec.model is not None:
         params["model"] = spec.model
     elif spec.name in ("trained", "hidden"):
         params["data_dir"] = ctx.data_dir
-    if spec.name in MODEL_JUDGES:
+    if JUDGES.info(spec.name).meta.get("needs_model"):
         params.update(device=spec.device or ctx.config.device, precision=spec.dtype)
     return params
 
