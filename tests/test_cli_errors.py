@@ -132,6 +132,6 @@ def test_closed_pipe_ends_quietly(tmp_path, shapes, monkeypatch):
 
     def closed(_message):
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
-    monkeypatch.setattr("nlsr.cli.main._say", closed)
+    monkeypatch.setattr("nlsr.cli.repair.say", closed)
     r = invoke("inspect", tmp_path / "a")                   # e.g. `nlsr inspect DIR | head`
     assert r.exit_code == 0 and "error" not in r.output

@@ -12,6 +12,7 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -185,3 +186,19 @@ def check_choice(option: str, value: str | None, names) -> None:
     """Raise :class:`NlsrError` unless ``value`` (when given) is one of ``names``."""
     if value is not None and value not in names:
         raise NlsrError(f"unknown {option} '{value}'; use one of {', '.join(names)}")
+
+
+Force = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
+
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Accept adapter_model.bin (pickle) files; only for trusted files.")]
+
+Precision = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="auto, float32 or bfloat16. auto (default) = bfloat16 where the GPU or CPU computes it "
+         "natively (AVX512-BF16/AMX), else float32.")]
+
+
+
+def say(message: str) -> None:
+    """Print one line of a command's output."""
+    typer.echo(message)
