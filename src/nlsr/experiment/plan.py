@@ -275,8 +275,9 @@ def task_identification_stage(plan: Plan, variant: VariantSection, seed: int) ->
     from nlsr.experiment.stages import reads, realign
 
     data_attack, attacked = plan.per_seed("data-attack", seed), plan.per_seed("attack", seed)
-    task = ({"score": "fisher"} if variant.protect_task_score == "fisher"
-            else {"rho": variant.rho, "q": variant.protect_task})
+    task = {"score": variant.protect_task_score}     # Fisher reads no ρ or fraction: shared across them
+    if variant.protect_task_score == "magnitude":
+        task |= {"rho": variant.rho, "q": variant.protect_task}
     return Stage(plan.per_seed(realign.task_identify_name(variant), seed), realign.run_identify_task(variant),
                  {**plan.common, "seed": seed, "realign": plan.realign_section, **task,
                   "n": variant.task_calibration_n, "task": plan.cfg.attack.task},
