@@ -231,40 +231,43 @@ def eval_base(plan: Plan) -> str:
     return {"continue": "weak", "fresh": "merged", "full": "model"}[plan.cfg.attack.init]
 
 
+def fine_tune_stage(plan: Plan, name: str, seed: int, benign: bool = False) -> Stage:
+    """This seed's attack (``benign``: its p = 0 control) under ``attack.init``: the aligned LoRA
+    continued on W_0, or a fresh LoRA / every weight of the merged W_a."""
+    from nlsr.experiment.stages import anyfinetune, attack
+
+    init = plan.cfg.attack.init
+    data_attack = plan.per_seed("data-attack", seed)
+    params = {**plan.common, "seed": seed, "attack": plan.sections["attack"], "lora": plan.sections["lora"],
+              **({"benign": True} if benign else {})}
+    if init == "continue":
+        run = attack.run_attack_from("align_dpo", benign=True) if benign else attack.run_attack
+        inputs = [data_attack, "align_sft", "align_dpo"]
+    else:
+        run, inputs = anyfinetune.run_attack_init(init, benign=benign), [data_attack, anyfinetune.MERGED]
+    return Stage(name, run, params, inputs, seed=seed, roles={data_attack: "data-attack"})
+
+
 def attack_stages(plan: Plan, seed: int) -> list[Stage]:
     """This seed's fine-tuning data, the attack, its p = 0 and non-aligned controls, and their
     evaluations."""
-    from nlsr.experiment.stages import anyfinetune, attack, data, reads
+    from nlsr.experiment.stages import attack, data, reads
 
     cfg, sections = plan.cfg, plan.sections
-    init = cfg.attack.init
     data_attack = plan.per_seed("data-attack", seed)
-    roles = {data_attack: "data-attack"}
-    params = {**plan.common, "seed": seed, "attack": sections["attack"], "lora": sections["lora"]}
-    continued = [data_attack, "align_sft", "align_dpo"]
     stages = [Stage(data_attack, data.run_attack_data,
                     {**plan.data_common, "seed": seed, "attack": attack_data_params(sections), "gate": plan.gate},
                     ["data-align"], seed=seed, content=reads.attack_content)]
-    attacked = plan.per_seed("attack", seed)
-    if init == "continue":
-        stages.append(Stage(attacked, attack.run_attack, params, continued, seed=seed, roles=roles))
-    else:
-        stages.append(Stage(attacked, anyfinetune.run_attack_init(init), params, [data_attack, anyfinetune.MERGED],
-                            seed=seed, roles=roles))
-    stages.append(evaluation_stage(plan, "attacked", eval_base(plan), attacked, [attacked], seed, {attacked: "attack"}))
-    if cfg.attack.benign_control:
-        benign = plan.per_seed("attack-p0", seed)
-        if init == "continue":
-            stages.append(Stage(benign, attack.run_attack_from("align_dpo", benign=True), {**params, "benign": True},
-                                continued, seed=seed, roles=roles))
-        else:
-            stages.append(Stage(benign, anyfinetune.run_attack_init(init, benign=True), {**params, "benign": True},
-                                [data_attack, anyfinetune.MERGED], seed=seed, roles=roles))
-        stages.append(evaluation_stage(plan, "attacked-p0", eval_base(plan), benign, [benign], seed,
-                                       {benign: "attack"}))
+    runs = [("attack", "attacked", False)] + ([("attack-p0", "attacked-p0", True)] if cfg.attack.benign_control else [])
+    for name, label, benign in runs:
+        stage = fine_tune_stage(plan, plan.per_seed(name, seed), seed, benign)
+        stages += [stage, evaluation_stage(plan, label, eval_base(plan), stage.name, [stage.name], seed,
+                                           {stage.name: "attack"})]
     if cfg.attack.nonaligned_control:
         nonaligned = plan.per_seed("attack_nonaligned", seed)
-        stages.append(Stage(nonaligned, attack.run_nonaligned, params, [data_attack], seed=seed, roles=roles))
+        stages.append(Stage(nonaligned, attack.run_nonaligned,
+                            {**plan.common, "seed": seed, "attack": sections["attack"], "lora": sections["lora"]},
+                            [data_attack], seed=seed, roles={data_attack: "data-attack"}))
         stages.append(evaluation_stage(plan, "nonaligned", "base", nonaligned, [nonaligned], seed,
                                        {nonaligned: "attack_nonaligned"}))
     return stages
@@ -285,44 +288,45 @@ def task_identification_stage(plan: Plan, variant: VariantSection, seed: int) ->
                  roles={data_attack: "data-attack", attacked: "attack"}, content=reads.task_calibration_content)
 
 
-def realign_stages(plan: Plan, seed: int) -> list[Stage]:
-    """This seed's repair by each variant (after its task masks, where ``protect_task`` asks for
-    them), and its evaluation."""
+def identification_of(variant: VariantSection) -> str | None:
+    """The identification stage an NLSR variant reads (None for SafeLoRA)."""
+    from nlsr.experiment.stages import anyfinetune, realign
+
+    if variant.method != "nlsr":
+        return None
+    if variant.granularity == "neuron":
+        return anyfinetune.neuron_identify_name(variant)
+    return f"identify-{realign.identify_id(variant)}"
+
+
+def repair_stages(plan: Plan, variant: VariantSection, seed: int, task_stage: str | None) -> list[Stage]:
+    """This seed's repair by ``variant`` and its evaluation: NLSR at entry granularity and SafeLoRA
+    on adapters; NLSR at neuron granularity, and SafeLoRA after a full fine-tune, in their own form."""
     from nlsr.experiment.stages import anyfinetune, realign
 
     init = plan.cfg.attack.init
-    attacked = plan.per_seed("attack", seed)
+    name, attacked = plan.per_seed(f"realign-{variant.name}", seed), plan.per_seed("attack", seed)
+    before = [s for s in (identification_of(variant), task_stage) if s is not None]
+    inputs = ["align_sft", "align_dpo", attacked, *([anyfinetune.MERGED] if init != "continue" else []), *before]
+    own_form = (variant.method == "nlsr" and variant.granularity == "neuron") or (
+        variant.method != "nlsr" and init == "full")
+    run = anyfinetune.run_realign(variant, init) if own_form else realign.run_variant(variant)
+    roles = {attacked: "attack", **({task_stage: "identify-task"} if task_stage else {})}
+    params = {**plan.data_common, "seed": seed, "variant": variant.model_dump(), "init": init}
+    return [Stage(name, run, params, inputs, seed=seed, roles=roles),
+            evaluation_stage(plan, variant.name, eval_base(plan), name, [*before, name], seed,
+                             {name: f"realign-{variant.name}"})]
+
+
+def realign_stages(plan: Plan, seed: int) -> list[Stage]:
+    """This seed's repairs by every variant, after the task masks of those that protect the task
+    (one stage per setting, shared by the variants)."""
     stages: list[Stage] = []
-    task_stages: set[str] = set()
     for variant in plan.variants():
-        name = plan.per_seed(f"realign-{variant.name}", seed)
-        inputs = ["align_sft", "align_dpo", attacked, *([anyfinetune.MERGED] if init != "continue" else [])]
-        cost = [name]
-        roles = {attacked: "attack"}
-        run = realign.run_variant(variant)          # entry-wise NLSR; SafeLoRA on adapters
-        if variant.method == "nlsr" and variant.granularity == "neuron":
-            ident = anyfinetune.neuron_identify_name(variant)
-            inputs.append(ident)
-            cost.insert(0, ident)
-            run = anyfinetune.run_realign(variant, init)
-        elif variant.method == "nlsr":
-            ident = f"identify-{realign.identify_id(variant)}"
-            inputs.append(ident)
-            cost.insert(0, ident)
-            if variant.protect_task is not None:    # this seed's task masks, shared by the variants
-                task_stage = task_identification_stage(plan, variant, seed)
-                if task_stage.name not in task_stages:
-                    task_stages.add(task_stage.name)
-                    stages.append(task_stage)
-                inputs.append(task_stage.name)
-                cost.insert(1, task_stage.name)
-                roles[task_stage.name] = "identify-task"
-        elif init == "full":                        # SafeLoRA's full-parameter form
-            run = anyfinetune.run_realign(variant, init)
-        params = {**plan.data_common, "seed": seed, "variant": variant.model_dump(), "init": init}
-        stages.append(Stage(name, run, params, inputs, seed=seed, roles=roles))
-        stages.append(evaluation_stage(plan, variant.name, eval_base(plan), name, cost, seed,
-                                       {name: f"realign-{variant.name}"}))
+        task = task_identification_stage(plan, variant, seed) if variant.protect_task is not None else None
+        if task is not None and task.name not in {s.name for s in stages}:
+            stages.append(task)
+        stages += repair_stages(plan, variant, seed, task.name if task else None)
     return stages
 
 
