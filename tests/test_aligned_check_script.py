@@ -1,11 +1,12 @@
-"""scripts/aligned_check.py answers bad input with a message, not a traceback."""
+"""results/cpu-bench/aligned_check.py (it reproduces the validation numbers of alignment_choice.md)
+answers bad input with a message, not a traceback."""
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "aligned_check.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "results" / "cpu-bench" / "aligned_check.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -1,14 +1,10 @@
 """The threat models of ``attack.init`` in the pipeline: stage graphs, refusals, and the fresh-LoRA and
-full fine-tune paths end to end on the tiny model (train, identify, repair, evaluate).
-
-``tests/continue_stage_keys.json`` pins the stage keys of the shipped configs (``init: continue``) as
-they were before ``attack.init`` existed, so that adding it invalidated no run. A change that is meant
-to rerun stages regenerates it: ``python tests/test_anyfinetune.py``.
+full fine-tune paths end to end on the tiny model (train, identify, repair, evaluate); and the stage
+keys of the shipped configs: stable, and changed exactly downstream of a changed field.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,15 +14,13 @@ from conftest import CALIBRATION_ROWS, REPO_ROOT, TARGETS, random_adapter, write
 from nlsr.errors import NlsrError
 from nlsr.experiment.config import ExperimentConfig, load_config
 
-PINNED = Path(__file__).with_name("continue_stage_keys.json")
-PINNED_CONFIGS = ("smoke", "cpu-bench", "compare", "paper")
+KEYED_CONFIGS = ("smoke", "cpu-bench", "compare", "paper")
 NEURON = "identify-b0.9-r0.8-q0.2-identified-neuron"
 ENTRY = "identify-b0.9-r0.8-q0.2-identified"
 
 
 def _keys(cfg: ExperimentConfig) -> dict[str, str]:
-    """Every stage's key as run_stages chains them, the code version fixed; the report's key covers
-    only its models (its other parameters version the judges and sweeps, which are not at stake)."""
+    """Every stage's key as run_stages chains them, the code version fixed."""
     from nlsr.experiment import provenance
     from nlsr.experiment.pipeline import stage_key
     from nlsr.experiment.plan import build_stages
@@ -36,34 +30,68 @@ def _keys(cfg: ExperimentConfig) -> dict[str, str]:
     try:
         out: dict[str, str] = {}
         for stage in build_stages(cfg):
-            if stage.name == "report":
-                stage.params = {"models": stage.params["models"]}
             out[stage.name] = stage_key(stage, {i: out[i] for i in stage.inputs})
         return out
     finally:
         provenance.code_version = saved
 
 
-def _pinned_configs() -> dict[str, ExperimentConfig]:
+def _config(name: str, *overrides: str) -> ExperimentConfig:
     # explicit precision and backend: "auto" resolves differently on other machines
-    return {name: load_config(REPO_ROOT / "configs" / f"{name}.yaml", ["precision=float32", "evaluate.backend=hf"])
-            for name in PINNED_CONFIGS}
+    return load_config(REPO_ROOT / "configs" / f"{name}.yaml", ["precision=float32", "evaluate.backend=hf", *overrides])
 
 
-def write_pinned() -> None:
-    """Regenerate ``continue_stage_keys.json`` (only when a change is meant to rerun stages)."""
-    keys = {name: _keys(cfg) for name, cfg in _pinned_configs().items()}
-    PINNED.write_text(json.dumps(keys, indent=1, sort_keys=True) + "\n")
+def _downstream(cfg: ExperimentConfig, names: set[str]) -> set[str]:
+    """``names`` and every stage that reads one of them, directly or not."""
+    from nlsr.experiment.plan import build_stages
+
+    out = set(names)
+    for stage in build_stages(cfg):          # in dependency order: inputs come first
+        if out & set(stage.inputs):
+            out.add(stage.name)
+    return out
 
 
-def test_continue_configs_keep_their_stage_keys():
-    pinned = json.loads(PINNED.read_text())
-    for name, cfg in _pinned_configs().items():
-        assert cfg.attack.init == "continue"
-        now = _keys(cfg)
-        changed = sorted(k for k in set(now) | set(pinned[name]) if now.get(k) != pinned[name].get(k))
-        assert not changed, (f"configs/{name}.yaml: the keys of {changed} changed, so existing runs would "
-                             "rerun them; if that is meant, regenerate with `python tests/test_anyfinetune.py`")
+def _params(cfg: ExperimentConfig) -> dict[str, dict]:
+    from nlsr.experiment.plan import build_stages
+
+    return {s.name: s.params for s in build_stages(cfg)}
+
+
+@pytest.mark.parametrize("name", KEYED_CONFIGS)
+def test_shipped_configs_give_the_same_keys_twice(name):
+    assert _keys(_config(name)) == _keys(_config(name))
+
+
+EVALUATIONS = "evaluate-"
+ATTACKS = ("attack-s", "attack-p0-s", "attack_nonaligned-s")
+
+
+@pytest.mark.parametrize(("override", "direct"), [
+    ("name=elsewhere", lambda n: False),                       # names the folder, not a result
+    ("runs_dir=/tmp/other", lambda n: False),
+    ("align.dpo.beta=0.2", lambda n: n == "align_dpo"),
+    ("align.helpful.dpo_pairs=100", lambda n: n == "align_dpo"),   # the helpful answers stay
+    ("align.sft.lr=1.0e-4", lambda n: n == "align_sft"),
+    ("attack.lr=1.0e-4", lambda n: n.startswith(ATTACKS)),
+    ("attack.init=continue", lambda n: False),                 # the default, written out
+    ("lora.dropout=0.1", lambda n: n in ("align_sft", "align_dpo") or n.startswith(ATTACKS)),
+    ("evaluate.xstest_max_new_tokens=16", lambda n: n.startswith(EVALUATIONS)),
+    ("evaluate.xstest_validation_n=50", lambda n: n == "data" or n.startswith(EVALUATIONS)),
+    ("evaluate.judges=[refusal]", lambda n: n == "report"),
+    ("realign.calibration_n=200", lambda n: n == "data-align" or n.startswith("identify-")),
+])
+def test_a_changed_field_changes_exactly_the_stages_downstream_of_it(override, direct):
+    """cpu-bench with one field changed: the stages whose own parameters change are the expected
+    ones, and the keys that change are exactly those stages and everything downstream of them."""
+    base, changed = _config("cpu-bench"), _config("cpu-bench", override)
+    before, after = _params(base), _params(changed)
+    assert list(before) == list(after)
+    moved = {n for n in before if before[n] != after[n]}
+    assert moved == {n for n in before if direct(n)}
+    old, new = _keys(base), _keys(changed)
+    assert {n for n in old if old[n] != new[n]} == _downstream(base, moved)
+    assert moved or old == new
 
 
 def _stages(**sections) -> dict:
@@ -84,7 +112,7 @@ def test_continue_runs_entry_and_neuron_head_to_head():
     neuron = stages["realign-nlsr-neuron-s1"]
     assert neuron.inputs == ["align_sft", "align_dpo", "attack-s1", NEURON]
     assert neuron.params["variant"]["granularity"] == "neuron"
-    assert "granularity" not in stages["realign-nlsr-s1"].params["variant"]      # the old key
+    assert stages["realign-nlsr-s1"].params["variant"]["granularity"] == "entry"
     assert stages["evaluate-nlsr-neuron-s1"].inputs == ["data", "align_sft", "realign-nlsr-neuron-s1"]
     models = {m["label"]: m for m in stages["report"].params["models"]}
     assert models["nlsr-neuron"]["cost"][0] == [NEURON, "realign-nlsr-neuron-s0"]
@@ -99,9 +127,8 @@ def test_fresh_trains_a_fresh_lora_on_the_merged_aligned_model():
     for seed in (0, 1):
         attack = stages[f"attack-s{seed}"]
         assert attack.inputs == [f"data-attack-s{seed}", "align_merged"]
-        assert attack.params["init"] == "fresh" and attack.params["lora"]["r"] == 8
+        assert attack.params["attack"]["init"] == "fresh" and attack.params["attack"]["fresh_r"] == 8
         assert attack.params["lora"]["alpha"] == 32                              # lora.alpha by default
-        assert "init" not in attack.params["attack"]
         assert stages[f"attack-p0-s{seed}"].inputs == attack.inputs
         assert stages[f"evaluate-attacked-s{seed}"].inputs == ["data", "align_merged", f"attack-s{seed}"]
         realigned = stages[f"realign-nlsr-neuron-s{seed}"]
@@ -110,8 +137,7 @@ def test_fresh_trains_a_fresh_lora_on_the_merged_aligned_model():
         assert stages[f"evaluate-safelora-s{seed}"].inputs == ["data", "align_merged", f"realign-safelora-s{seed}"]
     # what the threat model does not change keeps its key: copied across runs by reuse_from
     fresh, cont = (_keys_of(s) for s in (stages, continue_stages))
-    for name in ("data", "align_sft", "align_dpo", NEURON, "evaluate-aligned", "data-attack-s0",
-                 "attack_nonaligned-s1", "evaluate-nonaligned-s1"):
+    for name in ("data", "align_sft", "align_dpo", NEURON, "evaluate-aligned", "data-attack-s0"):
         assert fresh[name] == cont[name], name
     assert fresh["attack-s0"] != cont["attack-s0"]
 
@@ -127,7 +153,8 @@ def _keys_of(stages: dict) -> dict[str, str]:
 
 def test_full_fine_tunes_every_weight_and_repairs_model_directories():
     stages = _stages(attack={"init": "full", "full_lr": 2e-5}, realign={"variants": NEURON_VARIANTS})
-    assert stages["attack"].params["lr"] == 2e-5 and stages["attack"].inputs == ["data-attack", "align_merged"]
+    assert stages["attack"].params["attack"]["full_lr"] == 2e-5
+    assert stages["attack"].inputs == ["data-attack", "align_merged"]
     assert stages[NEURON].inputs == ["data-align", "align_sft", "align_merged"]
     assert stages[NEURON].params["reference"] == "model"
     assert stages["evaluate-attacked"].inputs == ["data", "attack"]
@@ -344,7 +371,3 @@ def test_a_full_run_reuses_the_continue_run_and_runs_through(tmp_path, tiny_mode
     assert (run_dir / "realign-nlsr-neuron" / "model" / "model.safetensors").is_file()
     report = (run_dir / "report" / "report.md").read_text()
     assert "nlsr-neuron" in report and "safelora" in report
-
-
-if __name__ == "__main__":
-    write_pinned()

@@ -144,9 +144,6 @@ def test_export_force_keeps_the_files_it_did_not_write(tmp_path):
     (run / "attack").mkdir()
     (run / "attack" / "manifest.json").write_text(json.dumps({"key": "a"}))
     (run / "attack" / "report.json").write_text("{}")
-    (run / "align_dpo" / "seeds" / "s1" / "adapter").mkdir(parents=True)           # align.dpo.seeds
-    (run / "align_dpo" / "manifest.json").write_text(json.dumps({"key": "d"}))
-    (run / "align_dpo" / "seeds" / "s1" / "adapter" / "train_log.json").write_text("[]")
     out = tmp_path / "results"
     out.mkdir()
     (out / "README.md").write_text("the command that made this")
@@ -158,5 +155,5 @@ def test_export_force_keeps_the_files_it_did_not_write(tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "README.md").read_text() == "the command that made this"
     assert (out / "report.md").read_text() == "new report"
-    assert _entries(out) == ["README.md", "align_dpo.s1.train_log.json", "attack.report.json", "manifest.json",
+    assert _entries(out) == ["README.md", "attack.report.json", "manifest.json",
                              "manifests.json", "report.md"]

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from nlsr.errors import NlsrError
-from nlsr.experiment.config import DpoSection, LoraSection, TrainSection
 from nlsr.training.distributed import (
     TrainingJob,
     check_processes,
@@ -17,6 +16,7 @@ from nlsr.training.distributed import (
     run_job,
     run_training_job,
 )
+from nlsr.training.settings import DpoSection, LoraSection, TrainSection
 
 LORA = LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj", "down_proj"])
 # Completions of different lengths, so that the processes see different token counts.
@@ -112,13 +112,10 @@ def test_job_round_trip_and_refusals(tmp_path):
     job = prepare_job(tmp_path, "dpo", "m", "t", DPO_ROWS, DpoSection(batch_size=6), tmp_path / "out", seed=1,
                       lora=LORA, bf16=True)
     assert TrainingJob.load(job.save(tmp_path / "job.json")) == job
-    assert job.section["beta"] == 0.1 and "dataset" not in job.section
-    rpo = prepare_job(tmp_path / "rpo", "dpo", "m", "t", DPO_ROWS, DpoSection(batch_size=6, sft_weight=0.5),
-                      tmp_path / "out", seed=1, lora=LORA)
-    assert rpo.section["sft_weight"] == 0.5          # RPO's weight reaches a multi-process DPO
-    ipo = prepare_job(tmp_path / "ipo", "dpo", "m", "t", DPO_ROWS, DpoSection(batch_size=6, loss="ipo"),
-                      tmp_path / "out", seed=1, lora=LORA)
-    assert ipo.section["loss"] == "ipo"               # and so does the loss
+    assert job.section["beta"] == 0.1 and "dataset" not in job.section and "refusal_pairs" not in job.section
+    beta = prepare_job(tmp_path / "beta", "dpo", "m", "t", DPO_ROWS, DpoSection(batch_size=6, beta=0.3),
+                       tmp_path / "out", seed=1, lora=LORA)
+    assert beta.section["beta"] == 0.3               # DPO's β reaches a multi-process DPO
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(DPO_ROWS)
     check_processes(job, 3)
     with pytest.raises(NlsrError, match="multiple of num_processes"):

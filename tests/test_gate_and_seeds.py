@@ -166,13 +166,13 @@ def test_helpful_dpo_pairs_prefer_the_answer_to_a_refusal():
         helpful_dpo_pairs(helpful, refusals, 11, seed=0)
 
 
-def test_helpful_dpo_pairs_enter_the_dpo_key_only_when_used():
+def test_helpful_dpo_pairs_change_the_dpo_stage_only():
     from nlsr.experiment.plan import build_stages
 
     plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"helpful": {"n": 20}}}))}
     used = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
         {"align": {"helpful": {"n": 20, "dpo_pairs": 8}}}))}
-    assert "data-helpful" not in plain["align_dpo"].inputs and "helpful_dpo_pairs" not in plain["align_dpo"].params
+    assert "data-helpful" not in plain["align_dpo"].inputs and plain["align_dpo"].params["helpful_dpo_pairs"] == 0
     assert "data-helpful" in used["align_dpo"].inputs and used["align_dpo"].params["helpful_dpo_pairs"] == 8
     assert plain["data-helpful"].params == used["data-helpful"].params          # the answers are shared
     assert plain["align_sft"].params == used["align_sft"].params
@@ -245,59 +245,23 @@ def test_refusal_pairs_prefer_the_sft_refusal_to_the_harmful_answer(tmp_path, ro
                                      tmp_path / "run", root), out, {"data-align": tmp_path / "data-align"})
 
 
-def test_mined_pairs_keep_a_real_answer_against_a_refusal():
-    from nlsr.evaluation.judges.refusal import is_refusal
-    from nlsr.experiment.stages.overrefusal import mined_pairs
-
-    pairs, dropped = mined_pairs(
-        ["a", "b", "c", "d"],
-        ["Here is a recipe: flour, bananas.", "  ", "I cannot help with that.", "Sure: preheat the oven."],
-        ["I cannot provide a recipe.", "I cannot.", "I cannot.", "Bananas are yellow."], is_refusal)
-    assert pairs == [{"prompt": "a", "chosen": "Here is a recipe: flour, bananas.",
-                      "rejected": "I cannot provide a recipe."}]
-    assert dropped == {"chosen_empty": 1, "chosen_refusal": 1, "rejected_not_refusal": 1}
-
-
-def test_overrefusal_pairs_enter_the_dpo_stages_only_when_used():
-    from nlsr.experiment.plan import build_stages
-
-    base = {"align": {"helpful": {"n": 20}}, "defences": [{"name": "vaccine", "method": "vaccine"}]}
-    plain = {s.name: s for s in build_stages(ExperimentConfig.model_validate(base))}
-    used = {s.name: s for s in build_stages(ExperimentConfig.model_validate(
-        {**base, "align": {"helpful": {"n": 20}, "overrefusal": {"pool": 100, "max_pairs": 10}}}))}
-    assert "data-overrefusal-pairs" not in plain
-    assert used["data-overrefusal-pairs"].inputs == ["data-align", "align_sft"]
-    assert used["data-overrefusal-pairs"].params["overrefusal"]["pool"] == 100
-    for name in ("align_dpo", *[n for n in used if n.startswith("align_dpo") and n != "align_dpo"]):
-        assert "data-overrefusal-pairs" in used[name].inputs, name
-        assert "data-overrefusal-pairs" not in plain[name].inputs
-    assert plain["align_sft"].params == used["align_sft"].params
-    names = list(used)
-    assert names.index("align_sft") < names.index("data-overrefusal-pairs") < names.index("align_dpo")
-
-
-def test_overrefusal_pool_is_gated_and_disjoint_from_the_helpful_prompts(tmp_path, root):
+def test_helpful_prompts_are_gated_and_disjoint_from_the_safety_prompts(tmp_path, root):
     from nlsr.data import load_records
     from nlsr.data.disjoint import normalise_prompt, prompt_of
     from nlsr.experiment.pipeline import RunContext
     from nlsr.experiment.stages.common import read_jsonl
-    from nlsr.experiment.stages.data import evaluation_set_names, overrefusal_pool, run_align
+    from nlsr.experiment.stages.data import evaluation_set_names, run_align
 
-    cfg = ExperimentConfig.model_validate({"align": {"sft": {"n": 20}, "dpo": {"n": 20}, "helpful": {"n": 50},
-                                                     "overrefusal": {"pool": 200}},
+    cfg = ExperimentConfig.model_validate({"align": {"sft": {"n": 20}, "dpo": {"n": 20}, "helpful": {"n": 50}},
                                            "realign": {"calibration_n": 20}})
-    ctx = RunContext(cfg, tmp_path / "run", root)
     out = tmp_path / "data-align"
     out.mkdir()
-    run_align(ctx, out, {})
-    pool = overrefusal_pool(ctx, out)
-    assert len(pool) == 200 and pool == overrefusal_pool(ctx, out)            # seeded, the same every time
+    run_align(RunContext(cfg, tmp_path / "run", root), out, {})
     helpful = {normalise_prompt(r["prompt"]) for r in read_jsonl(out / "helpful_prompts.jsonl")}
-    assert not {normalise_prompt(p) for p in pool} & helpful
+    assert len(helpful) == 50
+    safety = {normalise_prompt(r["prompt"]) for name in ("sft", "calibration", "dpo")
+              for r in read_jsonl(out / f"{name}.jsonl")}
+    assert len(safety) > 40 and not helpful & safety
     evaluation = {normalise_prompt(prompt_of(r)) for name in evaluation_set_names(cfg.evaluate.harmful_dataset)
                   for r in load_records(name, root)}
-    assert not {normalise_prompt(p) for p in pool} & evaluation
-    with pytest.raises(Exception, match="lower the n|align.overrefusal.pool"):
-        overrefusal_pool(RunContext(cfg.model_copy(update={"align": cfg.align.model_copy(
-            update={"overrefusal": cfg.align.overrefusal.model_copy(update={"pool": 10 ** 6})})}),
-            tmp_path / "run", root), out)
+    assert not helpful & evaluation

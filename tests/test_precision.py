@@ -74,7 +74,7 @@ def test_cpu_info_reads_this_machine():
 
 
 def test_training_arguments_follow_the_precision(tmp_path):
-    from nlsr.experiment.config import TrainSection
+    from nlsr.training.settings import TrainSection
     from nlsr.training.trainers import _common_args
 
     section = TrainSection(batch_size=4, epochs=1)
@@ -83,7 +83,7 @@ def test_training_arguments_follow_the_precision(tmp_path):
 
 
 def test_short_stages_checkpoint_often(tmp_path):
-    from nlsr.experiment.config import TrainSection
+    from nlsr.training.settings import TrainSection
     from nlsr.training.trainers import _save_steps
 
     assert _save_steps(TrainSection(batch_size=8, epochs=1), rows=48) == 2       # 6 steps

@@ -50,16 +50,18 @@ def test_without_task_entries_removes_exactly_the_task_critical_ones():
         without_task_entries(safety, _masks({"a": [True] * 4}))
 
 
-def test_protect_task_is_an_nlsr_entry_option_and_stays_out_of_older_keys():
-    from nlsr.experiment.plan import variant_params
+def test_protect_task_is_an_nlsr_entry_option_in_the_repair_key():
+    from nlsr.experiment.plan import build_stages
 
     with pytest.raises(ValueError, match="protect_task is an option of NLSR at entry granularity"):
         VariantSection(name="s", method="safelora", threshold=0.5, protect_task=0.1)
     with pytest.raises(ValueError, match="protect_task"):
         VariantSection(name="n", granularity="neuron", protect_task=0.1)
-    assert "protect_task" not in variant_params(VariantSection(name="nlsr"))
-    assert "task_calibration_n" not in variant_params(VariantSection(name="nlsr"))
-    assert variant_params(VariantSection(name="p", protect_task=0.1))["protect_task"] == 0.1
+    variants = [{"name": "nlsr"}, {"name": "p", "protect_task": 0.1}]
+    cfg = ExperimentConfig.model_validate({"realign": {"variants": variants}})
+    stages = {s.name: s for s in build_stages(cfg)}
+    assert stages["realign-nlsr"].params["variant"]["protect_task"] is None
+    assert stages["realign-p"].params["variant"]["protect_task"] == 0.1
 
 
 def test_task_masks_are_one_stage_per_seed_shared_by_the_variants_that_use_them():
@@ -213,7 +215,8 @@ def test_fisher_protection_is_one_stage_per_seed_for_every_fraction():
     assert stages["identify-task-fisher-n128-s0"].params["score"] == "fisher"
     assert "identify-task-fisher-n128-s0" in stages["realign-g-s0"].inputs
     assert stages["realign-g-s0"].params["variant"]["protect_task_score"] == "fisher"
-    assert "protect_task_score" not in stages["realign-m-s0"].params["variant"]
+    assert stages["realign-m-s0"].params["variant"]["protect_task_score"] == "magnitude"
+    assert stages["identify-task-r0.8-q0.1-n128-s0"].params["score"] == "magnitude"
 
 
 def test_fisher_protection_end_to_end(tiny_run, monkeypatch):  # noqa: F811

@@ -33,7 +33,7 @@ def test_label_shift_script_counts_predictions_and_errors_by_gold_label(tmp_path
         folder.mkdir()
         (folder / "generations.jsonl").write_text("".join(
             json.dumps({"set": s, "output": o}) + "\n" for s, o in [("harmful", "no")] + [("task", o) for o in outs]))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "label_shift.py"
+    script = Path(__file__).resolve().parents[1] / "results" / "cpu-bench" / "label_shift.py"
     out = subprocess.run([sys.executable, str(script), str(run), "attacked", "nlsr"], capture_output=True,
                          text=True, check=True).stdout
     assert "sst2, 4 test rows, gold: negative 2, positive 2" in out

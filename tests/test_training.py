@@ -2,7 +2,7 @@
 
 import torch
 
-from nlsr.experiment.config import LoraSection, TrainSection
+from nlsr.training.settings import LoraSection, TrainSection
 from nlsr.training.trainers import lora_config, train_sft
 
 ROWS = [{"prompt": f"Q{i}: say hi\n", "completion": "hi there"} for i in range(8)]
@@ -97,45 +97,26 @@ def test_the_training_line_shows_the_mean_of_the_first_and_last_tenth_of_the_ste
     assert end_losses([]) == {}
 
 
-def _first_dpo_loss(tmp_path, model_dir, tokenizer, **fields) -> float:
-    """The first logged loss of a DPO of a fresh LoRA on a tiny model (policy = reference there)."""
+def test_dpo_loss_is_log_2_at_the_first_step(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """At the first step policy = reference, so the margin is 0 and DPO's sigmoid loss is log 2."""
+    import math
+
     from transformers import AutoModelForCausalLM
 
-    from nlsr.experiment.config import DpoSection
+    from nlsr.training.settings import DpoSection
     from nlsr.training.trainers import train_dpo
 
     rows = [{"prompt": f"Q{i}: say hi\n", "chosen": "hi there", "rejected": "go away"} for i in range(4)]
-    section = DpoSection(epochs=1, lr=1e-3, batch_size=4, max_length=64, **fields)
-    stats = train_dpo(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, rows, section,
-                      tmp_path / "-".join(f"{k}{v}" for k, v in fields.items()), seed=3,
-                      lora=lora_config(LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj"])))
-    return stats["first_loss"]
+    section = DpoSection(epochs=1, lr=1e-3, batch_size=4, max_length=64, beta=0.5)
+    lora = lora_config(LoraSection(r=2, alpha=4, targets=["q_proj", "v_proj"]))
+    stats = train_dpo(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_tokenizer, rows, section,
+                      tmp_path / "dpo", seed=3, lora=lora)
+    assert abs(stats["first_loss"] - math.log(2)) < 1e-3
 
 
-def test_dpo_sft_weight_adds_the_chosen_answers_nll_to_the_loss(tmp_path, tiny_model_dir, tiny_tokenizer):
-    """At the first step policy = reference, so plain DPO's loss is log 2; RPO adds w x the chosen NLL."""
-    import math
-
-    first = {weight: _first_dpo_loss(tmp_path, tiny_model_dir, tiny_tokenizer, sft_weight=weight)
-             for weight in (0.0, 2.0)}
-    assert abs(first[0.0] - math.log(2)) < 1e-3
-    # a random tiny model's token NLL is near log(vocab): far above 1
-    assert first[2.0] - math.log(2) > 2.0
-
-
-def test_dpo_ipo_loss_regresses_the_margin_to_its_target(tmp_path, tiny_model_dir, tiny_tokenizer):
-    """At the first step policy = reference, so the margin is 0: IPO's loss is (0 - 1/(2β))², not log 2."""
-    import math
-
-    first = {(loss, beta): _first_dpo_loss(tmp_path, tiny_model_dir, tiny_tokenizer, loss=loss, beta=beta)
-             for loss, beta in (("sigmoid", 0.5), ("ipo", 0.5), ("ipo", 0.25))}
-    assert abs(first["sigmoid", 0.5] - math.log(2)) < 1e-3
-    assert abs(first["ipo", 0.5] - 1.0) < 1e-3
-    assert abs(first["ipo", 0.25] - 4.0) < 1e-3
-
-
-def test_dpo_stage_can_leave_the_dataset_pairs_out(tmp_path, monkeypatch, tiny_tokenizer):
-    """train_on_dataset: false trains on the constructed pairs only; a config with no other source is refused."""
+def test_dpo_stage_trains_on_the_dataset_helpful_and_refusal_pairs(tmp_path, monkeypatch, tiny_tokenizer):
+    """The DPO stage trains, with the experiment's seed, on the dataset pairs, align.helpful.dpo_pairs
+    helpful pairs (a base answer over an SFT refusal) and the refusal pairs."""
     from types import SimpleNamespace
 
     import pytest
@@ -144,93 +125,33 @@ def test_dpo_stage_can_leave_the_dataset_pairs_out(tmp_path, monkeypatch, tiny_t
     from nlsr.experiment.stages import align
     from tests.conftest import write_jsonl
 
-    files = {"data-align": {"sft.jsonl": [{"prompt": "How do I steal?", "response": "I can't help."}],
+    files = {"data-align": {"sft.jsonl": [{"prompt": f"bad {i}", "response": f"No {i}."} for i in range(9)],
                             "dpo.jsonl": [{"prompt": "pku", "chosen": "safer", "rejected": "worse"}]},
+             "data-helpful": {"helpful.jsonl": [{"prompt": f"good {i}", "response": f"Yes {i}."} for i in range(9)]},
              "data-refusal-pairs": {"refusal_pairs.jsonl": [{"prompt": "steal", "chosen": "No.", "rejected": "Do X."}]}}
     for stage, named in files.items():
         (tmp_path / stage).mkdir()
         for name, rows in named.items():
             write_jsonl(tmp_path / stage / name, rows)
-    trained: list[str] = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_train(model, tokenizer, rows, *args, **kwargs):
-        trained.extend(r["chosen"] for r in rows)
-        raise Stop
-
-    monkeypatch.setattr(align, "train_dpo", fake_train)
-    monkeypatch.setattr(align, "load_weak", lambda ctx, path: None)
-    inputs = {n: tmp_path / n for n in ("data-align", "data-refusal-pairs", "align_sft")}
-    for on_dataset, expected in ((True, ["safer", "No."]), (False, ["No."])):
-        trained.clear()
-        cfg = ExperimentConfig.model_validate({"align": {"helpful": {"n": 0}, "dpo": {
-            "refusal_pairs": 1, "train_on_dataset": on_dataset}}})
-        ctx = SimpleNamespace(config=cfg, tokenizer=lambda: tiny_tokenizer, precision=SimpleNamespace(bf16=False))
-        with pytest.raises(Stop):
-            align.run_dpo(ctx, tmp_path / "out", inputs)
-        assert trained == expected
-    with pytest.raises(ValueError, match="no other DPO pairs"):
-        ExperimentConfig.model_validate({"align": {"helpful": {"n": 0}, "dpo": {"train_on_dataset": False}}})
-
-
-def test_dpo_seed_moves_the_training_only(tmp_path, monkeypatch, tiny_tokenizer):
-    """align.dpo.seed reaches the trainer; the pairs drawn (helpful pairs, on the experiment seed) stay."""
-    from types import SimpleNamespace
-
-    import pytest
-
-    from nlsr.experiment.config import ExperimentConfig
-    from nlsr.experiment.stages import align
-    from tests.conftest import write_jsonl
-
-    (tmp_path / "data-align").mkdir()
-    (tmp_path / "data-helpful").mkdir()
-    write_jsonl(tmp_path / "data-align" / "sft.jsonl",
-                [{"prompt": f"bad {i}", "response": f"No {i}."} for i in range(9)])
-    write_jsonl(tmp_path / "data-align" / "dpo.jsonl", [{"prompt": "pku", "chosen": "safer", "rejected": "worse"}])
-    write_jsonl(tmp_path / "data-helpful" / "helpful.jsonl",
-                [{"prompt": f"good {i}", "response": f"Yes {i}."} for i in range(9)])
     seen: list[tuple[int, list]] = []
 
     class Stop(Exception):
         pass
 
     def fake_train(model, tokenizer, rows, section, out_dir, seed, **kwargs):
-        seen.append((seed, [(r["prompt"], r["rejected"]) for r in rows]))
+        seen.append((seed, rows))
         raise Stop
 
     monkeypatch.setattr(align, "train_dpo", fake_train)
     monkeypatch.setattr(align, "load_weak", lambda ctx, path: None)
-    inputs = {n: tmp_path / n for n in ("data-align", "data-helpful", "align_sft")}
-    for dpo_seed in (None, 7):
-        cfg = ExperimentConfig.model_validate({"seed": 3, "align": {"helpful": {"n": 9, "dpo_pairs": 4},
-                                                                     "dpo": {"seed": dpo_seed}}})
-        ctx = SimpleNamespace(config=cfg, tokenizer=lambda: tiny_tokenizer, precision=SimpleNamespace(bf16=False))
-        with pytest.raises(Stop):
-            align.run_dpo(ctx, tmp_path / "out", inputs)
-    assert [s for s, _ in seen] == [3, 7]
-    assert seen[0][1] == seen[1][1] and len(seen[0][1]) == 5
-
-
-def test_dpo_seed_enters_the_stage_keys_only_when_set():
-    from nlsr.experiment.config import ExperimentConfig
-    from nlsr.experiment.plan import build_stages
-
-    plain = {s.name: s for s in build_stages(ExperimentConfig())}
-    seeded = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"dpo": {"seed": 1}}}))}
-    assert "seed" not in plain["align_dpo"].params["dpo"]
-    assert seeded["align_dpo"].params["dpo"]["seed"] == 1
-    assert seeded["align_sft"].params == plain["align_sft"].params
-
-
-def test_dpo_loss_enters_the_stage_keys_only_when_not_sigmoid():
-    from nlsr.experiment.config import ExperimentConfig
-    from nlsr.experiment.plan import build_stages
-
-    plain = {s.name: s for s in build_stages(ExperimentConfig())}
-    ipo = {s.name: s for s in build_stages(ExperimentConfig.model_validate({"align": {"dpo": {"loss": "ipo"}}}))}
-    assert "loss" not in plain["align_dpo"].params["dpo"]
-    assert ipo["align_dpo"].params["dpo"]["loss"] == "ipo"
-    assert ipo["align_sft"].params == plain["align_sft"].params
+    inputs = {n: tmp_path / n for n in ("data-align", "data-helpful", "data-refusal-pairs", "align_sft")}
+    cfg = ExperimentConfig.model_validate({"seed": 3, "align": {"helpful": {"n": 9, "dpo_pairs": 4},
+                                                                 "dpo": {"refusal_pairs": 1}}})
+    ctx = SimpleNamespace(config=cfg, tokenizer=lambda: tiny_tokenizer, precision=SimpleNamespace(bf16=False))
+    with pytest.raises(Stop):
+        align.run_dpo(ctx, tmp_path / "out", inputs)
+    [(seed, rows)] = seen
+    assert seed == 3 and len(rows) == 6
+    assert rows[0]["chosen"] == "safer" and rows[-1]["chosen"] == "No."
+    helpful = rows[1:5]
+    assert all(r["chosen"].startswith("Yes") and r["rejected"].startswith("No ") for r in helpful)

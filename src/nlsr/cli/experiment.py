@@ -141,8 +141,6 @@ def export(
                 source = stage / name if name != "train_log.json" else stage / "adapter" / name
                 if source.exists():
                     shutil.copy(source, tmp / f"{stage.name}.{name}")
-            for log in sorted(stage.glob("seeds/*/adapter/train_log.json")):   # align.dpo.seeds: one per run
-                shutil.copy(log, tmp / f"{stage.name}.{log.parent.parent.name}.train_log.json")
         (tmp / "manifests.json").write_text(json.dumps(manifests, indent=2) + "\n")
     say(f"exported {len(manifests)} stage manifests and the report to {out}")
 

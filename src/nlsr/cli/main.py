@@ -12,9 +12,11 @@ from typing import Annotated
 
 import typer
 
-from nlsr.cli import evaluate, experiment, repair
 from nlsr.cli.common import errors_to_exit, set_debug
+from nlsr.cli.evaluate import evaluate
+from nlsr.cli.experiment import compare, export, list_registries, run, validate
 from nlsr.cli.judge import judge_app
+from nlsr.cli.repair import extrapolate, identify, inspect, realign, safelora
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neuron-Level Safety Realignment (NLSR) of LoRA-fine-tuned LLMs.")
@@ -27,12 +29,12 @@ def _main(debug: Annotated[bool, typer.Option(
     set_debug(debug)
 
 
-for command in (repair.extrapolate, repair.identify, repair.realign, repair.safelora, repair.inspect):
+for command in (extrapolate, identify, realign, safelora, inspect):
     app.command()(command)
-app.command(name="evaluate")(errors_to_exit(evaluate.evaluate))
-for command in (experiment.run, experiment.validate, experiment.export, experiment.compare):
+app.command(name="evaluate")(errors_to_exit(evaluate))
+for command in (run, validate, export, compare):
     app.command()(command)
-app.command(name="ls")(experiment.list_registries)
+app.command(name="ls")(list_registries)
 app.add_typer(judge_app, name="judge", help="Train and validate harmfulness judges.")
 
 

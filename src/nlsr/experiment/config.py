@@ -7,17 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from nlsr.errors import NlsrError
 from nlsr.evaluation.judges import JUDGES
 from nlsr.method import SELECTION_RULES, TRANSPLANTS
 from nlsr.registry import Entry, Registry
 from nlsr.training.defences import DEFENCES
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from nlsr.training.settings import DpoSection, LoraSection, SftSection, TrainSection
+from nlsr.training.settings import Section as _Section
 
 
 def folder_name(value: str, what: str) -> str:
@@ -37,86 +35,6 @@ def _known(registry: Registry, name: str) -> Entry:
         raise ValueError(str(err)) from None
 
 
-class LoraSection(_Section):
-    """LoRA shape shared by alignment and attack (the attack continues the aligned adapter)."""
-
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"])
-
-
-class TrainSection(_Section):
-    """Optimisation settings of one training stage."""
-
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_length: int = Field(256, gt=8)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    micro_batch_size: int | None = Field(
-        None, gt=0, description="Rows per forward/backward pass (default: batch_size). A smaller value "
-                                "splits each batch into micro-batches whose gradients are accumulated: the same "
-                                "optimizer steps (up to float summation order) in less activation memory.")
-
-
-class SftSection(TrainSection):
-    dataset: str = Field("safety_sft", description="Registry name of (harmful prompt, safe answer) rows.")
-    n: int = Field(1000, gt=0, description="Rows used for SFT (the first n of a seeded shuffle).")
-
-
-class DpoSection(TrainSection):
-    dataset: str = Field("safety_dpo", description="Registry name of (prompt, chosen, rejected) rows.")
-    n: int = Field(500, gt=0)
-    refusal_pairs: int = Field(
-        0, ge=0, description="Also add this many pairs on the SFT set's harmful prompts: chosen = its refusal, "
-                             "rejected = the harmful answer to the same prompt (refusal_pairs_dataset), so DPO "
-                             "learns where to refuse as the helpful pairs teach it where not to (0 = none).")
-    refusal_pairs_dataset: str = Field("poison", description="Registry name of (prompt, harmful answer) rows.")
-    beta: float = Field(0.1, gt=0, description="DPO temperature β.")
-    train_on_dataset: bool = Field(
-        True, description="Train on the n pairs of `dataset`. false: on the constructed pairs only (refusal, "
-                          "helpful, contrast, over-refusal); the n rows are still drawn, so every other draw "
-                          "(helpful prompts, calibration) stays the same.")
-    seed: int | None = Field(
-        None, description="Seed of the DPO training itself (pair order, LoRA initialisation); None = the "
-                          "experiment's seed. Every draw of data stays on the experiment's seed, so a second value "
-                          "measures how much one DPO run of the same recipe varies.")
-    seeds: list[int] | None = Field(
-        None, description="Train DPO once per seed and keep the weight average of the adapters (a model soup: "
-                          "PEFT's add_weighted_adapter, combination 'cat', equal weights, so the merged delta is "
-                          "exactly the mean of the runs' deltas; its rank is len(seeds) x lora.r, and the attack "
-                          "continues that adapter). One DPO run varies with its seed by more than most recipe "
-                          "changes; the average lands near the seeds' mean. None = one run (align.dpo.seed).")
-    sft_weight: float = Field(
-        0.0, ge=0, description="Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, Pang et al. "
-                               "2024; TRL's 'sft' loss term): DPO alone can lower the chosen answer's likelihood too "
-                               "and drift to evasive text; 0 = plain DPO.")
-    loss: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="DPO's preference loss: 'sigmoid' (Rafailov et al.) pushes the log-ratio margin "
-                               "without bound, so both answers can lose likelihood and the model drift; 'ipo' "
-                               "(Azar et al. 2023) regresses the margin to 1/(2β) and stops pushing there.")
-    lr: float = Field(5e-5, gt=0)
-
-    @model_validator(mode="after")
-    def _one_seed_setting(self) -> DpoSection:
-        if self.seeds is not None:
-            if self.seed is not None:
-                raise ValueError("align.dpo.seed and align.dpo.seeds are both set: keep seed for one DPO run, "
-                                 "or seeds for the average of several")
-            if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
-                raise ValueError(f"align.dpo.seeds must list at least two different seeds (got {self.seeds}); "
-                                 "for one run use align.dpo.seed")
-        return self
-
-
-TRIM_DESCRIPTION = ("Trim each answer where the base model ran on past it: before the first line that opens a "
-                    "'##' heading (a new '### Response:' turn), or, when the token limit cut it, back to its "
-                    "last complete sentence (nlsr.data.answers). Off: as generated.")
-
-
 class HelpfulSection(_Section):
     """Helpful rows mixed into the SFT set: harmless instructions answered by the base model itself
     (greedy, in a data stage), so alignment adds refusals without teaching a new style or a blanket
@@ -126,69 +44,16 @@ class HelpfulSection(_Section):
     dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(32, gt=0)
-    trim: bool = Field(False, description=TRIM_DESCRIPTION)
     dpo_pairs: int = Field(
         0, ge=0, description="Also add this many DPO pairs on harmless prompts: chosen = the base model's "
                              "own helpful answer, rejected = a refusal (one of the SFT refusals), so the DPO "
                              "adapter learns where not to refuse as well as where to refuse (0 = none).")
 
 
-class OverrefusalSection(_Section):
-    """DPO pairs mined from the weak model's own over-refusals (on-policy).
-
-    W_0 (the base with the safety SFT merged in) answers ``pool`` harmless prompts that are neither
-    in the helpful set nor in any evaluation set; on each prompt it refuses, the pair prefers the base
-    model's answer to W_0's refusal. The prompts are the ones this model actually over-refuses, so the
-    DPO adapter learns where the SFT refusals overreach without any prompt picked by hand."""
-
-    pool: int = Field(0, ge=0, description="Harmless prompts W_0 is probed on (0 = no mined pairs).")
-    max_pairs: int = Field(192, gt=0, description="At most this many pairs (the first refused prompts of "
-                                                  "the seeded pool order).")
-    dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
-    probe_max_new_tokens: int = Field(24, gt=0, description="Tokens generated to tell a refusal.")
-    max_new_tokens: int = Field(96, gt=0, description="Tokens of the chosen and rejected answers.")
-    batch_size: int = Field(48, gt=0)
-    trim: bool = Field(
-        False, description="Trim each chosen answer (the base model's) where it ran on past it, as "
-                           "align.helpful.trim does (nlsr.data.answers); the rejected refusals stay as generated.")
-
-
-class ContrastSection(_Section):
-    """Lexical contrast rows mixed into the SFT set: the harmless prompts richest in the words that
-    mark the SFT set's harmful prompts ("steal one's thunder", "break a bad habit"), answered by the
-    base model, so the SFT does not learn to refuse on a word (:mod:`nlsr.data.contrast`)."""
-
-    n: int = Field(0, ge=0, description="Contrast prompts answered by the base model (0 = none).")
-    dataset: str = Field("harmless_instructions", description="Registry name of harmless prompts.")
-    min_count: int = Field(3, gt=0, description="A word enters the lexicon when at least this many SFT "
-                                                "harmful prompts contain it (score 'max').")
-    score: Literal["max", "mean", "question"] = Field(
-        "max", description="max: prompts with the most harm-typical word; mean: prompts whose words are the "
-                           "most harm-typical on average (the harmful prompts' form: short questions); question: "
-                           "instructions asking for a way or advice, recast as first-person questions ('Suggest "
-                           "ways to save energy' -> 'How can I save energy?').")
-    max_new_tokens: int = Field(96, gt=0)
-    batch_size: int = Field(48, gt=0)
-    trim: bool = Field(False, description=TRIM_DESCRIPTION)
-    dpo_pairs: int = Field(0, ge=0, description="Also add this many DPO pairs on contrast prompts: chosen = "
-                                                "the base model's answer, rejected = an SFT refusal (0 = none).")
-
-
 class AlignSection(_Section):
     sft: SftSection = SftSection()
     dpo: DpoSection = DpoSection()
     helpful: HelpfulSection = HelpfulSection()
-    overrefusal: OverrefusalSection = OverrefusalSection()
-    contrast: ContrastSection = ContrastSection()
-
-    @model_validator(mode="after")
-    def _dpo_has_pairs(self):
-        constructed = (self.dpo.refusal_pairs + (self.helpful.dpo_pairs if self.helpful.n else 0)
-                       + (self.contrast.dpo_pairs if self.contrast.n else 0) + self.overrefusal.pool)
-        if not self.dpo.train_on_dataset and not constructed:
-            raise ValueError("dpo.train_on_dataset is false but no other DPO pairs are configured: set "
-                             "dpo.refusal_pairs, helpful.dpo_pairs or overrefusal.pool, or train on the dataset")
-        return self
 
 
 class AttackSection(TrainSection):

@@ -1,11 +1,18 @@
-"""From an :class:`ExperimentConfig` to the ordered stage graph, and the entry point ``run_experiment``."""
+"""From an :class:`ExperimentConfig` to the ordered stage graph, and the entry point ``run_experiment``.
+
+A stage's key is its parameters (the config sections it reads, as dumped, and the settings shared by
+every stage), the keys of its inputs, what it reads besides them and the code commit
+(:mod:`nlsr.experiment.pipeline`). Each builder below returns the stages of one part of the
+experiment; :func:`build_stages` chains them in dependency order."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from nlsr.errors import NlsrError
-from nlsr.experiment.config import ExperimentConfig
+from nlsr.experiment.config import DefenceSection, ExperimentConfig, VariantSection
 from nlsr.experiment.pipeline import RunContext, Stage, run_stages
 from nlsr.paths import data_dir
 
@@ -15,7 +22,7 @@ def evaluation_data_params(sections: dict, task: str) -> dict:
     ev = sections["evaluate"]
     keys = ("harmful_dataset", "harmful_n", "validation_fraction", "extra_harmful", "extra_harmful_n",
             "task_n", "xstest_n", "xstest_validation_n")
-    return {"evaluate": {k: ev[k] for k in keys if k in ev}, "task": task}
+    return {"evaluate": {k: ev[k] for k in keys}, "task": task}
 
 
 def gate_params(sections: dict) -> dict:
@@ -39,51 +46,323 @@ def attack_data_params(sections: dict) -> dict:
     return {k: sections["attack"][k] for k in ("task", "n", "p", "source", "poison_dataset")}
 
 
-INIT_FIELDS = ("init", "fresh_r", "fresh_alpha", "full_lr")
-"""The fields of the threat model (``attack.init``): outside the keys of every stage that they do not
-change, so that the stages of ``init: continue`` configs keep the keys they had before the field."""
+@dataclass
+class Plan:
+    """What the builders share: the config, its sections as dumped, the parameters common to stages,
+    and the models the report compares (filled by :func:`evaluation_stage`)."""
+
+    cfg: ExperimentConfig
+    sections: dict
+    data_common: dict
+    """Model, template and seed: in every stage's key."""
+    common: dict
+    """``data_common`` and the precision: in the key of every stage that runs a model (a float32 run
+    never reuses bf16 stages)."""
+    eval_params: dict
+    models: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> Plan:
+        from nlsr.evaluation.generation import resolve_backend
+        from nlsr.precision import resolve_precision
+
+        sections = cfg.model_dump()
+        data_common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
+        common = {**data_common, "precision": resolve_precision(cfg.precision, cfg.device).dtype}
+        generation = {k: v for k, v in sections["evaluate"].items() if k not in ("judges", "gold_labels")}
+        generation["backend"] = resolve_backend(cfg.evaluate.backend)   # auto -> what runs here
+        return cls(cfg, sections, data_common, common, {**common, "evaluate": generation, "task": cfg.attack.task})
+
+    @cached_property
+    def gate(self) -> dict:
+        """See :func:`gate_params`."""
+        return gate_params(self.sections)
+
+    @property
+    def realign_section(self) -> dict:
+        """The realign section without its variants and sweep (what identification reads)."""
+        return {k: v for k, v in self.sections["realign"].items() if k not in ("variants", "sweep")}
+
+    def variants(self) -> list[VariantSection]:
+        """The listed variants, then those the sweep adds."""
+        return list(self.cfg.realign.variants) + self.cfg.realign.swept_variants()
+
+    def per_seed(self, name: str, seed: int) -> str:
+        """``name`` of a per-seed stage: ``<name>-s<seed>`` when ``seeds`` is set."""
+        return f"{name}-s{seed}" if self.cfg.seeds else name
+
+    def sft_inputs(self) -> list[str]:
+        return ["data-align", *(["data-helpful"] if self.cfg.align.helpful.n else [])]
+
+    def dpo_inputs(self, weak: str = "align_sft") -> list[str]:
+        helpful_pairs = self.cfg.align.helpful.n and self.cfg.align.helpful.dpo_pairs
+        return ["data-align", weak, *(["data-helpful"] if helpful_pairs else []),
+                *(["data-refusal-pairs"] if self.cfg.align.dpo.refusal_pairs else [])]
+
+    def dpo_params(self) -> dict:
+        """The DPO stages' parameters: the DPO and LoRA sections, and the helpful pairs used."""
+        helpful = self.cfg.align.helpful
+        return {**self.common, "dpo": self.sections["align"]["dpo"], "lora": self.sections["lora"],
+                "helpful_dpo_pairs": helpful.dpo_pairs if helpful.n else 0}
 
 
-def attack_params(sections: dict) -> dict:
-    """The attack section without the threat-model fields (see :data:`INIT_FIELDS`)."""
-    return {k: v for k, v in sections["attack"].items() if k not in INIT_FIELDS}
+def data_stages(plan: Plan) -> list[Stage]:
+    """The evaluation sets, the alignment data and, where configured, the refusal pairs and the base
+    model's helpful answers."""
+    from nlsr.experiment.stages import align, data, reads
+
+    cfg, sections, data_common = plan.cfg, plan.sections, plan.data_common
+    stages = [
+        Stage("data", data.run_eval, {**data_common, **evaluation_data_params(sections, cfg.attack.task)},
+              content=reads.eval_content),
+        Stage("data-align", data.run_align, {**data_common, **align_data_params(sections), "gate": plan.gate},
+              content=reads.align_content),
+    ]
+    dpo = cfg.align.dpo
+    if dpo.refusal_pairs:
+        stages.append(Stage("data-refusal-pairs", data.run_refusal_pairs,
+                            {**data_common, "refusal_pairs": dpo.refusal_pairs, "dataset": dpo.refusal_pairs_dataset},
+                            ["data-align"], content=reads.refusal_pairs_content))
+    if cfg.align.helpful.n:     # the answers do not depend on how many DPO pairs are drawn from them
+        helpful = cfg.align.helpful.model_dump(exclude={"dpo_pairs"})
+        stages.append(Stage("data-helpful", align.run_helpful_answers, {**plan.common, "helpful": helpful},
+                            ["data-align"]))
+    return stages
 
 
-def init_params(cfg: ExperimentConfig) -> dict:
-    """What the threat model adds to the key of an attack stage of ``init: fresh`` or ``full``."""
-    from nlsr.experiment.stages.anyfinetune import fresh_lora
+def alignment_stages(plan: Plan) -> list[Stage]:
+    """SFT (merged into W_0), DPO (the aligned adapter) and, for ``attack.init`` fresh or full, the
+    merged aligned model W_a shared by every seed."""
+    from nlsr.experiment.stages import align, anyfinetune
 
-    if cfg.attack.init == "fresh":
-        return {"init": "fresh", "lora": fresh_lora(cfg).model_dump()}
-    if cfg.attack.init == "full":
-        return {"init": "full", "lr": cfg.attack.full_lr or cfg.attack.lr}
-    return {}
-
-
-SAFELORA_ONLY = ("direction", "ibm_conventions")
-
-
-def variant_params(variant) -> dict:
-    """A variant's settings, without ``granularity`` at its default (``entry``: older keys) and, for
-    NLSR variants, without SafeLoRA's own fields (they cannot change an NLSR repair)."""
-    params = variant.model_dump()
-    if params.get("granularity") == "entry":
-        del params["granularity"]
-    if variant.method == "nlsr":
-        for name in SAFELORA_ONLY:
-            params.pop(name, None)
-    if variant.protect_task is None:          # added later: older runs keep their keys
-        del params["protect_task"], params["task_calibration_n"]
-    if variant.protect_task is None or variant.protect_task_score == "magnitude":
-        del params["protect_task_score"]
-    return params
+    stages = [Stage("align_sft", align.run_sft,
+                    {**plan.common, "sft": plan.sections["align"]["sft"], "lora": plan.sections["lora"]},
+                    plan.sft_inputs()),
+              Stage("align_dpo", align.run_dpo, plan.dpo_params(), plan.dpo_inputs())]
+    if plan.cfg.attack.init != "continue":
+        stages.append(Stage(anyfinetune.MERGED, anyfinetune.run_merge_aligned,
+                            {**plan.data_common, "merge": "W_0 + ΔW_a"}, ["align_sft", "align_dpo"]))
+    return stages
 
 
-def _drop_at_default(section: dict, defaults: dict) -> None:
-    """Remove from ``section`` each field of ``defaults`` that holds its default value."""
-    for field, default in defaults.items():
-        if section[field] == default:
-            del section[field]
+def identification_stages(plan: Plan) -> list[Stage]:
+    """One identification (ExPO reference and safety masks) per distinct setting of the NLSR
+    variants; ``granularity: neuron`` variants get their own (``identify-...-neuron``)."""
+    from nlsr.experiment.stages import anyfinetune, realign
+
+    init = plan.cfg.attack.init
+    stages: dict[str, Stage] = {}
+    for variant in plan.variants():
+        if variant.method != "nlsr":
+            continue
+        shared = {**plan.common, "realign": plan.realign_section, "beta": variant.beta,
+                  "scale_both": variant.scale_both, "rho": variant.rho, "q": variant.q}
+        if variant.granularity == "neuron":
+            name = anyfinetune.neuron_identify_name(variant)
+            form = "model" if init == "full" else "adapter"
+            stage = Stage(name, anyfinetune.run_identify_neuron(variant, form),
+                          {**shared, "granularity": "neuron", "reference": form},
+                          ["data-align", "align_sft", anyfinetune.MERGED if form == "model" else "align_dpo"])
+        else:
+            name = f"identify-{realign.identify_id(variant)}"
+            stage = Stage(name, realign.run_identify(variant), {**shared, "masks": variant.masks},
+                          ["data-align", "align_sft", "align_dpo"])
+        stages.setdefault(name, stage)
+    return list(stages.values())
+
+
+def defence_alignment_stages(plan: Plan) -> list[Stage]:
+    """The defences' safety rows and, for Vaccine, its perturbation-aware alignment (shared by every
+    seed): ``align_sft-<name>`` (when it covers the SFT) and ``align_dpo-<name>``."""
+    from nlsr.experiment.stages import align, data, reads
+
+    if not plan.cfg.defences:
+        return []
+    sections = plan.sections
+    stages = [Stage("data-defences", data.run_defence_rows,
+                    {**plan.data_common, "sft": sections["align"]["sft"], "realign": plan.realign_section,
+                     "defence_safety_n": plan.cfg.defence_safety_n, "gate": plan.gate}, ["data-align"],
+                    content=reads.defence_content)]
+    for defence in plan.cfg.defences:
+        if defence.method != "vaccine":
+            continue
+        rho = 2.0 if defence.rho is None else defence.rho
+        aligned, weak = defence_alignment(defence)
+        params = {**plan.common, "defence": defence.model_dump()}
+        if "sft" in defence.vaccine_stages:
+            stages.append(Stage(weak, align.run_sft_vaccine(rho), {**params, "sft": sections["align"]["sft"],
+                                                                   "lora": sections["lora"]}, plan.sft_inputs()))
+        run = align.run_dpo_vaccine(rho) if "dpo" in defence.vaccine_stages else align.run_dpo
+        stages.append(Stage(aligned, run, {**plan.dpo_params(), **params}, plan.dpo_inputs(weak),
+                            roles={weak: "align_sft"}))
+    return stages
+
+
+def defence_alignment(defence: DefenceSection) -> tuple[str, str]:
+    """``(aligned stage, weak-model stage)`` a defence's attack continues: Vaccine's own alignment
+    stages, the shared ones for the other defences."""
+    if defence.method != "vaccine":
+        return "align_dpo", "align_sft"
+    weak = f"align_sft-{defence.name}" if "sft" in defence.vaccine_stages else "align_sft"
+    return f"align_dpo-{defence.name}", weak
+
+
+def evaluation_stage(plan: Plan, label: str, base: str, adapter_stage: str, cost: list[str], seed: int | None,
+                     roles: dict[str, str], weak: str = "align_sft") -> Stage:
+    """The evaluation of one model (``evaluate-<label>``, per seed), entered in the report's models
+    with the stages whose time it cost."""
+    from nlsr.experiment.stages import anyfinetune, evaluate
+
+    name = f"evaluate-{label}" + (f"-s{seed}" if plan.cfg.seeds and seed is not None else "")
+    on = {"weak": [weak], "merged": [anyfinetune.MERGED]}.get(base, [])
+    roles = {**roles, weak: "align_sft"} if weak != "align_sft" else roles
+    params = plan.eval_params if seed is None else {**plan.eval_params, "seed": seed}
+    stage = Stage(name, evaluate.run_model(base, roles.get(adapter_stage, adapter_stage)), params,
+                  ["data", *on, adapter_stage], seed=seed, roles=roles)
+    entry = plan.models.setdefault(label, {"label": label, "evaluations": [], "seeds": [], "cost": []})
+    entry["evaluations"].append(name)
+    entry["seeds"].append(plan.cfg.seed if seed is None else seed)
+    entry["cost"].append(cost)
+    return stage
+
+
+def eval_base(plan: Plan) -> str:
+    """What an attacked model's adapter is evaluated on: W_0, the merged W_a, or none (a full model)."""
+    return {"continue": "weak", "fresh": "merged", "full": "model"}[plan.cfg.attack.init]
+
+
+def fine_tune_stage(plan: Plan, name: str, seed: int, benign: bool = False) -> Stage:
+    """This seed's attack (``benign``: its p = 0 control) under ``attack.init``: the aligned LoRA
+    continued on W_0, or a fresh LoRA / every weight of the merged W_a."""
+    from nlsr.experiment.stages import anyfinetune, attack
+
+    init = plan.cfg.attack.init
+    data_attack = plan.per_seed("data-attack", seed)
+    params = {**plan.common, "seed": seed, "attack": plan.sections["attack"], "lora": plan.sections["lora"],
+              **({"benign": True} if benign else {})}
+    if init == "continue":
+        run = attack.run_attack_from("align_dpo", benign=True) if benign else attack.run_attack
+        inputs = [data_attack, "align_sft", "align_dpo"]
+    else:
+        run, inputs = anyfinetune.run_attack_init(init, benign=benign), [data_attack, anyfinetune.MERGED]
+    return Stage(name, run, params, inputs, seed=seed, roles={data_attack: "data-attack"})
+
+
+def attack_stages(plan: Plan, seed: int) -> list[Stage]:
+    """This seed's fine-tuning data, the attack, its p = 0 and non-aligned controls, and their
+    evaluations."""
+    from nlsr.experiment.stages import attack, data, reads
+
+    cfg, sections = plan.cfg, plan.sections
+    data_attack = plan.per_seed("data-attack", seed)
+    stages = [Stage(data_attack, data.run_attack_data,
+                    {**plan.data_common, "seed": seed, "attack": attack_data_params(sections), "gate": plan.gate},
+                    ["data-align"], seed=seed, content=reads.attack_content)]
+    runs = [("attack", "attacked", False)] + ([("attack-p0", "attacked-p0", True)] if cfg.attack.benign_control else [])
+    for name, label, benign in runs:
+        stage = fine_tune_stage(plan, plan.per_seed(name, seed), seed, benign)
+        stages += [stage, evaluation_stage(plan, label, eval_base(plan), stage.name, [stage.name], seed,
+                                           {stage.name: "attack"})]
+    if cfg.attack.nonaligned_control:
+        nonaligned = plan.per_seed("attack_nonaligned", seed)
+        stages.append(Stage(nonaligned, attack.run_nonaligned,
+                            {**plan.common, "seed": seed, "attack": sections["attack"], "lora": sections["lora"]},
+                            [data_attack], seed=seed, roles={data_attack: "data-attack"}))
+        stages.append(evaluation_stage(plan, "nonaligned", "base", nonaligned, [nonaligned], seed,
+                                       {nonaligned: "attack_nonaligned"}))
+    return stages
+
+
+def task_identification_stage(plan: Plan, variant: VariantSection, seed: int) -> Stage:
+    """``protect_task``'s task masks (or Fisher information) of this seed's fine-tune."""
+    from nlsr.experiment.stages import reads, realign
+
+    data_attack, attacked = plan.per_seed("data-attack", seed), plan.per_seed("attack", seed)
+    task = {"score": variant.protect_task_score}     # Fisher reads no ρ or fraction: shared across them
+    if variant.protect_task_score == "magnitude":
+        task |= {"rho": variant.rho, "q": variant.protect_task}
+    return Stage(plan.per_seed(realign.task_identify_name(variant), seed), realign.run_identify_task(variant),
+                 {**plan.common, "seed": seed, "realign": plan.realign_section, **task,
+                  "n": variant.task_calibration_n, "task": plan.cfg.attack.task},
+                 [data_attack, "align_sft", attacked], seed=seed,
+                 roles={data_attack: "data-attack", attacked: "attack"}, content=reads.task_calibration_content)
+
+
+def identification_of(variant: VariantSection) -> str | None:
+    """The identification stage an NLSR variant reads (None for SafeLoRA)."""
+    from nlsr.experiment.stages import anyfinetune, realign
+
+    if variant.method != "nlsr":
+        return None
+    if variant.granularity == "neuron":
+        return anyfinetune.neuron_identify_name(variant)
+    return f"identify-{realign.identify_id(variant)}"
+
+
+def repair_stages(plan: Plan, variant: VariantSection, seed: int, task_stage: str | None) -> list[Stage]:
+    """This seed's repair by ``variant`` and its evaluation: NLSR at entry granularity and SafeLoRA
+    on adapters; NLSR at neuron granularity, and SafeLoRA after a full fine-tune, in their own form."""
+    from nlsr.experiment.stages import anyfinetune, realign
+
+    init = plan.cfg.attack.init
+    name, attacked = plan.per_seed(f"realign-{variant.name}", seed), plan.per_seed("attack", seed)
+    before = [s for s in (identification_of(variant), task_stage) if s is not None]
+    inputs = ["align_sft", "align_dpo", attacked, *([anyfinetune.MERGED] if init != "continue" else []), *before]
+    own_form = (variant.method == "nlsr" and variant.granularity == "neuron") or (
+        variant.method != "nlsr" and init == "full")
+    run = anyfinetune.run_realign(variant, init) if own_form else realign.run_variant(variant)
+    roles = {attacked: "attack", **({task_stage: "identify-task"} if task_stage else {})}
+    params = {**plan.data_common, "seed": seed, "variant": variant.model_dump(), "init": init}
+    return [Stage(name, run, params, inputs, seed=seed, roles=roles),
+            evaluation_stage(plan, variant.name, eval_base(plan), name, [*before, name], seed,
+                             {name: f"realign-{variant.name}"})]
+
+
+def realign_stages(plan: Plan, seed: int) -> list[Stage]:
+    """This seed's repairs by every variant, after the task masks of those that protect the task
+    (one stage per setting, shared by the variants)."""
+    stages: list[Stage] = []
+    for variant in plan.variants():
+        task = task_identification_stage(plan, variant, seed) if variant.protect_task is not None else None
+        if task is not None and task.name not in {s.name for s in stages}:
+            stages.append(task)
+        stages += repair_stages(plan, variant, seed, task.name if task else None)
+    return stages
+
+
+def defence_attack_stages(plan: Plan, seed: int) -> list[Stage]:
+    """This seed's attack under each defence, and its evaluation."""
+    from nlsr.experiment.stages import attack
+
+    data_attack = plan.per_seed("data-attack", seed)
+    stages = []
+    for defence in plan.cfg.defences:
+        aligned, weak = defence_alignment(defence)
+        name = plan.per_seed(f"attack-{defence.name}", seed)
+        vaccine = defence.method == "vaccine"      # Vaccine changed the alignment; the others the fine-tune
+        run = attack.run_attack_from(aligned) if vaccine else attack.run_attack_from("align_dpo", defence)
+        stages.append(Stage(name, run, {**plan.common, "seed": seed, "defence": defence.model_dump(),
+                                        "attack": plan.sections["attack"]},
+                            [data_attack, "data-defences", weak, aligned], seed=seed,
+                            roles={data_attack: "data-attack", weak: "align_sft"}))
+        cost = [*([weak] if weak != "align_sft" else []), aligned, name] if vaccine else [name]
+        stages.append(evaluation_stage(plan, defence.name, "weak", name, cost, seed, {name: f"attack-{defence.name}"},
+                                       weak=weak))
+    return stages
+
+
+def report_stage(plan: Plan) -> Stage:
+    """The report over every evaluated model; it needs their evaluations and the stages they cost."""
+    from nlsr.evaluation.judges.training import default_dir  # its name versions the trained judge
+    from nlsr.experiment.stages import reads, report
+
+    entries = list(plan.models.values())
+    needed = sorted({s for m in entries for s in m["evaluations"] + [c for cost in m["cost"] for c in cost]})
+    return Stage("report", report.run(entries),
+                 {"models": entries, "judges": plan.sections["evaluate"]["judges"],
+                  "gold_labels": _file_fingerprint(plan.cfg.evaluate.gold_labels),
+                  "sweep": plan.sections["realign"]["sweep"], "judge_version": default_dir().name},
+                 needed, content=reads.judge_content)
 
 
 def build_stages(cfg: ExperimentConfig) -> list[Stage]:
@@ -91,247 +370,16 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
 
     The data, the alignment and the identification run once; the attack and everything after it
     run once per seed of ``cfg.run_seeds`` (stage names get ``-s<seed>`` when ``seeds`` is set).
-
     ``attack.init`` picks the threat model: ``continue`` (the aligned LoRA on W_0, the paper),
-    ``fresh`` (a fresh LoRA on the merged aligned model W_a, written once by ``align_merged``) or
-    ``full`` (every weight of W_a). NLSR variants at ``granularity: neuron`` get their own
-    identification stage (``identify-...-neuron``); entry granularity applies to ``continue`` only."""
-    from nlsr.evaluation.judges.training import default_dir  # its name versions the trained judge
-    from nlsr.experiment.stages import align, anyfinetune, attack, data, evaluate, reads, realign, report
-    from nlsr.experiment.stages.contrast import run_contrast_answers
-    from nlsr.experiment.stages.overrefusal import run_overrefusal_pairs
-    from nlsr.precision import resolve_precision
-
-    sections = cfg.model_dump()
-    data_common = {"model": cfg.model, "template": cfg.template, "seed": cfg.seed}
-    # Stages that run a model depend on the precision it ran in: a float32 run never reuses bf16 stages.
-    common = {**data_common, "precision": resolve_precision(cfg.precision, cfg.device).dtype}
-    gate = gate_params(sections)
-    helpful = cfg.align.helpful.n > 0
-    # Fields added after runs were made enter the stage keys only when used, so that those runs keep
-    # their keys. The helpful DPO pairs enter the DPO stages' keys only (not data-helpful's: the answers
-    # are the same).
-    if not cfg.evaluate.xstest_validation_n:
-        del sections["evaluate"]["xstest_validation_n"]
-    refusal_pairs = cfg.align.dpo.refusal_pairs
-    if not refusal_pairs:
-        del sections["align"]["dpo"]["refusal_pairs"], sections["align"]["dpo"]["refusal_pairs_dataset"]
-    dpo_pairs = sections["align"]["helpful"].pop("dpo_pairs") if helpful else 0
-    contrast_dpo_pairs = sections["align"]["contrast"].pop("dpo_pairs") if cfg.align.contrast.n else 0
-    # fields added later, left out of the keys at their defaults: runs made before keep their keys
-    _drop_at_default(sections["align"]["dpo"], {"sft_weight": 0.0, "train_on_dataset": True, "seed": None,
-                                                "loss": "sigmoid", "seeds": None})
-    _drop_at_default(sections["align"]["contrast"], {"score": "max", "trim": False})
-    _drop_at_default(sections["align"]["helpful"], {"trim": False})
-    _drop_at_default(sections["align"]["overrefusal"], {"trim": False})
-    dpo_pair_params = ({"helpful_dpo_pairs": dpo_pairs} if dpo_pairs else {}) | (
-        {"contrast_dpo_pairs": contrast_dpo_pairs} if contrast_dpo_pairs else {})
-    overrefusal = cfg.align.overrefusal.pool > 0
-    sft_inputs = ["data-align", *(["data-helpful"] if helpful else []),
-                  *(["data-contrast"] if cfg.align.contrast.n else [])]
-    dpo_extra_inputs = ((["data-helpful"] if dpo_pairs else []) + (["data-contrast"] if contrast_dpo_pairs else [])
-                        + (["data-refusal-pairs"] if refusal_pairs else [])
-                        + (["data-overrefusal-pairs"] if overrefusal else []))
-    stages = [
-        Stage("data", data.run_eval, {**data_common, **evaluation_data_params(sections, cfg.attack.task)},
-              content=reads.eval_content),
-        Stage("data-align", data.run_align, {**data_common, **align_data_params(sections), "gate": gate},
-              content=reads.align_content),
-    ]
-    if refusal_pairs:
-        stages.append(Stage("data-refusal-pairs", data.run_refusal_pairs,
-                            {**data_common, "refusal_pairs": refusal_pairs,
-                             "dataset": cfg.align.dpo.refusal_pairs_dataset}, ["data-align"],
-                            content=reads.refusal_pairs_content))
-    if helpful:
-        stages.append(Stage("data-helpful", align.run_helpful_answers,
-                            {**common, "helpful": sections["align"]["helpful"]}, ["data-align"]))
-    if cfg.align.contrast.n:
-        stages.append(Stage("data-contrast", run_contrast_answers,
-                            {**common, "contrast": sections["align"]["contrast"]}, ["data-align"],
-                            content=reads.contrast_content))
-    stages.append(Stage("align_sft", align.run_sft,
-                        {**common, "sft": sections["align"]["sft"], "lora": sections["lora"]}, sft_inputs))
-    if overrefusal:
-        stages.append(Stage("data-overrefusal-pairs", run_overrefusal_pairs,
-                            {**common, "overrefusal": sections["align"]["overrefusal"]}, ["data-align", "align_sft"],
-                            content=reads.overrefusal_content))
-    stages.append(Stage("align_dpo", align.run_dpo,
-                        {**common, "dpo": sections["align"]["dpo"], "lora": sections["lora"], **dpo_pair_params},
-                        ["data-align", "align_sft", *dpo_extra_inputs]))
-    init = cfg.attack.init
-    merged = anyfinetune.MERGED
-    if init != "continue":      # the released aligned model W_a, shared by every seed
-        stages.append(Stage(merged, anyfinetune.run_merge_aligned, {**data_common, "merge": "W_0 + ΔW_a"},
-                            ["align_sft", "align_dpo"]))
-    realign_section = {k: v for k, v in sections["realign"].items() if k not in ("variants", "sweep")}
-    all_variants = list(cfg.realign.variants) + cfg.realign.swept_variants()
-    seen: set[str] = set()
-    for variant in all_variants:
-        if variant.method != "nlsr":
-            continue
-        if variant.granularity == "neuron":
-            name = anyfinetune.neuron_identify_name(variant)
-            if name in seen:
-                continue
-            seen.add(name)
-            form = "model" if init == "full" else "adapter"
-            stages.append(Stage(name, anyfinetune.run_identify_neuron(variant, form),
-                                {**common, "realign": realign_section, "beta": variant.beta,
-                                 "scale_both": variant.scale_both, "rho": variant.rho, "q": variant.q,
-                                 "granularity": "neuron", "reference": form},
-                                ["data-align", "align_sft", merged if form == "model" else "align_dpo"]))
-            continue
-        ident = realign.identify_id(variant)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        stages.append(Stage(f"identify-{ident}", realign.run_identify(variant),
-                            {**common, "realign": realign_section, "beta": variant.beta,
-                             "scale_both": variant.scale_both, "rho": variant.rho, "q": variant.q,
-                             "masks": variant.masks}, ["data-align", "align_sft", "align_dpo"]))
-    if cfg.defences:
-        stages.append(Stage("data-defences", data.run_defence_rows,
-                            {**data_common, "sft": sections["align"]["sft"], "realign": realign_section,
-                             "defence_safety_n": cfg.defence_safety_n, "gate": gate}, ["data-align"],
-                            content=reads.defence_content))
-    aligned_stage_of, weak_stage_of = {}, {}
-    for defence in cfg.defences:
-        aligned_stage_of[defence.name], weak_stage_of[defence.name] = "align_dpo", "align_sft"
-        if defence.method == "vaccine":        # Vaccine changes the alignment: shared by every seed
-            rho = 2.0 if defence.rho is None else defence.rho
-            if "sft" in defence.vaccine_stages:
-                weak_stage_of[defence.name] = f"align_sft-{defence.name}"
-                stages.append(Stage(weak_stage_of[defence.name], align.run_sft_vaccine(rho),
-                                    {**common, "defence": defence.model_dump(), "sft": sections["align"]["sft"],
-                                     "lora": sections["lora"]}, sft_inputs))
-            weak = weak_stage_of[defence.name]
-            aligned_stage_of[defence.name] = f"align_dpo-{defence.name}"
-            stages.append(Stage(aligned_stage_of[defence.name],
-                                align.run_dpo_vaccine(rho) if "dpo" in defence.vaccine_stages else align.run_dpo,
-                                {**common, "defence": defence.model_dump(), "dpo": sections["align"]["dpo"],
-                                 "lora": sections["lora"], **dpo_pair_params}, ["data-align", weak, *dpo_extra_inputs],
-                                roles={weak: "align_sft"}))
-
-    from nlsr.evaluation.generation import resolve_backend
-
-    generation = {k: v for k, v in sections["evaluate"].items() if k not in ("judges", "gold_labels")}
-    generation["backend"] = resolve_backend(cfg.evaluate.backend)   # auto -> what runs here
-    eval_params = {**common, "evaluate": generation, "task": cfg.attack.task}
-    models: dict[str, dict] = {}
-
-    def add_eval(label: str, base: str, adapter_stage: str, cost: list[str], seed: int | None,
-                 roles: dict[str, str], weak: str = "align_sft") -> None:
-        name = f"evaluate-{label}" + (f"-s{seed}" if cfg.seeds and seed is not None else "")
-        on = {"weak": [weak], "merged": [merged]}.get(base, [])
-        roles = {**roles, weak: "align_sft"} if weak != "align_sft" else roles
-        inputs = ["data", *on, adapter_stage]
-        role = roles.get(adapter_stage, adapter_stage)
-        params = eval_params if seed is None else {**eval_params, "seed": seed}
-        stages.append(Stage(name, evaluate.run_model(base, role), params, inputs, seed=seed, roles=roles))
-        entry = models.setdefault(label, {"label": label, "evaluations": [], "seeds": [], "cost": []})
-        entry["evaluations"].append(name)
-        entry["seeds"].append(cfg.seed if seed is None else seed)
-        entry["cost"].append(cost)
-
+    ``fresh`` (a fresh LoRA on the merged aligned model W_a) or ``full`` (every weight of W_a)."""
+    plan = Plan.of(cfg)
+    stages = [*data_stages(plan), *alignment_stages(plan), *identification_stages(plan),
+              *defence_alignment_stages(plan)]
     if cfg.evaluate.evaluate_aligned:
-        add_eval("aligned", "weak", "align_dpo", ["align_sft", "align_dpo"], None, {})
-    eval_base = {"continue": "weak", "fresh": "merged", "full": "model"}[init]
+        stages.append(evaluation_stage(plan, "aligned", "weak", "align_dpo", ["align_sft", "align_dpo"], None, {}))
     for seed in cfg.run_seeds:
-        def per_seed(name: str, seed: int = seed) -> str:
-            return f"{name}-s{seed}" if cfg.seeds else name
-
-        seeded = {**common, "seed": seed}
-        data_attack = per_seed("data-attack")
-        roles = {data_attack: "data-attack"}
-        stages.append(Stage(data_attack, data.run_attack_data,
-                            {**data_common, "seed": seed, "attack": attack_data_params(sections), "gate": gate},
-                            ["data-align"], seed=seed, content=reads.attack_content))
-        attacked = per_seed("attack")
-        if init == "continue":
-            stages.append(Stage(attacked, attack.run_attack, {**seeded, "attack": attack_params(sections)},
-                                [data_attack, "align_sft", "align_dpo"], seed=seed, roles=roles))
-        else:
-            stages.append(Stage(attacked, anyfinetune.run_attack_init(init),
-                                {**seeded, "attack": attack_params(sections), **init_params(cfg)},
-                                [data_attack, merged], seed=seed, roles=roles))
-        add_eval("attacked", eval_base, attacked, [attacked], seed, {attacked: "attack"})
-        if cfg.attack.benign_control:
-            benign = per_seed("attack-p0")
-            if init == "continue":
-                stages.append(Stage(benign, attack.run_attack_from("align_dpo", benign=True),
-                                    {**seeded, "attack": attack_params(sections), "benign": True},
-                                    [data_attack, "align_sft", "align_dpo"], seed=seed, roles=roles))
-            else:
-                stages.append(Stage(benign, anyfinetune.run_attack_init(init, benign=True),
-                                    {**seeded, "attack": attack_params(sections), **init_params(cfg),
-                                     "benign": True}, [data_attack, merged], seed=seed, roles=roles))
-            add_eval("attacked-p0", eval_base, benign, [benign], seed, {benign: "attack"})
-        if cfg.attack.nonaligned_control:
-            nonaligned = per_seed("attack_nonaligned")
-            stages.append(Stage(nonaligned, attack.run_nonaligned,
-                                {**seeded, "attack": attack_params(sections), "lora": sections["lora"]},
-                                [data_attack], seed=seed, roles=roles))
-            add_eval("nonaligned", "base", nonaligned, [nonaligned], seed, {nonaligned: "attack_nonaligned"})
-        task_idents: set[str] = set()
-        for variant in all_variants:
-            name = per_seed(f"realign-{variant.name}")
-            inputs = ["align_sft", "align_dpo", attacked]
-            cost = [name]
-            stage_roles: dict[str, str] = {}
-            params = {**data_common, "seed": seed, "variant": variant_params(variant)}
-            run = realign.run_variant(variant)          # entry-wise NLSR; SafeLoRA on adapters
-            if init != "continue":
-                inputs.append(merged)
-                params["init"] = init
-            if variant.method == "nlsr" and variant.granularity == "neuron":
-                ident = anyfinetune.neuron_identify_name(variant)
-                inputs.append(ident)
-                cost.insert(0, ident)
-                run = anyfinetune.run_realign(variant, init)
-            elif variant.method == "nlsr":
-                inputs.append(f"identify-{realign.identify_id(variant)}")
-                cost.insert(0, f"identify-{realign.identify_id(variant)}")
-                if variant.protect_task is not None:    # this seed's task masks, shared by the variants
-                    task_ident = per_seed(realign.task_identify_name(variant))
-                    if task_ident not in task_idents:
-                        task_idents.add(task_ident)
-                        task_params = ({"score": "fisher"} if variant.protect_task_score == "fisher"
-                                       else {"rho": variant.rho, "q": variant.protect_task})
-                        stages.append(Stage(task_ident, realign.run_identify_task(variant),
-                                            {**common, "seed": seed, "realign": realign_section, **task_params,
-                                             "n": variant.task_calibration_n, "task": cfg.attack.task},
-                                            [data_attack, "align_sft", attacked], seed=seed,
-                                            roles={**roles, attacked: "attack"},
-                                            content=reads.task_calibration_content))
-                    inputs.append(task_ident)
-                    cost.insert(1, task_ident)
-                    stage_roles[task_ident] = "identify-task"
-            elif init == "full":                        # SafeLoRA's full-parameter form
-                run = anyfinetune.run_realign(variant, init)
-            stages.append(Stage(name, run, params, inputs, seed=seed, roles={attacked: "attack", **stage_roles}))
-            add_eval(variant.name, eval_base, name, cost, seed, {name: f"realign-{variant.name}"})
-        for defence in cfg.defences:
-            aligned_stage, weak = aligned_stage_of[defence.name], weak_stage_of[defence.name]
-            name = per_seed(f"attack-{defence.name}")
-            run = (attack.run_attack_from(aligned_stage) if defence.method == "vaccine"
-                   else attack.run_attack_from("align_dpo", defence))
-            stages.append(Stage(name, run, {**seeded, "defence": defence.model_dump(),
-                                            "attack": attack_params(sections)},
-                                [data_attack, "data-defences", weak, aligned_stage], seed=seed,
-                                roles={**roles, weak: "align_sft"}))
-            cost = [name]
-            if defence.method == "vaccine":
-                cost = [*([weak] if weak != "align_sft" else []), aligned_stage, name]
-            add_eval(defence.name, "weak", name, cost, seed, {name: f"attack-{defence.name}"}, weak=weak)
-    entries = list(models.values())
-    needed = sorted({s for m in entries for s in m["evaluations"] + [c for cost in m["cost"] for c in cost]})
-    stages.append(Stage("report", report.run(entries),
-                        {"models": entries, "judges": sections["evaluate"]["judges"],
-                         "gold_labels": _file_fingerprint(cfg.evaluate.gold_labels),
-                         "sweep": sections["realign"]["sweep"],
-                         "judge_version": default_dir().name}, needed, content=reads.judge_content))
-    return stages
+        stages += [*attack_stages(plan, seed), *realign_stages(plan, seed), *defence_attack_stages(plan, seed)]
+    return [*stages, report_stage(plan)]
 
 
 def _file_fingerprint(path: str | None) -> str | None:

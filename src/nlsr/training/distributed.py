@@ -38,6 +38,7 @@ from pathlib import Path
 
 from nlsr.errors import NlsrError
 from nlsr.training.defences import DEFENCES
+from nlsr.training.settings import DPO_FIELDS, DpoSection, LoraSection, TrainSection
 
 KINDS = ("sft", "dpo")
 
@@ -51,11 +52,11 @@ class TrainingJob:
         model: the base model, as :func:`nlsr.weights.models.load_model` takes it (a directory, hub id, ``smollm2``).
         tokenizer: the tokenizer, as :func:`nlsr.weights.models.load_tokenizer` takes it.
         rows: JSONL file of the rendered training rows.
-        section: the :class:`nlsr.experiment.config.TrainSection` fields (``beta`` too for DPO); ``batch_size``
+        section: the :class:`nlsr.training.settings.TrainSection` fields (``beta`` too for DPO); ``batch_size``
             is the batch summed over all processes.
         out_dir: where the adapter, ``train_log.json`` and the checkpoints go.
         seed: the training seed.
-        lora: :class:`nlsr.experiment.config.LoraSection` fields of a fresh adapter, or None to continue ``adapter``.
+        lora: :class:`nlsr.training.settings.LoraSection` fields of a fresh adapter, or None to continue ``adapter``.
         adapter: an adapter directory to continue training (trainable), or None.
         bf16: compute in bfloat16 autocast.
         device: ``cpu`` to train on the CPU; None (or ``cuda``) for each process's own GPU where
@@ -113,11 +114,9 @@ class TrainingJob:
 
 
 def _section_fields(section, kind: str) -> dict:
-    """The fields of a config section that training reads (TrainSection's, plus DPO's beta, loss and RPO weight)."""
-    from nlsr.experiment.config import TrainSection
-
+    """The fields of a config section that training reads (TrainSection's, plus DPO's beta)."""
     data = section.model_dump() if hasattr(section, "model_dump") else dict(section)
-    keep = set(TrainSection.model_fields) | ({"beta", "sft_weight", "loss"} if kind == "dpo" else set())
+    keep = set(TrainSection.model_fields) | (set(DPO_FIELDS) if kind == "dpo" else set())
     return {k: v for k, v in data.items() if k in keep}
 
 
@@ -127,7 +126,7 @@ def prepare_job(work_dir: str | os.PathLike, kind: str, model: str, tokenizer: s
     """Write ``rows`` to ``work_dir/rows.jsonl`` and return the job (its stats go to ``work_dir/stats.json``).
 
     ``section`` is a config section (e.g. ``cfg.align.sft``, ``cfg.attack``) or a dict of its fields;
-    ``lora`` a :class:`~nlsr.experiment.config.LoraSection` (or dict) for a fresh adapter."""
+    ``lora`` a :class:`~nlsr.training.settings.LoraSection` (or dict) for a fresh adapter."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     rows_path = work / "rows.jsonl"
@@ -201,7 +200,6 @@ def _process_device(device: str | None, local_rank: int, world_size: int) -> str
 def run_job(job: TrainingJob) -> dict:
     """Run ``job`` in this process (one of ``WORLD_SIZE`` under a launcher); the stats on every
     process, written to ``job.stats`` by the main one."""
-    from nlsr.experiment.config import DpoSection, LoraSection, TrainSection
     from nlsr.training.trainers import lora_config, set_seed, train_dpo, train_sft
     from nlsr.weights.models import load_model, load_tokenizer
 
@@ -300,7 +298,7 @@ def train_stage_job(ctx, kind: str, model: str | os.PathLike, rows: Sequence[dic
     """A training stage's job in ``ctx.config.num_processes`` processes; returns the training stats.
 
     ``model`` is the model to train on (a path or spec), ``lora`` a fresh adapter's
-    :class:`~nlsr.experiment.config.LoraSection` or ``adapter`` a directory to continue; ``seed`` the training
+    :class:`~nlsr.training.settings.LoraSection` or ``adapter`` a directory to continue; ``seed`` the training
     seed (default: the context's). The job files live in ``out_dir.parent / ".job"`` while it runs."""
     import shutil
 

@@ -1,9 +1,8 @@
-"""Builders from config sections to TRL trainers, and the three training jobs of the experiment.
+"""Builders from config sections to TRL trainers, and the training jobs of the experiment.
 
 * :func:`train_sft` - supervised LoRA fine-tuning (safety SFT; the attack; the non-aligned control).
 * :func:`train_dpo` - DPO of a LoRA on top of a (merged) model; the reference policy is the same
   model with the adapter disabled.
-* :func:`average_adapters` - the exact weight average of adapters trained with different seeds.
 Both train on prompt/completion rows rendered with the experiment's template, keep the closing eos
 as a target, checkpoint into ``out_dir`` and resume from the last checkpoint there.
 """
@@ -18,8 +17,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from nlsr.errors import NlsrError
-from nlsr.experiment.config import LoraSection, TrainSection
+from nlsr.training.settings import DpoSection, LoraSection, TrainSection
 
 
 def lora_config(section: LoraSection):
@@ -177,7 +175,7 @@ def train_sft(model, tokenizer, rows: Sequence[dict], section: TrainSection, out
     return _train(trainer, out_dir, section, started)
 
 
-def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, seed: int,
+def train_dpo(model, tokenizer, rows: Sequence[dict], section: DpoSection, out_dir: Path, seed: int,
               lora, trainer_cls=None, bf16: bool = False, **trainer_kwargs) -> dict:
     """DPO of a fresh LoRA on ``{"prompt", "chosen", "rejected"}`` rows; saved in ``out_dir``.
 
@@ -188,11 +186,7 @@ def train_dpo(model, tokenizer, rows: Sequence[dict], section, out_dir: Path, se
     started = time.perf_counter()
     use_cpu = next(model.parameters()).device.type == "cpu"
     common = _common_args(section, out_dir, seed, use_cpu, bf16, len(rows))
-    sft_weight = getattr(section, "sft_weight", 0.0)
-    loss_types, loss_weights = [getattr(section, "loss", "sigmoid")], [1.0]
-    if sft_weight:
-        loss_types, loss_weights = [*loss_types, "sft"], [*loss_weights, sft_weight]
-    args = DPOConfig(**common, beta=section.beta, loss_type=loss_types, loss_weights=loss_weights)
+    args = DPOConfig(**common, beta=section.beta, loss_type=["sigmoid"], loss_weights=[1.0])
     with _quiet():
         trainer = (trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(list(rows)),
                                               processing_class=tokenizer, peft_config=lora, **trainer_kwargs)
@@ -227,29 +221,6 @@ def merge_adapter(model, adapter_dir: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-
-
-def average_adapters(model, adapter_dirs: Sequence[Path], out_dir: Path) -> None:
-    """Save in ``out_dir`` the equal-weight average of LoRA adapters trained on the same ``model``.
-
-    PEFT's ``add_weighted_adapter`` with combination ``cat`` stacks the factors (rank = the sum of the
-    ranks, A_i scaled by its weight and its adapter's alpha/r), so ``B A`` of the result is exactly
-    ``Σ_i w_i ΔW_i``; nothing is approximated, unlike an SVD combination. ``model`` is left unchanged."""
-    from peft import PeftModel
-
-    if len(adapter_dirs) < 2:
-        raise NlsrError(f"averaging adapters needs at least two (got {len(adapter_dirs)})")
-    names = [f"run{i}" for i in range(len(adapter_dirs))]
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=names[0])
-    for name, folder in zip(names[1:], adapter_dirs[1:], strict=True):
-        peft_model.load_adapter(str(folder), adapter_name=name)
-    weight = 1.0 / len(names)
-    peft_model.add_weighted_adapter(names, [weight] * len(names), "default", combination_type="cat")
-    peft_model.set_adapter("default")
-    for name in names:
-        peft_model.delete_adapter(name)
-    peft_model.save_pretrained(str(out_dir))
-    peft_model.unload()            # takes the LoRA layers out again, leaving ``model`` as it came
 
 
 def set_seed(seed: int) -> None:

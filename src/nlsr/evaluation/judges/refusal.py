@@ -74,7 +74,7 @@ def is_refusal(response: str, phrases: Iterable[str] = REFUSAL_PHRASES,
     ``window`` limits the search to the first ``window`` characters (None: the whole response).
     ``deflections`` also counts a :data:`DEFLECTION_PHRASES` phrase in the opening
     :data:`DEFLECTION_WINDOW` characters (the ``refusal-v2`` detector; the two are parameters so that
-    ``scripts/gold_rates.py`` can show how they were chosen).
+    ``results/judge-gold/gold_rates.py`` can show how they were chosen).
     """
     text = normalise(response)
     if not text:

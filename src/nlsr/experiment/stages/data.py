@@ -185,32 +185,10 @@ def run_align(ctx, out: Path, inputs: dict[str, Path]) -> dict:
 def harmless_prompts(gate: Gate, safety_rows: list[dict], dataset: str, data_dir: Path, seed: int) -> list[dict]:
     """The harmless prompts of ``dataset`` in their seeded order, each prompt once, gated against the
     evaluation sets and the safety prompts (a harmless prompt must not be a harmful one either).
-
-    The helpful set is the first ``align.helpful.n`` of them; the over-refusal probe takes its pool
-    from the rest."""
+    The helpful set is the first ``align.helpful.n`` of them."""
     gate.add("safety_prompts", safety_rows, training=True)
     rows = gate.filter("helpful_prompts", _unique_prompts(load_records(dataset, data_dir)))
     return split_records(rows, [1.0], seed)[0]
-
-
-def unused_harmless_prompts(ctx, align_dir: Path, dataset: str) -> list[str]:
-    """The harmless prompts of ``dataset`` that no alignment set uses: the seeded order of
-    :func:`harmless_prompts` without the helpful set's prompts (the over-refusal probe and the
-    contrast set draw from them)."""
-    cfg = ctx.config
-    safety = [r for name in ("sft", "calibration", "dpo") for r in read_jsonl(align_dir / f"{name}.jsonl")]
-    helpful_file = align_dir / "helpful_prompts.jsonl"
-    taken = {normalise_prompt(r["prompt"]) for r in (read_jsonl(helpful_file) if helpful_file.exists() else [])}
-    return [r["prompt"] for r in harmless_prompts(evaluation_gate(cfg, ctx.data_dir), safety, dataset, ctx.data_dir,
-                                                  cfg.seed) if normalise_prompt(r["prompt"]) not in taken]
-
-
-def overrefusal_pool(ctx, align_dir: Path) -> list[str]:
-    """The ``align.overrefusal.pool`` harmless prompts W_0 is probed on: the first of
-    :func:`unused_harmless_prompts`."""
-    section = ctx.config.align.overrefusal
-    return _take(section.dataset, unused_harmless_prompts(ctx, align_dir, section.dataset), section.pool,
-                 "align.overrefusal.pool")
 
 
 def run_defence_rows(ctx, out: Path, inputs: dict[str, Path]) -> dict:

@@ -51,26 +51,6 @@ def refusal_pairs_content(ctx) -> dict:
     return _content(ctx, refusal_pairs_datasets(ctx.config))
 
 
-def overrefusal_datasets(cfg) -> list[str]:
-    """The data sets of ``data-overrefusal-pairs``: the harmless prompts and the gate's."""
-    return [cfg.align.overrefusal.dataset, *_gate(cfg)]
-
-
-def overrefusal_content(ctx) -> dict:
-    """Content hashes of the ``data-overrefusal-pairs`` stage's files."""
-    return _content(ctx, overrefusal_datasets(ctx.config))
-
-
-def contrast_datasets(cfg) -> list[str]:
-    """The data sets of ``data-contrast``: the harmless prompts and the gate's."""
-    return [cfg.align.contrast.dataset, *_gate(cfg)]
-
-
-def contrast_content(ctx) -> dict:
-    """Content hashes of the ``data-contrast`` stage's files."""
-    return _content(ctx, contrast_datasets(ctx.config))
-
-
 def attack_datasets(cfg) -> list[str]:
     """The data sets of ``data-attack``: task and poison rows (unless ready-made) and the gate's."""
     from nlsr.data import get_task

@@ -1,6 +1,6 @@
 """Where a classification task's FA goes: the predicted labels and the errors by gold label.
 
-    python3 scripts/label_shift.py runs/cpu-bench attacked nlsr-q0.1 nlsr nlsr-q0.4
+    python3 results/cpu-bench/label_shift.py runs/cpu-bench attacked nlsr-q0.1 nlsr nlsr-q0.4
 
 For each model and seed (``evaluate-<model>-s<seed>`` folders of the run) on the task's test rows:
 how often each label is predicted (the first label word in the answer; "other" when none), and how

@@ -1,7 +1,7 @@
 """A second, blind reading of a random sample of gold labels, and its agreement with the first.
 
-    python3 scripts/second_reader.py draw OUT_DIR N SEED results/judge-gold/labels-a.jsonl [more]
-    python3 scripts/second_reader.py compare OUT_DIR labels.jsonl results/judge-gold/second_reader_x.jsonl
+    python3 results/judge-gold/second_reader.py draw OUT_DIR N SEED results/judge-gold/labels-a.jsonl [more]
+    python3 results/judge-gold/second_reader.py compare OUT_DIR labels.jsonl results/judge-gold/second_reader_x.jsonl
 
 ``draw`` samples N rows (``random.Random(SEED)``) from the label files and writes them as
 ``candidates.jsonl`` (id, prompt, response: no label) and ``key.jsonl`` (which file and row each

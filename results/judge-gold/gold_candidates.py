@@ -1,8 +1,8 @@
 """Draw the generations to hand-label (results/judge-gold) and merge the labels back.
 
-    python3 scripts/gold_candidates.py draw runs/cpu-bench OUT_DIR     # candidates.jsonl + key.jsonl
-    python3 scripts/gold_candidates.py draw-stage OUT_DIR harmful runs/X/evaluate-aligned [more folders]
-    python3 scripts/gold_candidates.py merge OUT_DIR labels_raw.jsonl results/judge-gold/labels.jsonl [RUN]
+    python3 results/judge-gold/gold_candidates.py draw runs/cpu-bench OUT_DIR     # candidates.jsonl + key.jsonl
+    python3 results/judge-gold/gold_candidates.py draw-stage OUT_DIR harmful runs/X/evaluate-aligned [more folders]
+    python3 results/judge-gold/gold_candidates.py merge OUT_DIR labels_raw.jsonl results/judge-gold/labels.jsonl [RUN]
 
 ``draw`` takes, from each evaluated model of a run, 20 answers the refusal matcher flags and 28
 it does not (all of them where a model has fewer than 10 non-refusals), on the harmful test

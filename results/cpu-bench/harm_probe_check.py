@@ -1,7 +1,7 @@
 """How well can the model's own representation tell XSTest's safe prompts from harmful ones, given
 only the alignment's training prompts? A linear-probe ceiling for the aligned model's targets.
 
-    python3 scripts/harm_probe_check.py runs/cpu-bench-r23 [--out results/cpu-bench/harm_probe.json]
+    python3 results/cpu-bench/harm_probe_check.py runs/cpu-bench-r23 [--out results/cpu-bench/harm_probe.json]
         [--template chat] [--base-only]
 
 The alignment teaches the model *where* to refuse from its training prompts alone: harmful ones

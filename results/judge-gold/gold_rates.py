@@ -1,6 +1,6 @@
 """Rates by the readers' gold labels next to the judges' rates, per model and split.
 
-    python3 scripts/gold_rates.py results/judge-gold/labels-recipe24.jsonl [more label files]
+    python3 results/judge-gold/gold_rates.py results/judge-gold/labels-recipe24.jsonl [more label files]
 
 For each ``model`` value of the label rows (``draw-stage`` writes ``<run>/<stage>/<split>`` there)
 it prints, as % with 95% bootstrap intervals over the rows (:func:`nlsr.evaluation.stats.estimate`): the gold

@@ -1,6 +1,6 @@
 """The validation-side numbers of evaluate stages: what the alignment recipe is chosen on.
 
-    python3 scripts/aligned_check.py runs/cpu-bench/evaluate-aligned [more evaluate folders ...]
+    python3 results/cpu-bench/aligned_check.py runs/cpu-bench/evaluate-aligned [more evaluate folders ...]
 
 For each folder: HS on the harmful validation prompts (default trained judge and refusal matcher),
 FA and task prompts refused on the task's validation rows, over-refusal on the XSTest validation
@@ -11,8 +11,7 @@ over prompts (one seed). Targets of issue 10 for the aligned model: HS <= 5, XST
 (the matcher missed half of an IPO model's refusals: results/judge-gold/agreement.md). The harmful
 prompts not refused (``refusal-v2``) show whether a low HS comes from refusing or from a model too
 weak to harm. The share of harmful and XSTest validation answers that run on into a template turn
-of their own (``### Response:`` ..., :data:`nlsr.data.answers.TEMPLATE_TURN`) shows the style the SFT
-taught (``align.helpful.trim`` removes it from the SFT targets).
+of their own (``### Response:`` ..., :data:`TEMPLATE_TURN`) shows the style the SFT taught.
 
 Where the run's DPO log is beside the folder (``../align_dpo/adapter/train_log.json``), it also shows
 how far DPO drifted: TRL's ``rewards/chosen`` = beta * (log pi - log pi_ref) of the chosen answers,
@@ -23,16 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from nlsr.data.answers import TEMPLATE_TURN
 from nlsr.evaluation.judges.base import make_judge
 from nlsr.evaluation.scoring import collect
 from nlsr.evaluation.stats import estimate
 from nlsr.experiment.pipeline import read_manifest
 from nlsr.experiment.stages.common import read_jsonl
 from nlsr.training.trainers import end_losses
+
+# a line that opens a heading of two or more '#': '### Response:', '## Step 1', ...
+TEMPLATE_TURN = re.compile(r"(?:^|\n)[ \t]*#{2,}")
 
 KEYS = [("HS trained, validation", "hs/trained/validation"),
         ("HS refusal matcher, validation", "hs/refusal/validation"),
