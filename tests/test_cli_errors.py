@@ -106,12 +106,20 @@ def test_similarity_legend_draws_kinds_hollow(tmp_path, monkeypatch):
 
 
 def test_progress_outside_a_terminal_prints_plain_lines(capsys):
-    from nlsr.method.activations import _progress
+    from nlsr.progress import track
 
-    assert list(_progress(list(range(4)), True, "calibration pass")) == [0, 1, 2, 3]
+    assert list(track(list(range(4)), "calibration pass")) == [0, 1, 2, 3]
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "calibration pass: 4 batches" and err[-1].startswith("calibration pass: 4/4 batches in")
-    assert list(_progress([1], False, "x")) == [1] and capsys.readouterr().err == ""
+    assert list(track([1], "x", enabled=False)) == [1] and capsys.readouterr().err == ""
+
+
+def test_generation_reports_progress_in_a_log(tiny_model, tiny_tokenizer, capsys):
+    from nlsr.evaluation.generation import generate
+
+    generate(tiny_model, tiny_tokenizer, ["a", "b", "c"], max_new_tokens=2, batch_size=1, description="answering")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "answering: 3 prompts" and err[-1].startswith("answering: 3/3 prompts in")
 
 
 def test_progress_in_a_terminal_draws_a_bar(monkeypatch):
@@ -119,11 +127,11 @@ def test_progress_in_a_terminal_draws_a_bar(monkeypatch):
 
     from rich.console import Console
 
-    from nlsr.method import activations
+    from nlsr import progress
 
     buffer = io.StringIO()
     monkeypatch.setattr("rich.console.Console", lambda **kw: Console(file=buffer, force_terminal=True, width=80))
-    assert list(activations._progress(list(range(3)), True, "calibration pass")) == [0, 1, 2]
+    assert list(progress.track(list(range(3)), "calibration pass")) == [0, 1, 2]
     assert "calibration pass" in buffer.getvalue() and "100%" in buffer.getvalue()
 
 

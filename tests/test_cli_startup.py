@@ -1,21 +1,22 @@
-"""The command line answers at once: no heavy import before the arguments and paths are checked."""
+"""The command line answers at once: no heavy import before the arguments and paths are checked.
+
+What is asserted is the cause of a fast answer (no torch, transformers, ... imported), not a time:
+timings belong in benchmarks, and this machine is shared."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 HEAVY = ("torch", "transformers", "peft", "trl", "safetensors", "sklearn", "matplotlib", "datasets")
 
-# Runs the CLI in a fresh interpreter and reports the exit status, the time and the heavy
+# Runs the CLI in a fresh interpreter and reports the exit status and the heavy
 # modules that were imported.
 PROBE = f"""
-import json, sys, time
-start = time.perf_counter()
+import json, sys
 from nlsr.cli import app
 code = 0
 try:
@@ -23,7 +24,7 @@ try:
 except SystemExit as exit:
     code = exit.code
 heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
-print(json.dumps({{"code": code, "seconds": time.perf_counter() - start, "heavy": heavy}}))
+print(json.dumps({{"code": code, "heavy": heavy}}))
 """
 
 
@@ -33,25 +34,15 @@ def probe(*args: str, cwd=None) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
 
 
-def test_importing_the_cli_is_fast_and_light():
-    code = ("import sys, time; t = time.perf_counter(); import nlsr.cli; "
-            f"print(time.perf_counter() - t); print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    best = None
-    for _ in range(2):  # the better of two, for a loaded machine
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        seconds, heavy = out.stdout.strip().splitlines()
-        best = min(best or 1e9, float(seconds))
-        assert heavy == "[]", f"`import nlsr.cli` imports {heavy}"
-    # measured about 0.03 s (plus ~0.1 s interpreter start); a generous bound for a busy machine
-    assert best < 1.0, f"import nlsr.cli took {best:.2f} s"
+def test_importing_the_cli_is_light():
+    code = f"import sys; import nlsr.cli; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", f"`import nlsr.cli` imports {out.stdout.strip()}"
 
 
-def test_help_answers_quickly():
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "nlsr.cli", "identify", "--help"], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0 and "--reference" in done.stdout
-    assert time.perf_counter() - start < 5.0
+def test_help_answers_without_heavy_imports():
+    result = probe("identify", "--help")
+    assert result["code"] == 0 and result["heavy"] == [], result
 
 
 @pytest.mark.parametrize("args, phrase", [
@@ -78,7 +69,6 @@ def test_missing_inputs_and_bad_arguments_are_reported_before_heavy_imports(tmp_
     assert result["code"] == 2, result
     assert phrase in result["stderr"], result
     assert result["heavy"] == [], f"imported {result['heavy']} before reporting: {result['stderr']}"
-    assert result["seconds"] < 3.0, result      # about 0.1-0.3 s; generous for a shared machine
     assert list(tmp_path.iterdir()) == []
 
 

@@ -195,3 +195,32 @@ def test_the_config_has_115_leaf_fields():
     assert len(leaves) == len(set(leaves)) == 115
     assert "align.helpful.dpo_pairs" in leaves and "evaluate.judges.label" in leaves
     assert not [leaf for leaf in leaves if leaf.startswith(("align.overrefusal", "align.contrast"))]
+
+
+@pytest.mark.parametrize("text, phrase", [
+    ("", "sets nothing"),
+    ("# only a comment\n", "sets nothing"),
+    ("model: ./no/such/model\n", "model path './no/such/model' does not exist"),
+    ("device: cuda:7\n", "is not on this machine (devices present: cpu"),
+    ("colour: blue\n", "colour"),
+])
+def test_config_errors_before_any_work(tmp_path, text, phrase):
+    import torch
+
+    if "cuda" in text and torch.cuda.device_count() > 7:
+        pytest.skip("a machine with eight GPUs has cuda:7")
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(NlsrError, match=phrase.replace("(", r"\(").replace(".", r"\.")):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_validate_and_run_refuse_a_missing_model_and_write_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from nlsr.cli import app
+
+    (tmp_path / "c.yaml").write_text(f"model: {tmp_path / 'nope'}\nruns_dir: {tmp_path / 'runs'}\n")
+    for command in ("validate", "run"):
+        r = CliRunner().invoke(app, [command, str(tmp_path / "c.yaml")])
+        assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

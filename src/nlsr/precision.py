@@ -148,3 +148,26 @@ def resolve_precision(requested: str | None = None, device: str | None = None) -
         if name == "bfloat16" and not cpu.native_bf16:
             reason = f"{asked}; this CPU has no native bf16, so expect it to be much slower than float32"
     return Precision(requested=name, dtype=chosen, device=kind, reason=reason, cpu=cpu, gpu=gpu)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, naming the devices it has (``cuda`` without a GPU,
+    ``cuda:3`` on a one-GPU machine, a name torch does not know). Imports torch only for a CUDA name."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise NlsrError(f"device '{device}' is not a device ({err}); use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        present = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise NlsrError(f"device '{device}' is not on this machine (devices present: {present}); use one of "
+                            "those, or leave the device out to pick cuda when present, else cpu")
+        return
+    raise NlsrError(f"device '{device}' is not supported; use cpu, cuda or cuda:N")

@@ -151,15 +151,10 @@ def check_precision(precision: str | None) -> None:
 
 
 def check_device(device: str | None) -> None:
-    """After torch is imported: a device string torch understands."""
-    if device is None:
-        return
-    import torch
+    """A device that this machine has (``--device cuda`` without a GPU names the devices present)."""
+    from nlsr.precision import check_device as check
 
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise NlsrError(f"--device '{device}' is not a device ({err}); use cpu, cuda or cuda:N") from None
+    check(device)
 
 
 @contextlib.contextmanager

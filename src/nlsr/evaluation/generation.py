@@ -14,13 +14,7 @@ from pathlib import Path
 import torch
 
 from nlsr.errors import NlsrError
-
-
-def _progress(total: int, description: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    transient=True)
+from nlsr.progress import Counter
 
 
 @torch.inference_mode()
@@ -46,8 +40,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     device = next(model.parameters()).device
     encoded = prompt_token_ids(tokenizer, prompts, max_prompt_tokens)
     todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -len(encoded[i]))
-    with _progress(len(prompts), description) as bar:
-        task = bar.add_task(description, total=len(prompts), completed=len(done))
+    with Counter(len(prompts), description, done=len(done), unit="prompts") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             width = max(len(encoded[i]) for i in chunk)
@@ -68,7 +61,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
             if cache_file is not None:
                 with cache_file.open("a") as handle:
                     handle.writelines(lines)
-            bar.update(task, advance=len(chunk))
+            bar.advance(len(chunk))
     return [done[i] for i in range(len(prompts))]
 
 

@@ -374,6 +374,28 @@ class ExperimentConfig(_Section):
     def _name_is_folder(cls, value: str) -> str:
         return folder_name(value, "run name")
 
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        from nlsr.paths import check_model_spec
+
+        try:
+            check_model_spec(value)
+        except NlsrError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_present(cls, value: str | None) -> str | None:
+        from nlsr.precision import check_device
+
+        try:
+            check_device(value)
+        except NlsrError as err:
+            raise ValueError(str(err)) from None
+        return value
+
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, value: list[int]) -> list[int]:
@@ -493,6 +515,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """
     path = Path(path)
     data = read_config_data(path)
+    if not data:
+        raise NlsrError(f"config file '{path}' sets nothing; an experiment config names at least its model and "
+                        "sizes: start from configs/smoke.yaml (minutes) or configs/cpu-bench.yaml")
     for item in overrides or []:
         if "=" not in item:
             raise NlsrError(f"override '{item}' must look like section.field=value")

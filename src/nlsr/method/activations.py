@@ -17,6 +17,7 @@ import torch
 from nlsr.errors import NlsrError
 from nlsr.method.calibration import CalibrationRow, make_batches
 from nlsr.method.projection import GramAccumulator, InputCovariance
+from nlsr.progress import track
 from nlsr.weights.adapters import LoraAdapter, attach_adapter
 
 
@@ -127,7 +128,7 @@ def accumulate_grams(model, reference: LoraAdapter, rows: Sequence[CalibrationRo
         batches = list(make_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length,
                                     template=template))
         tokens = 0
-        for batch in _progress(batches, progress, "calibration pass"):
+        for batch in track(batches, "calibration pass", progress):
             current["mask"] = batch.response_mask
             masks_by_device.clear()
             tokens += int(batch.response_mask.sum())
@@ -145,39 +146,6 @@ def accumulate_grams(model, reference: LoraAdapter, rows: Sequence[CalibrationRo
                         "--max-length or give rows with responses")
     # in the adapter's order; a module the pass never reached contributes nothing
     return {name: grams.get(name) or GramAccumulator(f.rank) for name, f in reference}, tokens
-
-
-def _progress(items, enabled: bool, description: str):
-    """A progress bar on stderr in a terminal; elsewhere (a log file, a pipe) a plain line at the
-    start, about every 10% (at most every 5 s) and at the end."""
-    if not enabled:
-        return items
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if console.is_terminal:
-        from rich.progress import track
-
-        return track(items, description=description, console=console)
-    return _plain_progress(items, description, console)
-
-
-def _plain_progress(items, description: str, console):
-    import time
-
-    total = len(items)
-    start = last = time.monotonic()
-    step = max(1, total // 10)
-    console.print(f"{description}: {total} batches", highlight=False)
-    for i, item in enumerate(items, start=1):
-        yield item
-        now = time.monotonic()
-        if i < total and i % step == 0 and now - last >= 5:
-            console.print(f"{description}: {i}/{total} batches, {now - start:.0f} s", highlight=False)
-            last = now
-    console.print(f"{description}: {total}/{total} batches in {time.monotonic() - start:.1f} s",
-                  highlight=False)
-
 
 
 def _body(model, names: Sequence[str]):
@@ -238,7 +206,7 @@ def accumulate_input_covariances(model, targets: Mapping[str, torch.nn.Module],
     try:
         batches = list(make_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length,
                                     template=template))
-        for batch in _progress(batches, progress, "calibration pass (neurons)"):
+        for batch in track(batches, "calibration pass (neurons)", progress):
             state["mask"], state["masks"], state["held"], state["parent"] = batch.response_mask, {}, [], None
             tokens += int(batch.response_mask.sum())
             if stats is not None:
