@@ -179,3 +179,20 @@ def test_cli_outputs_get_ordinary_permissions(tmp_path):
         os.umask(umask)
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_adapters_and_models_a_stage_writes_record_the_run_template(tmp_path):
+    from nlsr.weights.records import recorded_template
+
+    def writes_weights(ctx, out, inputs):
+        for folder, config in (("adapter", "adapter_config.json"), ("model", "config.json"),
+                               ("adapter/checkpoint-2", "adapter_config.json")):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            (out / folder / config).write_text("{}")
+        return {"line": "ok"}
+
+    cfg = ExperimentConfig(template="chat")
+    run_stages(RunContext(cfg, tmp_path / "run", tmp_path), [Stage("w", writes_weights, {})], log=lambda m: None)
+    stage = tmp_path / "run" / "w"
+    assert recorded_template(stage / "adapter") == recorded_template(stage / "model") == "chat"
+    assert not (stage / "adapter" / "checkpoint-2" / "nlsr.json").exists()

@@ -186,6 +186,18 @@ def _copy_stage(source: Path, partial: Path, final: Path) -> dict:
     return manifest
 
 
+def record_templates(stage_dir: Path, template: str) -> None:
+    """Every adapter or model folder a stage wrote records the run's prompt template (``nlsr.json``),
+    so that ``nlsr evaluate``, ``identify`` and ``realign`` take it instead of guessing."""
+    from nlsr.weights.records import RECORD_FILE, read_record, record_bytes
+
+    for config in [*stage_dir.rglob("adapter_config.json"), *stage_dir.rglob("config.json")]:
+        folder = config.parent
+        if "checkpoint-" in str(folder) or (folder / RECORD_FILE).exists():
+            continue
+        (folder / RECORD_FILE).write_bytes(record_bytes(**{**read_record(folder), "template": template}))
+
+
 def _install(partial: Path, final: Path, manifest: dict) -> None:
     """Write the manifest last, then replace ``final`` by the finished ``partial`` folder."""
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -277,6 +289,7 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
         ctx.seed = ctx.config.seed if stage.seed is None else stage.seed
         try:
             summary = stage.run(ctx, partial, {stage.roles.get(i, i): ctx.run_dir / i for i in stage.inputs})
+            record_templates(partial, ctx.config.template)
         except NlsrError:
             # Bad input or config: nothing to resume; leave no half-made folder behind.
             if not _resumable_state(partial):
