@@ -184,7 +184,7 @@ def defence_alignment_stages(plan: Plan) -> list[Stage]:
                      "defence_safety_n": plan.cfg.defence_safety_n, "gate": plan.gate}, ["data-align"],
                     content=reads.defence_content)]
     for defence in plan.cfg.defences:
-        if defence.method != "vaccine":
+        if not changes_alignment(defence):
             continue
         rho = 2.0 if defence.rho is None else defence.rho
         aligned, weak = defence_alignment(defence)
@@ -198,10 +198,18 @@ def defence_alignment_stages(plan: Plan) -> list[Stage]:
     return stages
 
 
+def changes_alignment(defence: DefenceSection) -> bool:
+    """A defence that hooks into the alignment (Vaccine), by its registration; the others change the
+    fine-tuning."""
+    from nlsr.training.defences import DEFENCES
+
+    return DEFENCES.info(defence.method).meta.get("stage") == "alignment"
+
+
 def defence_alignment(defence: DefenceSection) -> tuple[str, str]:
-    """``(aligned stage, weak-model stage)`` a defence's attack continues: Vaccine's own alignment
-    stages, the shared ones for the other defences."""
-    if defence.method != "vaccine":
+    """``(aligned stage, weak-model stage)`` a defence's attack continues: its own alignment stages for
+    a defence that changes the alignment (Vaccine), the shared ones for the others."""
+    if not changes_alignment(defence):
         return "align_dpo", "align_sft"
     weak = f"align_sft-{defence.name}" if "sft" in defence.vaccine_stages else "align_sft"
     return f"align_dpo-{defence.name}", weak
@@ -339,7 +347,7 @@ def defence_attack_stages(plan: Plan, seed: int) -> list[Stage]:
     for defence in plan.cfg.defences:
         aligned, weak = defence_alignment(defence)
         name = plan.per_seed(f"attack-{defence.name}", seed)
-        vaccine = defence.method == "vaccine"      # Vaccine changed the alignment; the others the fine-tune
+        vaccine = changes_alignment(defence)       # Vaccine changed the alignment; the others the fine-tune
         run = attack.run_attack_from(aligned) if vaccine else attack.run_attack_from("align_dpo", defence)
         stages.append(Stage(name, run, {**plan.common, "seed": seed, "defence": defence.model_dump(),
                                         "attack": plan.sections["attack"]},
