@@ -38,6 +38,21 @@ from nlsr.weights.model_dir_checks import model_dir_problem
 REFERENCE_INFO = "nlsr_reference.json"  # written by `extrapolate` beside the reference adapter
 
 
+def save_repaired(result, out: Path, force: bool, template: str | None, **inputs: Path) -> dict:
+    """Write a repaired adapter with its ``realign_report.json`` (the input paths added to its settings)
+    and the template it records; return the report."""
+    from nlsr.weights.adapters import save_adapter
+    from nlsr.weights.records import RECORD_FILE, record_bytes
+
+    report = result.report()
+    report["settings"].update({name: str(path) for name, path in inputs.items()})
+    extra = {"realign_report.json": (json.dumps(report, indent=2) + "\n").encode()}
+    if template:
+        extra[RECORD_FILE] = record_bytes(template=template)
+    save_adapter(result.adapter, out, force=force, extra_files=extra)
+    return report
+
+
 def _identify_template(explicit: str | None, reference: Path) -> tuple[str, str]:
     """The template masks are made in: ``--template``, else the reference's record, else the default."""
     from nlsr.weights.records import DEFAULT_TEMPLATE, recorded_template
@@ -273,8 +288,8 @@ def realign(
     from nlsr.method.masks import load_masks
     from nlsr.method.realign import describe_change
     from nlsr.method.realign import realign as run
-    from nlsr.weights.adapters import load_adapter, save_adapter
-    from nlsr.weights.records import RECORD_FILE, record_bytes, recorded_template
+    from nlsr.weights.adapters import load_adapter
+    from nlsr.weights.records import recorded_template
 
     loaded = load_masks(masks)
     kept_template = check_template(loaded.metadata.get("template"), recorded_template(finetuned), template,
@@ -284,13 +299,8 @@ def realign(
                  p_base=p_base, epsilon=epsilon, seed=seed, min_origin_cosine=min_origin_cosine,
                  check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch,
                  granularity="entry")
-    report = result.report()
-    report["settings"].update({"reference": str(reference), "finetuned": str(finetuned),
-                               "masks": str(masks)})
-    extra = {"realign_report.json": (json.dumps(report, indent=2) + "\n").encode()}
-    if kept_template:
-        extra[RECORD_FILE] = record_bytes(template=kept_template)
-    save_adapter(result.adapter, out, force=force, extra_files=extra)
+    report = save_repaired(result, out, force, kept_template, reference=reference, finetuned=finetuned,
+                           masks=masks)
     plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png")
     summary = report["summary"]
     say(f"repaired {summary['repaired']} of {summary['modules']} modules ({select}, "
@@ -496,7 +506,7 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
     from nlsr.method.checks import check_template
     from nlsr.method.masks import load_masks
     from nlsr.method.realign import describe_change
-    from nlsr.weights.records import RECORD_FILE, record_bytes, recorded_template
+    from nlsr.weights.records import recorded_template
 
     loaded = load_masks(masks)
     kept_template = check_template(loaded.metadata.get("template"), recorded_template(finetuned), template,
@@ -505,19 +515,14 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
                 check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch)
     if ref_kind == "adapter":
         from nlsr.method.realign import realign
-        from nlsr.weights.adapters import load_adapter, save_adapter
+        from nlsr.weights.adapters import load_adapter
 
         result = realign(
             load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle), loaded,
             rebase=load_adapter(rebase, allow_pickle) if rebase is not None else None, granularity="neuron",
             **rule)
-        report = result.report()
-        report["settings"].update({"reference": str(reference), "finetuned": str(finetuned),
-                                   "masks": str(masks)})
-        extra = {"realign_report.json": (json.dumps(report, indent=2) + "\n").encode()}
-        if kept_template:
-            extra[RECORD_FILE] = record_bytes(template=kept_template)
-        save_adapter(result.adapter, out, force=force, extra_files=extra)
+        report = save_repaired(result, out, force, kept_template, reference=reference, finetuned=finetuned,
+                               masks=masks)
     else:
         from nlsr.method.realign import realign_model_dir
         from nlsr.weights.model_dirs import ModelDir
