@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from nlsr.choices import SELECTION_RULE_NAMES, TEMPLATE_NAMES, TRANSPLANT_NAMES, check_choice
+from nlsr.cli.batch import realign_batch
 from nlsr.cli.common import (
     at_least,
     check_device,
@@ -270,7 +271,7 @@ def realign(
     from nlsr.method.realign import realign as run
     from nlsr.weights.adapters import load_adapter, save_adapter
 
-    result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle),
+    result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle, dtype=None),
                  load_masks(masks), select=select, transplant=transplant, threshold=threshold,
                  p_base=p_base, epsilon=epsilon, seed=seed, min_origin_cosine=min_origin_cosine,
                  check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch,
@@ -284,6 +285,9 @@ def realign(
     summary = report["summary"]
     _say(f"repaired {summary['repaired']} of {summary['modules']} modules ({select}, "
          f"{transplant}) -> {out}")
+
+
+app.command("realign-batch")(realign_batch)
 
 
 @app.command()

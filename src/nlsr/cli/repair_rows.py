@@ -153,7 +153,7 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
         from nlsr.weights.adapters import load_adapter, save_adapter
 
         result = realign(
-            load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle), loaded,
+            load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle, dtype=None), loaded,
             rebase=load_adapter(rebase, allow_pickle) if rebase is not None else None, granularity="neuron",
             **rule)
         report = result.report()

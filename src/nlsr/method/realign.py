@@ -164,12 +164,15 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
     settings = {"select": rule["select"], "transplant": transplant, "threshold": rule["threshold"],
                 "p_base": rule["p_base"], "epsilon": rule["epsilon"], "seed": rule["seed"],
                 "median_origin_cosine": origin, "masks": dict(masks.metadata)}
-    return RealignResult(decisions, settings, adapter=finetuned.with_modules(modules))
+    return RealignResult(decisions, settings, adapter=finetuned.with_modules(modules, keep_dtype=True))
 
 
 
 def _scaled(f: LoraFactors) -> LowRank:
-    return f.scale * f.B, f.A
+    """``(s B, A)``, computed in float32 for narrower factors (a bf16 fine-tune loaded as stored)."""
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return f.scale * wide(f.B), wide(f.A)
 
 
 def reference_updates(reference: LoraAdapter, finetuned: LoraAdapter,
@@ -240,7 +243,9 @@ def _realign_rows(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyM
     """Neuron granularity of :func:`realign`: the repaired modules have rank ``r_ref + r_ft`` and keep
     the fine-tune's scale via ``rank_pattern``/``alpha_pattern``."""
     check_same_modules(reference, finetuned)
-    check_neuron_masks(masks, {n: f.B.shape[0] for n, f in reference}, fingerprint(reference),
+    # (with allow_mask_mismatch the fingerprint is not compared: not computed either)
+    check_neuron_masks(masks, {n: f.B.shape[0] for n, f in reference},
+                       {} if allow_mask_mismatch else fingerprint(reference),
                        f"'{reference.source}'" if reference.source else "(in memory)", allow_mask_mismatch)
     updates, note, rebased = reference_updates(reference, finetuned, rebase=rebase, check_base=check_base)
     names = list(finetuned.modules)
@@ -264,7 +269,7 @@ def _realign_rows(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyM
                 "reference_ranks": sorted({r.rank for _, r in reference}),
                 "finetuned_ranks": sorted({f.rank for _, f in finetuned}),
                 "rebased": rebased, "masks": dict(masks.metadata)}
-    return RealignResult(decisions, settings, adapter=finetuned.with_modules(modules), notes=[note])
+    return RealignResult(decisions, settings, adapter=finetuned.with_modules(modules, keep_dtype=True), notes=[note])
 
 
 def realign_model_dir(reference: ModelDir, finetuned: ModelDir, base: ModelDir,
