@@ -276,25 +276,30 @@ def one_line(err: BaseException) -> str:
 
 def update_change(before, after) -> float:
     """``||ΔW_after - ΔW_before||_F / ||ΔW_before||_F`` over all modules, from ``r x r`` Gram
-    matrices (float32 products, float64 sums); a module that is the same object in both adds 0."""
+    matrices (``<B1A1, B2A2>_F = Σ (B1ᵀB2) ⊙ (A1A2ᵀ)``: float32 products, float64 sums; BLAS ``?syrk``
+    for a factor times itself); a module that is the same object in both adds 0 to the difference."""
+    import numpy as np
     import torch
 
-    from nlsr.method.similarity import product_inner
+    def arrays(f):
+        return [(t if t.dtype in (torch.float32, torch.float64) else t.float()).detach().cpu().numpy()
+                for t in (f.A, f.B)]
 
-    def wide(f):
-        return tuple(t if t.dtype in (torch.float32, torch.float64) else t.float() for t in (f.A, f.B))
+    def inner(a1, b1, a2, b2) -> float:
+        return float(((b1.T @ b2).astype(np.float64) * (a1 @ a2.T)).sum())
+
+    from nlsr.method.similarity import _one_blas_thread
 
     diff = norm = 0.0
-    for name, f in before:
-        a1, b1 = wide(f)
-        own = float(product_inner(a1, b1, a1, b1)) * f.scale ** 2
-        norm += own
-        g = after.modules[name]
-        if g is f:
-            continue
-        a2, b2 = wide(g)
-        diff += (float(product_inner(a2, b2, a2, b2)) * g.scale ** 2
-                 - 2 * float(product_inner(a1, b1, a2, b2)) * f.scale * g.scale + own)
+    with _one_blas_thread():        # r x r products: threads cost more than they save
+        for name, f in before:
+            a1, b1 = arrays(f)
+            own = inner(a1, b1, a1, b1) * f.scale ** 2
+            norm += own
+            g = after.modules[name]
+            if g is not f:
+                a2, b2 = arrays(g)
+                diff += inner(a2, b2, a2, b2) * g.scale ** 2 - 2 * inner(a1, b1, a2, b2) * f.scale * g.scale + own
     return math.sqrt(max(diff, 0.0) / norm) if norm > 0 else 0.0
 
 
@@ -478,6 +483,9 @@ def realign_batch(reference: str | os.PathLike, masks: str | os.PathLike,
     workers = max(1, min(workers or min(os.cpu_count() or 1, 4), len(todo)))
     if engine == "ray":
         results = run_ray(shared, job, todo, workers, ray_address)
+    elif pool == "process":
+        del shared          # each worker process loads its own copy: free this one
+        results = run_local(None, job, todo, workers, pool)
     else:
         results = run_local(shared, job, todo, workers, pool)
     for result in results:

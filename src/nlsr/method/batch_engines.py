@@ -40,9 +40,10 @@ def _run_in_process(item: BatchItem) -> BatchResult:
     return run_item(_WORKER["shared"], _WORKER["job"], item)
 
 
-def run_local(shared: Shared, job: BatchJob, items: list[BatchItem], workers: int,
+def run_local(shared: Shared | None, job: BatchJob, items: list[BatchItem], workers: int,
               pool: str = "process") -> Iterator[BatchResult]:
-    """Repair ``items`` on a local pool of ``workers`` processes or threads; results as they finish."""
+    """Repair ``items`` on a local pool of ``workers`` processes (each loads ``job``'s reference and masks
+    once; ``shared`` is not used) or threads (sharing ``shared``); results as they finish."""
     if pool == "thread":
         import torch
 
