@@ -26,16 +26,15 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
-from _common import machine, write_results
+from _common import machine, measure, write_results
 from safetensors.torch import load_file, save_file
 
 from nlsr.method.batch import realign_batch
@@ -87,35 +86,22 @@ def make_inputs(root: Path, count: int, layers: int, rank: int, q: float = 0.2) 
 
 
 def tree_rss() -> int:
-    me = psutil.Process()
-    total = 0
-    for proc in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += proc.memory_info().rss
-    return total
-
-
-def timed(fn) -> tuple[object, float, int]:
-    """Run ``fn``: its result, wall seconds, and the peak resident memory of the process tree above
-    the tree's before the call."""
-    start_rss = tree_rss()
-    peak, done = [start_rss], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], tree_rss())
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    try:
-        result = fn()
-    finally:
-        seconds = time.perf_counter() - t0
-        done.set()
-        sampler.join()
-    return result, seconds, peak[0] - start_rss
+    """Resident memory of this process and all its descendants (Linux /proc)."""
+    parents, rss = {}, {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            rss[int(entry.name)] = int((entry / "statm").read_text().split()[1]) * page
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(rss.get(pid, 0) for pid in tree)
 
 
 def floor_one(job: tuple[str, str, int]) -> None:
@@ -163,7 +149,7 @@ def run_engine(root: Path, engine: str, pool: str, workers: int) -> dict:
             results.append(result)
         return results
 
-    results, seconds, peak = timed(run)
+    results, seconds, peak = measure(run, interval=0.01, rss=tree_rss)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise SystemExit(f"{engine}/{pool}: {len(failed)} failed, e.g. {failed[0].name}: {failed[0].error}")

@@ -218,8 +218,8 @@ def test_bad_source_one_line_exit_2_nothing_written(service, case):
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    assert {"missing": "does not exist", "empty": "holds no fine-tunes", "bad_line": "line 2 is not JSON",
-            "no_path": "line 1 lacks", "duplicate": "appears twice", "bad_name": "cannot be an output name"}[case] \
+    assert {"missing": "does not exist", "empty": "holds no fine-tunes", "bad_line": "row 2: not valid JSON",
+            "no_path": "row 1: lacks", "duplicate": "appears twice", "bad_name": "cannot be an output name"}[case] \
         in lines[0]
     assert not (d / "out").exists()
 

@@ -144,25 +144,18 @@ def read_sources(source: str | os.PathLike | Iterable[BatchItem]) -> list[BatchI
 
 
 def _read_manifest(path: Path) -> list[BatchItem]:
+    from nlsr.data.readers import jsonl_rows
+
     items = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise NlsrError(f"--adapters manifest '{path}' is not UTF-8 text ({err})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise NlsrError(f"--adapters manifest '{path}' line {number} is not JSON ({err.msg}); each "
-                            'line is {"name": ..., "path": ...}') from None
-        if not isinstance(row, dict) or not isinstance(row.get("name"), str) \
-                or not isinstance(row.get("path"), str) or not row["path"]:
-            raise NlsrError(f"--adapters manifest '{path}' line {number} lacks a string \"name\" and "
-                            '"path"; each line is {"name": ..., "path": ...}')
-        target = Path(row["path"])
-        items.append(BatchItem(row["name"], target if target.is_absolute() else path.parent / target))
+        for row in jsonl_rows(path):
+            name, target = row.data.get("name"), row.data.get("path")
+            if not isinstance(name, str) or not isinstance(target, str) or not target:
+                raise NlsrError(f"{path}, row {row.number}: lacks a string \"name\" and \"path\"")
+            target = Path(target)
+            items.append(BatchItem(name, target if target.is_absolute() else path.parent / target))
+    except NlsrError as err:
+        raise NlsrError(f"--adapters manifest: {err}; each line is {{\"name\": ..., \"path\": ...}}") from None
     return items
 
 
