@@ -77,11 +77,14 @@ def make_inputs(root: Path, count: int, layers: int, rank: int, q: float = 0.2) 
         masks[weight_key(name, "B")] = torch.rand(f.B.shape, generator=gen) < q
     save_masks(SafetyMasks(masks, provenance(loaded, keep_fraction=q, note="random entry masks (benchmark)")),
                root / "masks.safetensors")
+    # one draw of noise, rolled by another amount for each customer: distinct adapters, made quickly
+    noise = {name: (torch.randn(f.A.shape, generator=gen) * 0.3 / f.A.shape[1] ** 0.5,
+                    torch.randn(f.B.shape, generator=gen) * 0.005) for name, f in loaded}
     for i in range(count):
         customer = {}
         for name, f in loaded:
-            customer[name] = LoraFactors(f.A + 0.3 * torch.randn(f.A.shape, generator=gen) / f.A.shape[1] ** 0.5,
-                                         f.B + 0.005 * torch.randn(f.B.shape, generator=gen), f.scale)
+            n_a, n_b = noise[name]
+            customer[name] = LoraFactors(f.A + n_a.roll(7 * i + 1, dims=1), f.B + n_b.roll(7 * i + 1, dims=0), f.scale)
         write_bf16(LoraAdapter(dict(config), customer), root / "adapters" / f"customer{i:04d}")
 
 
