@@ -163,10 +163,22 @@ def run_engine(root: Path, engine: str, pool: str, workers: int) -> dict:
            # after start-up: from the first adapter finished to the last
            "steady_adapters_per_hour": (len(finished) - 1) / max(finished[-1] - finished[0], 1e-9) * 3600,
            "per_adapter_seconds_median": sorted(r.seconds for r in results)[len(results) // 2],
+           "per_adapter_cpu_seconds_median": sorted(r.cpu_seconds for r in results)[len(results) // 2],
            "modules_repaired_mean": sum(r.modules_repaired for r in results) / len(results),
            "output_bytes": sizes}
     shutil.rmtree(out)
     return row
+
+
+def filesystem(path: Path) -> str:
+    """The type of the file system holding ``path`` (Linux /proc/mounts): tmpfs is memory, not disk."""
+    best, kind = "", "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fs = line.split()[:3]
+            if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                best, kind = mount, fs
+    return kind
 
 
 def main() -> None:
@@ -178,6 +190,7 @@ def main() -> None:
     parser.add_argument("--engines", default="process,thread,ray",
                         help="comma-separated: process, thread (the local engine's pools), ray")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--results-name", default="service_bench", help="results/NAME.{json,md}")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="service-bench-", dir=args.dir))
     try:
@@ -220,22 +233,25 @@ def main() -> None:
                    "command": info["command"], "commit": info["commit"], "cpu": info["cpu"],
                    "precision": "bf16 files; scoring and transplant in float32 (float64 sums); outputs bf16",
                    "date": info["date"], "adapters": args.adapters, "layers": args.layers, "rank": args.rank,
-                   "input_mb": input_bytes / 2**20, "masks": "random entry masks, q = 0.2", "rows": rows,
+                   "input_mb": input_bytes / 2**20, "scratch": str(root.parent),
+                   "filesystem": filesystem(root), "masks": "random entry masks, q = 0.2", "rows": rows,
                    "machine": info}
         goal = (best["adapters_per_hour"] >= 3600 and best["ratio_to_io_floor"] >= 0.5
                 and best["peak_rss_mb"] - args.workers * ref_and_masks / 2**20 < 2048)
         payload["goal_met"] = goal
         table = ["| engine | workers | adapters/hour | after start-up | vs I/O floor (same processes) "
-                 "| vs I/O floor (1 process) | peak tree RSS (MB) | median s/adapter (one worker) | output MB |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| vs I/O floor (1 process) | peak tree RSS (MB) | median s/adapter (one worker) "
+                 "| median CPU s/adapter | output MB |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
             table.append(f"| {row['engine']} | {row['workers']} | {row['adapters_per_hour']:,.0f} | "
                          f"{row['steady_adapters_per_hour']:,.0f} | "
                          f"{row['ratio_to_io_floor']:.0%} | {row['ratio_to_io_floor_1_process']:.0%} | "
                          f"{row['peak_rss_mb']:,.0f} | {row['per_adapter_seconds_median']:.2f} | "
+                         f"{row['per_adapter_cpu_seconds_median']:.2f} | "
                          f"{row['output_mb_mean']:.0f} |")
-        table.append(f"| I/O floor (safetensors read + write) | {args.workers} | {floor_w:,.0f} | | | | | | |")
-        table.append(f"| I/O floor (safetensors read + write) | 1 | {floor_1:,.0f} | | | | | | |")
+        table.append(f"| I/O floor (safetensors read + write) | {args.workers} | {floor_w:,.0f} | | | | | | | |")
+        table.append(f"| I/O floor (safetensors read + write) | 1 | {floor_1:,.0f} | | | | | | | |")
         notes = (f"\n{args.adapters} synthetic bf16 adapters at Llama-3-8B shapes ({args.layers} layers x "
                  f"q,k,v,o,gate,up,down, r = {args.rank}, {input_bytes / 2**20:.0f} MB each), random entry masks "
                  f"at q = 0.2; paper rule, exact transplant, outputs bf16 "
@@ -248,9 +264,12 @@ def main() -> None:
                  "masks). Goal (>= 3,600 adapters/hour, >= 50% of the I/O floor with the same number of "
                  f"processes, < 2 GB beyond the reference and masks): {'met' if goal else 'NOT met'} by "
                  f"{best['engine']}.")
+        notes += (f" Files in {root.parent} ({filesystem(root)}). CPU s/adapter: CPU time of the worker thread "
+                  "that repaired it (one thread per worker here), which a busy machine does not inflate as it "
+                  "does wall time: the load averages below say how busy it was.")
         text = "\n".join(table) + "\n" + notes
         print(text)
-        write_results("service_bench", payload, text)
+        write_results(args.results_name, payload, text)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -60,7 +60,9 @@ class BatchResult:
 
     ``relative_change``: ``||ΔW_out - ΔW_in||_F / ||ΔW_in||_F`` over all modules of the adapter (from
     ``r x r`` Gram matrices in float32, summed in float64; about 1e-3 absolute accuracy), None for
-    model directories and failures. ``resumed``: the output was already there from an earlier run.
+    model directories and failures. ``seconds``: wall time of the repair; ``cpu_seconds``: CPU time of
+    the thread that ran it (its own work when each worker computes on one thread, as when there are
+    as many workers as cores). ``resumed``: the output was already there from an earlier run.
     """
 
     name: str
@@ -69,6 +71,7 @@ class BatchResult:
     modules_repaired: int | None = None
     relative_change: float | None = None
     seconds: float | None = None
+    cpu_seconds: float | None = None
     error: str | None = None
     resumed: bool = False
     out: str | None = field(default=None, compare=False)
@@ -239,7 +242,7 @@ def repair_model_dir(shared: Shared, job: BatchJob, item: BatchItem):
 
 def run_item(shared: Shared, job: BatchJob, item: BatchItem) -> BatchResult:
     """Repair one fine-tune; every error becomes a ``failed`` result with a one-line reason."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     try:
         change = None
         if job.kind == "model":
@@ -249,11 +252,12 @@ def run_item(shared: Shared, job: BatchJob, item: BatchItem) -> BatchResult:
             change = update_change(finetuned, result.adapter)
     except Exception as err:  # noqa: BLE001 - a bad fine-tune must not stop the batch
         return BatchResult(item.name, "failed", seconds=round(time.perf_counter() - start, 3),
-                           error=one_line(err))
+                           cpu_seconds=round(time.thread_time() - cpu, 3), error=one_line(err))
     repaired = sum(d.repaired for d in result.decisions)
     return BatchResult(item.name, "repaired" if repaired else "unchanged", modules=len(result.decisions),
                        modules_repaired=repaired, relative_change=change,
-                       seconds=round(time.perf_counter() - start, 3), out=str(Path(job.out) / item.name))
+                       seconds=round(time.perf_counter() - start, 3), cpu_seconds=round(time.thread_time() - cpu, 3),
+                       out=str(Path(job.out) / item.name))
 
 
 def one_line(err: BaseException) -> str:
@@ -414,7 +418,7 @@ def _append(out: Path, result: BatchResult) -> None:
 def _resumed(out: Path, name: str, logged: dict) -> BatchResult:
     row = logged.get(name)
     if row and row.get("status") in ("repaired", "unchanged"):
-        fields = {k: row.get(k) for k in ("modules", "modules_repaired", "relative_change", "seconds")}
+        fields = {k: row.get(k) for k in ("modules", "modules_repaired", "relative_change", "seconds", "cpu_seconds")}
         return BatchResult(name, row["status"], resumed=True, out=str(out / name), **fields)
     summary = json.loads((out / name / REPORT_NAME).read_text())["summary"]
     return BatchResult(name, "repaired" if summary["repaired"] else "unchanged", modules=summary["modules"],
