@@ -220,7 +220,8 @@ def main() -> None:
                 floors[processes].append(io_floor(inputs, sizes, root / "floor", processes))
         floor_1, floor_w = max(floors[1]), max(floors[args.workers])
         info = machine()
-        best = rows[0]
+        local = [row for row in rows if row["engine"].startswith("local")] or rows
+        best = max(local, key=lambda row: row["adapters_per_hour"])    # the headline: the faster local pool
         for row in rows:
             row["ratio_to_io_floor"] = row["adapters_per_hour"] / floor_w
             row["ratio_to_io_floor_1_process"] = row["adapters_per_hour"] / floor_1

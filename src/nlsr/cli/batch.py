@@ -29,7 +29,8 @@ def realign_batch(
     engine: Annotated[str, typer.Option(help="local (a pool of processes or threads) or ray.")] = "local",
     workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
         help="Parallel repairs (default: the CPUs, at most 4).")] = None,
-    pool: Annotated[str, typer.Option(help="Local engine: process (default, the faster) or thread.")] = "process",
+    pool: Annotated[str, typer.Option(
+        help="Local engine: thread (default: no start-up, one copy of the reference) or process.")] = "thread",
     ray_address: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Ray engine: the cluster to join (default: a local Ray instance).")] = None,
     select: Annotated[str, typer.Option(help="Module selection: paper, reverse, threshold or all.")] = "paper",
@@ -58,7 +59,7 @@ def realign_batch(
 ) -> None:
     """Repair many fine-tunes against one reference and masks (loaded once); resumable."""
     check_choice("--engine", engine, ("local", "ray"))
-    check_choice("--pool", pool, ("process", "thread"))
+    check_choice("--pool", pool, ("thread", "process"))
     check_choice("--select", select, SELECTION_RULE_NAMES)
     check_choice("--transplant", transplant, TRANSPLANT_NAMES)
     check_choice("--granularity", granularity, ("entry", "neuron"))

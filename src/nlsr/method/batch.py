@@ -14,8 +14,9 @@ is finished by running it again: names whose output exists are skipped (``resume
 folders of the killed run are removed, the rest is repaired. The settings must be the same (else
 ``force``, which repairs everything again).
 
-Engines (:mod:`nlsr.method.batch_engines`): ``local``, a pool of worker processes (``pool="process"``,
-the default: measured faster than threads, see ``benchmarks/service_bench.py``) or threads; and
+Engines (:mod:`nlsr.method.batch_engines`): ``local``, a pool of worker threads (``pool="thread"``, the
+default: no start-up, one copy of the reference and masks; faster than processes in 2 of 3 runs of
+``benchmarks/service_bench.py`` on a busy 2-core machine, at half the memory) or processes; and
 ``ray``, the same work as Ray tasks with the reference and masks put in the object store once.
 """
 
@@ -427,7 +428,7 @@ def _resumed(out: Path, name: str, logged: dict) -> BatchResult:
 
 def realign_batch(reference: str | os.PathLike, masks: str | os.PathLike,
                   sources: str | os.PathLike | Iterable[BatchItem], out: str | os.PathLike, *,
-                  engine: str = "local", workers: int | None = None, pool: str = "process",
+                  engine: str = "local", workers: int | None = None, pool: str = "thread",
                   ray_address: str | None = None, base: str | os.PathLike | None = None,
                   rebase: str | os.PathLike | None = None, allow_pickle: bool = False, force: bool = False,
                   **options) -> Iterator[BatchResult]:
@@ -438,7 +439,7 @@ def realign_batch(reference: str | os.PathLike, masks: str | os.PathLike,
         sources: a folder with one fine-tune per subfolder, a JSONL manifest, or :class:`BatchItem`s.
         out: the output folder (created; its parent must exist).
         engine: ``local`` or ``ray``. workers: parallel repairs (default: the CPUs, at most 4).
-            pool: ``process`` or ``thread`` (local engine). ray_address: a Ray cluster to join
+            pool: ``thread`` or ``process`` (local engine). ray_address: a Ray cluster to join
             (default: a local Ray instance, started and stopped here, unless one is running).
         base: model directories: the model both updates are measured from. rebase: neuron
             granularity adapters: the adapter merged into the fine-tunes' base.

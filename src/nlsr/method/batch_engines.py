@@ -41,7 +41,7 @@ def _run_in_process(item: BatchItem) -> BatchResult:
 
 
 def run_local(shared: Shared | None, job: BatchJob, items: list[BatchItem], workers: int,
-              pool: str = "process") -> Iterator[BatchResult]:
+              pool: str = "thread") -> Iterator[BatchResult]:
     """Repair ``items`` on a local pool of ``workers`` processes (each loads ``job``'s reference and masks
     once; ``shared`` is not used) or threads (sharing ``shared``); results as they finish."""
     if pool == "thread":
