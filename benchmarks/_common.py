@@ -26,15 +26,17 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(fn: Callable[[], object], interval: float = 0.002) -> tuple[object, float, int]:
-    """Run ``fn``; return its result, wall seconds, and peak RSS growth above the start (bytes)."""
-    start_rss = rss_bytes()
+def measure(fn: Callable[[], object], interval: float = 0.002,
+            rss: Callable[[], int] = rss_bytes) -> tuple[object, float, int]:
+    """Run ``fn``; return its result, wall seconds, and peak RSS growth above the start (bytes).
+    ``rss``: what to sample (default this process's resident memory)."""
+    start_rss = rss()
     peak = [start_rss]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
+            peak[0] = max(peak[0], rss())
             time.sleep(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -46,7 +48,7 @@ def measure(fn: Callable[[], object], interval: float = 0.002) -> tuple[object, 
         elapsed = time.perf_counter() - t0
         done.set()
         thread.join()
-    peak[0] = max(peak[0], rss_bytes())
+    peak[0] = max(peak[0], rss())
     return result, elapsed, peak[0] - start_rss
 
 

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from nlsr.cli.batch import realign_batch
 from nlsr.cli.common import errors_to_exit, set_debug
 from nlsr.cli.evaluate import evaluate
 from nlsr.cli.experiment import compare, export, list_registries, run, validate
@@ -31,6 +32,7 @@ def _main(debug: Annotated[bool, typer.Option(
 
 for command in (extrapolate, identify, realign, safelora, inspect):
     app.command()(command)
+app.command("realign-batch")(realign_batch)
 app.command(name="evaluate")(errors_to_exit(evaluate))
 for command in (run, validate, export, compare):
     app.command()(command)

@@ -38,21 +38,6 @@ from nlsr.weights.model_dir_checks import model_dir_problem
 REFERENCE_INFO = "nlsr_reference.json"  # written by `extrapolate` beside the reference adapter
 
 
-def save_repaired(result, out: Path, force: bool, template: str | None, **inputs: Path) -> dict:
-    """Write a repaired adapter with its ``realign_report.json`` (the input paths added to its settings)
-    and the template it records; return the report."""
-    from nlsr.weights.adapters import save_adapter
-    from nlsr.weights.records import RECORD_FILE, record_bytes
-
-    report = result.report()
-    report["settings"].update({name: str(path) for name, path in inputs.items()})
-    extra = {"realign_report.json": (json.dumps(report, indent=2) + "\n").encode()}
-    if template:
-        extra[RECORD_FILE] = record_bytes(template=template)
-    save_adapter(result.adapter, out, force=force, extra_files=extra)
-    return report
-
-
 def _identify_template(explicit: str | None, reference: Path) -> tuple[str, str]:
     """The template masks are made in: ``--template``, else the reference's record, else the default."""
     from nlsr.weights.records import DEFAULT_TEMPLATE, recorded_template
@@ -286,7 +271,7 @@ def realign(
     from nlsr.experiment.plots import plot_similarity_by_layer
     from nlsr.method.checks import check_template
     from nlsr.method.masks import load_masks
-    from nlsr.method.realign import describe_change
+    from nlsr.method.realign import describe_change, write_repaired
     from nlsr.method.realign import realign as run
     from nlsr.weights.adapters import load_adapter
     from nlsr.weights.records import recorded_template
@@ -294,12 +279,12 @@ def realign(
     loaded = load_masks(masks)
     kept_template = check_template(loaded.metadata.get("template"), recorded_template(finetuned), template,
                                    f"the fine-tuned adapter '{finetuned}'")
-    result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle),
+    result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle, dtype=None),
                  loaded, select=select, transplant=transplant, threshold=threshold,
                  p_base=p_base, epsilon=epsilon, seed=seed, min_origin_cosine=min_origin_cosine,
                  check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch,
                  granularity="entry")
-    report = save_repaired(result, out, force, kept_template, reference=reference, finetuned=finetuned,
+    report = write_repaired(result, out, force, kept_template, reference=reference, finetuned=finetuned,
                            masks=masks)
     plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png")
     summary = report["summary"]
@@ -342,7 +327,7 @@ def safelora(
     from nlsr.method.safelora import safelora as run
     from nlsr.weights.adapters import load_adapter, save_adapter
 
-    result = run(load_adapter(aligned, allow_pickle), load_adapter(finetuned, allow_pickle),
+    result = run(load_adapter(aligned, allow_pickle), load_adapter(finetuned, allow_pickle, dtype=None),
                  unaligned=load_adapter(unaligned, allow_pickle) if unaligned else None,
                  threshold=threshold, num_modules=num_modules)
     report = result.report()
@@ -505,7 +490,7 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
     from nlsr.experiment.plots import plot_similarity_by_layer
     from nlsr.method.checks import check_template
     from nlsr.method.masks import load_masks
-    from nlsr.method.realign import describe_change
+    from nlsr.method.realign import describe_change, write_repaired
     from nlsr.weights.records import recorded_template
 
     loaded = load_masks(masks)
@@ -518,10 +503,10 @@ def realign_neuron(*, reference: Path, finetuned: Path, masks: Path, out: Path, 
         from nlsr.weights.adapters import load_adapter
 
         result = realign(
-            load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle), loaded,
+            load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle, dtype=None), loaded,
             rebase=load_adapter(rebase, allow_pickle) if rebase is not None else None, granularity="neuron",
             **rule)
-        report = save_repaired(result, out, force, kept_template, reference=reference, finetuned=finetuned,
+        report = write_repaired(result, out, force, kept_template, reference=reference, finetuned=finetuned,
                                masks=masks)
     else:
         from nlsr.method.realign import realign_model_dir

@@ -91,6 +91,23 @@ class RealignResult:
         return {"settings": settings, "summary": summary, "modules": [asdict(d) for d in self.decisions]}
 
 
+def write_repaired(result: RealignResult, out: str | os.PathLike, force: bool = False, template: str | None = None,
+                   **inputs: object) -> dict:
+    """Write a repaired adapter as ``nlsr realign`` does: the PEFT adapter, its ``realign_report.json``
+    (the ``inputs`` paths added to the settings) and the template it records (``nlsr.json``);
+    atomically. Returns the report."""
+    from nlsr.weights.adapters import save_adapter
+    from nlsr.weights.records import RECORD_FILE, record_bytes
+
+    report = result.report()
+    report["settings"].update({name: str(value) for name, value in inputs.items()})
+    extra = {"realign_report.json": (json.dumps(report, indent=2) + "\n").encode()}
+    if template:
+        extra[RECORD_FILE] = record_bytes(template=template)
+    save_adapter(result.adapter, out, force=force, extra_files=extra)
+    return report
+
+
 def describe_change(summary: dict) -> str:
     """One line of a report's summary: what the repair changed."""
     def sim(value: float | None) -> str:
@@ -127,10 +144,15 @@ def change_summary(decisions: list[ModuleDecision], before: LoraAdapter, after: 
 
 
 def _same_as_reference_note(reference: LoraAdapter, finetuned: LoraAdapter) -> list[str]:
-    if fingerprint(reference)["content"] == fingerprint(finetuned)["content"]:
-        return ["warning: the fine-tuned adapter equals the reference: nothing drifted, and a repair can "
-                "only change it where the transplant drops terms (see relative_change)"]
-    return []
+    """A warning when the fine-tune is the reference itself (checked module by module; the first
+    differing module ends the check, so a real fine-tune costs one comparison)."""
+    for name, f in finetuned:
+        r = reference.modules.get(name)
+        if r is None or r.scale != f.scale or r.A.shape != f.A.shape or r.B.shape != f.B.shape \
+                or not (torch.equal(r.A, f.A) and torch.equal(r.B, f.B)):
+            return []
+    return ["warning: the fine-tuned adapter equals the reference: nothing drifted, and a repair can "
+            "only change it where the transplant drops terms (see relative_change)"]
 
 
 def layer_and_kind(module: str) -> tuple[int | None, str]:
@@ -216,14 +238,17 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
     settings = {"select": rule["select"], "transplant": transplant, "threshold": rule["threshold"],
                 "p_base": rule["p_base"], "epsilon": rule["epsilon"], "seed": rule["seed"],
                 "median_origin_cosine": origin, "masks": dict(masks.metadata)}
-    adapter = finetuned.with_modules(modules)
+    adapter = finetuned.with_modules(modules, keep_dtype=True)
     return RealignResult(decisions, settings, adapter=adapter, notes=_same_as_reference_note(reference, finetuned),
                          change=change_summary(decisions, finetuned, adapter))
 
 
 
 def _scaled(f: LoraFactors) -> LowRank:
-    return f.scale * f.B, f.A
+    """``(s B, A)``, computed in float32 for narrower factors (a bf16 fine-tune loaded as stored)."""
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return f.scale * wide(f.B), wide(f.A)
 
 
 def reference_updates(reference: LoraAdapter, finetuned: LoraAdapter,
@@ -294,7 +319,9 @@ def _realign_rows(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyM
     """Neuron granularity of :func:`realign`: the repaired modules have rank ``r_ref + r_ft`` and keep
     the fine-tune's scale via ``rank_pattern``/``alpha_pattern``."""
     check_same_modules(reference, finetuned)
-    check_neuron_masks(masks, {n: f.B.shape[0] for n, f in reference}, fingerprint(reference),
+    # (with allow_mask_mismatch the fingerprint is not compared: not computed either)
+    check_neuron_masks(masks, {n: f.B.shape[0] for n, f in reference},
+                       {} if allow_mask_mismatch else fingerprint(reference),
                        f"'{reference.source}'" if reference.source else "(in memory)", allow_mask_mismatch)
     updates, note, rebased = reference_updates(reference, finetuned, rebase=rebase, check_base=check_base)
     names = list(finetuned.modules)
@@ -318,7 +345,7 @@ def _realign_rows(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyM
                 "reference_ranks": sorted({r.rank for _, r in reference}),
                 "finetuned_ranks": sorted({f.rank for _, f in finetuned}),
                 "rebased": rebased, "masks": dict(masks.metadata)}
-    adapter = finetuned.with_modules(modules)
+    adapter = finetuned.with_modules(modules, keep_dtype=True)
     notes = [note, *_same_as_reference_note(reference, finetuned)]
     return RealignResult(decisions, settings, adapter=adapter, notes=notes,
                          change=change_summary(decisions, finetuned, adapter))

@@ -64,7 +64,7 @@ def masked_similarities(modules: Sequence[ModuleFactors], eps: float = 1e-30,
     """``S_j`` of many modules: a float64 vector, one entry per ``(A_e, B_e, A_t, B_t, M_A, M_B)``.
 
     Equal to :func:`masked_similarity` module by module. Per module the masked factors are written
-    once, straight into two stacked buffers ``[M_B⊙B_e | M_B⊙B_t]`` (``d_out x 2r``) and
+    once, straight into buffers ``M_B⊙B_e``, ``M_B⊙B_t`` (``d_out x r`` each: contiguous copies) and
     ``[M_A⊙A_e ; M_A⊙A_t]`` (``2r x d_in``) that are reused by every module of the same shape (a
     model repeats a handful of shapes), so nothing of size ``d`` is allocated per module; one
     symmetric Gram matrix per buffer then gives the inner product and both norms (module
@@ -115,6 +115,8 @@ def flat_cosines(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
 
     def cosine(i: int) -> float:
         x, y = pairs[i]
+        if x.device.type == "cpu" and y.device.type == "cpu":     # bf16 (a fine-tune as stored): float32
+            x, y = (t if t.dtype in (torch.float32, torch.float64) else t.float() for t in (x, y))
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             x, y = x.flatten(), y.flatten()
             return float(torch.dot(x, y) / (torch.dot(x, x) * torch.dot(y, y)).sqrt().clamp_min(1e-30))
@@ -174,10 +176,12 @@ def _stacked_sums(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: torc
         dtype = np.float64 if wide else np.float32
         key = (r1, r2, d_in, d_out, dtype)
         if key not in buffers:
-            buffers[key] = (np.empty((d_out, r1 + r2), dtype), np.empty((r1 + r2, d_in), dtype))
-        B, A = buffers[key]
-        for dst, factor, mask in ((B[:, :r1], B1, M_B), (B[:, r1:], B2, M_B),
-                                  (A[:r1], A1, M_A), (A[r1:], A2, M_A)):
+            buffers[key] = (np.empty((d_out, r1), dtype), np.empty((d_out, r2), dtype),
+                            np.empty((r1 + r2, d_in), dtype))
+        # B's two halves in buffers of their own: writing r-wide rows into a 2r-wide buffer is a
+        # strided copy, several times slower than a contiguous one.
+        Bl, Br, A = buffers[key]
+        for dst, factor, mask in ((Bl, B1, M_B), (Br, B2, M_B), (A[:r1], A1, M_A), (A[r1:], A2, M_A)):
             src = factor.detach()
             src = (src if src.dtype in (torch.float32, torch.float64) else src.float()).numpy()
             if mask is None:
@@ -185,7 +189,9 @@ def _stacked_sums(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: torc
             else:
                 np.multiply(src, mask.numpy(), out=dst)
         # numpy multiplies a matrix by its own transpose with BLAS ?syrk and mirrors the triangle.
-        product = (B.T @ B).astype(np.float64) * (A @ A.T)
+        G_A = A @ A.T
+        blocks = ((Bl, Br, G_A[:r1, r1:]), (Bl, Bl, G_A[:r1, :r1]), (Br, Br, G_A[r1:, r1:]))
+        return tuple(((x.T @ y).astype(np.float64) * g).sum() for x, y, g in blocks)
     else:
         dtype = torch.float64 if wide else torch.float32
         key = (r1, r2, d_in, d_out, dtype, A1.device)

@@ -58,6 +58,8 @@ class LoraAdapter:
     config: dict
     modules: dict[str, LoraFactors] = field(default_factory=dict)
     source: str | None = field(default=None, compare=False)  # the directory it was loaded from
+    # The dtype of the file it was loaded from (None: float32 or mixed); save_adapter writes it.
+    dtype: torch.dtype | None = field(default=None, compare=False)
 
     def __iter__(self) -> Iterator[tuple[str, LoraFactors]]:
         return iter(self.modules.items())
@@ -69,9 +71,11 @@ class LoraAdapter:
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
-    def with_modules(self, modules: Mapping[str, LoraFactors]) -> LoraAdapter:
-        """A new adapter with the same config and the given factors."""
-        return LoraAdapter(config=dict(self.config), modules=dict(modules))
+    def with_modules(self, modules: Mapping[str, LoraFactors], keep_dtype: bool = False) -> LoraAdapter:
+        """A new adapter with the same config and the given factors (``keep_dtype``: written in this
+        adapter's file dtype too, for a repair of it; else float32)."""
+        return LoraAdapter(config=dict(self.config), modules=dict(modules),
+                           dtype=self.dtype if keep_dtype else None)
 
     def num_parameters(self) -> int:
         return sum(f.A.numel() + f.B.numel() for f in self.modules.values())
@@ -171,8 +175,13 @@ def read_safetensors(file: Path, what: str, fix: str) -> dict[str, torch.Tensor]
                         f"or not a safetensors file; {fix}") from err
 
 
-def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:
+def load_adapter(path: str | os.PathLike, allow_pickle: bool = False,
+                 dtype: torch.dtype | None = torch.float32) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory into a :class:`LoraAdapter`.
+
+    ``dtype``: the factors' dtype in memory (default float32); None keeps the file's (a bf16 file
+    then stays bf16, and :func:`save_adapter` writes its unchanged factors as they came). The file's
+    dtype is recorded as ``adapter.dtype`` either way.
 
     Raises:
         NlsrError: not a LoRA adapter, a pickle file without ``allow_pickle``, unsupported
@@ -206,11 +215,24 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAda
             raise NlsrError(f"'{path}': module '{name}' has rank {rank} in its weights but "
                             f"{expected} in {CONFIG_NAME}")
         for factor, tensor in (("A", a), ("B", b)):
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise NlsrError(f"'{path}': {weight_key(name, factor)} contains NaN or Inf")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-        modules[name] = LoraFactors(A=a.float(), B=b.float(), scale=_scale(alpha, rank, rslora))
-    return LoraAdapter(config=config, modules=modules, source=str(path))
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        modules[name] = LoraFactors(A=a, B=b, scale=_scale(alpha, rank, rslora))
+    stored = {t.dtype for t in tensors.values()}
+    file_dtype = stored.pop() if len(stored) == 1 else None
+    return LoraAdapter(config=config, modules=modules, source=str(path),
+                       dtype=None if file_dtype == torch.float32 else file_dtype)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``. The sum of its entries (one read, no temporary) is finite when
+    every entry is; only a non-finite sum (a NaN or Inf, or an overflow) runs the exact test."""
+    if not tensor.is_floating_point() or math.isfinite(float(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def fingerprint(adapter: LoraAdapter) -> dict:
@@ -278,12 +300,15 @@ def save_adapter(adapter: LoraAdapter, path: str | os.PathLike, force: bool = Fa
                  extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write ``adapter`` as a PEFT directory, atomically (nothing appears on failure).
 
+    Factors are written in ``adapter.dtype`` (the dtype of the file a repaired adapter came from;
+    None: float32); a factor already in that dtype is written as it is, without a copy.
     ``extra_files`` (name -> bytes) are written into the same directory, e.g. a report.
     """
+    dtype = adapter.dtype or torch.float32
     tensors = {}
     for name, f in adapter.modules.items():
-        tensors[weight_key(name, "A")] = f.A.detach().float().contiguous().cpu()
-        tensors[weight_key(name, "B")] = f.B.detach().float().contiguous().cpu()
+        tensors[weight_key(name, "A")] = f.A.detach().to("cpu", dtype).contiguous()
+        tensors[weight_key(name, "B")] = f.B.detach().to("cpu", dtype).contiguous()
     with atomic_dir(path, force=force) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config_for(adapter), indent=2) + "\n")

@@ -1,0 +1,464 @@
+"""Repair many fine-tunes against one reference and one set of masks: fine-tuning as a service.
+
+One aligned model, one reference, one masks file, and many customer adapters (or full fine-tunes).
+:func:`realign_batch` loads and checks the reference and the masks once, then repairs each fine-tune
+exactly as ``nlsr realign`` does (:func:`repair_adapter`: the same loading, :func:`~nlsr.method.realign.realign`
+or :func:`~nlsr.method.realign.realign_model_dir`, report and :func:`~nlsr.weights.adapters.save_adapter`)
+into ``OUT/NAME/``, and yields one :class:`BatchResult` per fine-tune as it finishes. A fine-tune
+that cannot be repaired (corrupt file, other base or rank, unrelated to the reference) is a
+``failed`` result with a one-line reason; the rest goes on.
+
+``OUT/batch.jsonl`` gets one line per result as it finishes; ``OUT/batch.json`` records the
+settings. Every ``OUT/NAME/`` appears atomically (complete or not at all), so a run that was killed
+is finished by running it again: names whose output exists are skipped (``resumed``), temporary
+folders of the killed run are removed, the rest is repaired. The settings must be the same (else
+``force``, which repairs everything again).
+
+Engines (:mod:`nlsr.method.batch_engines`): ``local``, a pool of worker threads (``pool="thread"``, the
+default: no start-up, one copy of the reference and masks; faster than processes in 2 of 3 runs of
+``benchmarks/service_bench.py`` on a busy 2-core machine, at half the memory) or processes; and
+``ray``, the same work as Ray tasks with the reference and masks put in the object store once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nlsr.errors import NlsrError
+
+LOG_NAME = "batch.jsonl"
+SETTINGS_NAME = "batch.json"
+REPORT_NAME = "realign_report.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ENGINES = ("local", "ray")
+POOLS = ("process", "thread")
+STATUSES = ("repaired", "unchanged", "failed")
+_RESERVED = {LOG_NAME, SETTINGS_NAME}
+# realign() options a batch takes, with nlsr realign's defaults
+OPTION_DEFAULTS = {"select": "paper", "transplant": "exact", "threshold": None, "p_base": 0.5,
+                   "epsilon": 0.2, "seed": 0, "min_origin_cosine": 0.5, "granularity": "entry",
+                   "allow_base_mismatch": False, "allow_mask_mismatch": False}
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One fine-tune of a batch: its output name and where it is."""
+
+    name: str
+    path: Path
+
+
+@dataclass
+class BatchResult:
+    """What happened to one fine-tune (one line of ``batch.jsonl``).
+
+    ``relative_change``: ``||ΔW_out - ΔW_in||_F / ||ΔW_in||_F`` over all modules of the adapter (from
+    ``r x r`` Gram matrices in float32, summed in float64; about 1e-3 absolute accuracy), None for
+    model directories and failures. ``seconds``: wall time of the repair; ``cpu_seconds``: CPU time of
+    the thread that ran it (its own work when each worker computes on one thread, as when there are
+    as many workers as cores). ``resumed``: the output was already there from an earlier run.
+    """
+
+    name: str
+    status: str
+    modules: int | None = None
+    modules_repaired: int | None = None
+    relative_change: float | None = None
+    seconds: float | None = None
+    cpu_seconds: float | None = None
+    error: str | None = None
+    resumed: bool = False
+    out: str | None = field(default=None, compare=False)
+
+    def record(self) -> dict:
+        row = asdict(self)
+        row.pop("out")
+        if not self.resumed:
+            row.pop("resumed")
+        if self.error is None:
+            row.pop("error")
+        return row
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """Everything a worker needs besides the loaded reference and masks (small, picklable)."""
+
+    kind: str                       # "adapter" or "model"
+    reference: str                  # paths as given (they go into each report, as nlsr realign writes them)
+    masks: str
+    out: str
+    options: dict
+    base: str | None = None
+    rebase: str | None = None
+    allow_pickle: bool = False
+    force: bool = False
+    masks_checked: bool = False     # the masks were checked against the reference once, up front
+
+
+@dataclass
+class Shared:
+    """What every repair reads: the reference, the masks (and base or rebase), loaded once."""
+
+    reference: object               # LoraAdapter or ModelDir
+    masks: object                   # SafetyMasks
+    base: object | None = None      # ModelDir (model directories)
+    rebase: object | None = None    # LoraAdapter (neuron granularity, adapters)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+def read_sources(source: str | os.PathLike | Iterable[BatchItem]) -> list[BatchItem]:
+    """The fine-tunes of a batch: a folder with one fine-tune per subfolder (hidden ones skipped),
+    a JSONL manifest of ``{"name": ..., "path": ...}`` lines (relative paths are relative to the
+    manifest's folder), or items already made. Raises :class:`NlsrError` for a missing or empty
+    source, a bad manifest line, or names that repeat or cannot be folder names."""
+    if not isinstance(source, (str, os.PathLike)):
+        items = list(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise NlsrError(f"--adapters '{path}' does not exist; give a folder with one adapter per "
+                            'subfolder, or a JSONL manifest of {"name": ..., "path": ...} lines')
+        items = _read_manifest(path) if path.is_file() else [
+            BatchItem(p.name, p) for p in sorted(path.iterdir(), key=lambda p: p.name)
+            if p.is_dir() and not p.name.startswith(".")]
+        if not items:
+            what = "manifest" if path.is_file() else "folder"
+            raise NlsrError(f"--adapters {what} '{path}' holds no fine-tunes; give a folder with one "
+                            'adapter per subfolder, or a JSONL manifest of {"name": ..., "path": ...} lines')
+    seen: dict[str, BatchItem] = {}
+    for item in items:
+        if not item.name or "/" in item.name or "\\" in item.name or item.name.startswith(".") \
+                or item.name in _RESERVED:
+            raise NlsrError(f"--adapters: '{item.name}' cannot be an output name (it becomes OUT/NAME/: "
+                            f"no path separators, no leading dot, not {' or '.join(sorted(_RESERVED))})")
+        if item.name in seen:
+            raise NlsrError(f"--adapters: the name '{item.name}' appears twice ('{seen[item.name].path}' "
+                            f"and '{item.path}'); names must be unique")
+        seen[item.name] = item
+    return items
+
+
+def _read_manifest(path: Path) -> list[BatchItem]:
+    from nlsr.data.readers import jsonl_rows
+
+    items = []
+    try:
+        for row in jsonl_rows(path):
+            name, target = row.data.get("name"), row.data.get("path")
+            if not isinstance(name, str) or not isinstance(target, str) or not target:
+                raise NlsrError(f"{path}, row {row.number}: lacks a string \"name\" and \"path\"")
+            target = Path(target)
+            items.append(BatchItem(name, target if target.is_absolute() else path.parent / target))
+    except NlsrError as err:
+        raise NlsrError(f"--adapters manifest: {err}; each line is {{\"name\": ..., \"path\": ...}}") from None
+    return items
+
+
+def reference_kind(reference: str | os.PathLike) -> str:
+    """``model`` for a model directory (config.json, no adapter_config.json), else ``adapter``."""
+    path = Path(reference)
+    return "model" if path.is_dir() and not (path / ADAPTER_CONFIG).is_file() \
+        and (path / "config.json").is_file() else "adapter"
+
+
+# ---- one fine-tune ---------------------------------------------------------------------------
+
+def load_shared(job: BatchJob) -> Shared:
+    """Load the reference, masks (and base or rebase) of ``job``."""
+    from nlsr.method.masks import load_masks
+
+    masks = load_masks(job.masks)
+    if job.kind == "model":
+        from nlsr.weights.model_dirs import ModelDir
+
+        return Shared(ModelDir(job.reference, "--reference"), masks, base=ModelDir(job.base, "--base"))
+    from nlsr.weights.adapters import load_adapter
+
+    rebase = load_adapter(job.rebase, job.allow_pickle) if job.rebase else None
+    return Shared(load_adapter(job.reference, job.allow_pickle), masks, rebase=rebase)
+
+
+def check_shared(shared: Shared, job: BatchJob) -> None:
+    """The checks of the masks against the reference that every repair would repeat (adapters):
+    done once here, so that each repair can skip them (``masks_checked``)."""
+    if job.kind != "adapter":
+        return
+    from nlsr.method.checks import check_entry_granularity, check_masks, check_neuron_masks
+    from nlsr.weights.adapters import fingerprint
+
+    allow = job.options["allow_mask_mismatch"]
+    if job.options["granularity"] == "entry":
+        check_entry_granularity(shared.masks)
+        check_masks(shared.masks, shared.reference, allow_mismatch=allow)
+    else:
+        check_neuron_masks(shared.masks, {n: f.B.shape[0] for n, f in shared.reference},
+                           {} if allow else fingerprint(shared.reference), f"'{job.reference}'", allow)
+
+
+def repair_adapter(shared: Shared, job: BatchJob, item: BatchItem):
+    """Repair one adapter as ``nlsr realign`` does and write ``OUT/NAME/``; returns the
+    :class:`~nlsr.method.realign.RealignResult` and the input adapter (raises on a bad input)."""
+    from nlsr.method.checks import check_template
+    from nlsr.method.realign import realign, write_repaired
+    from nlsr.weights.adapters import load_adapter
+    from nlsr.weights.records import recorded_template
+
+    o = job.options
+    finetuned = load_adapter(item.path, job.allow_pickle, dtype=None)
+    template = check_template(shared.masks.metadata.get("template"), recorded_template(item.path),
+                              o.get("template"), f"the fine-tuned adapter '{item.name}'")
+    rule = dict(select=o["select"], threshold=o["threshold"], p_base=o["p_base"], epsilon=o["epsilon"],
+                seed=o["seed"], check_base=not o["allow_base_mismatch"],
+                allow_mask_mismatch=o["allow_mask_mismatch"] or job.masks_checked)
+    if o["granularity"] == "entry":
+        result = realign(shared.reference, finetuned, shared.masks, transplant=o["transplant"],
+                         min_origin_cosine=o["min_origin_cosine"], granularity="entry", **rule)
+    else:
+        result = realign(shared.reference, finetuned, shared.masks, rebase=shared.rebase,
+                         granularity="neuron", **rule)
+    write_repaired(result, Path(job.out) / item.name, force=job.force, template=template,
+                   reference=job.reference, finetuned=item.path, masks=job.masks)
+    return result, finetuned
+
+
+def repair_model_dir(shared: Shared, job: BatchJob, item: BatchItem):
+    """Repair one full fine-tune as ``nlsr realign --granularity neuron --base`` does."""
+    from nlsr.method.realign import realign_model_dir
+    from nlsr.weights.model_dirs import ModelDir
+
+    o = job.options
+    return realign_model_dir(shared.reference, ModelDir(item.path, f"--adapters '{item.name}'"), shared.base,
+                             shared.masks, Path(job.out) / item.name, select=o["select"],
+                             threshold=o["threshold"], p_base=o["p_base"], epsilon=o["epsilon"], seed=o["seed"],
+                             check_base=not o["allow_base_mismatch"],
+                             allow_mask_mismatch=o["allow_mask_mismatch"], force=job.force)
+
+
+def run_item(shared: Shared, job: BatchJob, item: BatchItem) -> BatchResult:
+    """Repair one fine-tune; every error becomes a ``failed`` result with a one-line reason."""
+    start, cpu = time.perf_counter(), time.thread_time()
+    try:
+        change = None
+        if job.kind == "model":
+            result = repair_model_dir(shared, job, item)
+        else:
+            result, _ = repair_adapter(shared, job, item)
+            change = result.change.get("relative_change")
+    except Exception as err:  # noqa: BLE001 - a bad fine-tune must not stop the batch
+        return BatchResult(item.name, "failed", seconds=round(time.perf_counter() - start, 3),
+                           cpu_seconds=round(time.thread_time() - cpu, 3), error=one_line(err))
+    repaired = sum(d.repaired for d in result.decisions)
+    return BatchResult(item.name, "repaired" if repaired else "unchanged", modules=len(result.decisions),
+                       modules_repaired=repaired, relative_change=change,
+                       seconds=round(time.perf_counter() - start, 3), cpu_seconds=round(time.thread_time() - cpu, 3),
+                       out=str(Path(job.out) / item.name))
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: the message of an :class:`NlsrError`, else its type and message."""
+    if isinstance(err, NlsrError):
+        text = str(err)
+    elif isinstance(err, OSError):
+        text = f"cannot use '{err.filename}': {err.strerror or err}" if err.filename else f"OSError: {err}"
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(text.split()) or type(err).__name__
+
+
+
+
+# ---- the batch -------------------------------------------------------------------------------
+
+def make_job(reference, masks, out, *, base=None, rebase=None, allow_pickle=False, force=False,
+             **options) -> BatchJob:
+    """Check the options (names as ``nlsr realign``'s) and build the :class:`BatchJob`."""
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"realign_batch() got unknown options {unknown}; known: {sorted(OPTION_DEFAULTS)}")
+    opts = {**OPTION_DEFAULTS, **options}
+    from nlsr.method import TRANSPLANTS
+    from nlsr.method.masks import GRANULARITIES
+    from nlsr.method.select import check_rule
+
+    check_rule(opts["select"], opts["threshold"], opts["p_base"], opts["epsilon"])
+    TRANSPLANTS.check(opts["transplant"], "--transplant")
+    if opts["granularity"] not in GRANULARITIES:
+        raise NlsrError(f"unknown --granularity '{opts['granularity']}'; use one of {', '.join(GRANULARITIES)}")
+    if not opts["min_origin_cosine"] <= 1:
+        raise NlsrError(f"--min-origin-cosine is a cosine, at most 1 (got {opts['min_origin_cosine']}); 0 "
+                        "disables it")
+    kind = reference_kind(reference)
+    if kind == "model":
+        if opts["granularity"] != "neuron":
+            raise NlsrError(f"--reference '{reference}' is a model directory: full fine-tunes are repaired at "
+                            "neuron granularity (--granularity neuron --base DIR)")
+        if base is None:
+            raise NlsrError("model directories need --base DIR, the model both updates are measured from")
+        if rebase is not None:
+            raise NlsrError("--rebase is for adapters; for model directories give --base")
+    else:
+        if base is not None:
+            raise NlsrError("--base is for model directories; adapters record their base in adapter_config.json")
+        if rebase is not None and opts["granularity"] != "neuron":
+            raise NlsrError("--base and --rebase apply to --granularity neuron only")
+    return BatchJob(kind, str(reference), str(masks), str(out), opts, base=None if base is None else str(base),
+                    rebase=None if rebase is None else str(rebase), allow_pickle=allow_pickle, force=force)
+
+
+def _settings(job: BatchJob) -> dict:
+    return {"reference": job.reference, "masks": job.masks, "base": job.base, "rebase": job.rebase,
+            "allow_pickle": job.allow_pickle, **job.options}
+
+
+def prepare_out(job: BatchJob, items: list[BatchItem]) -> set[str]:
+    """Create or reopen ``OUT``: refuse a folder of another batch (other settings) or of something
+    else unless ``force``, remove the temporary folders of a killed run, and return the names whose
+    output is complete (skipped unless ``force``)."""
+    out = Path(job.out)
+    settings_file = out / SETTINGS_NAME
+    if out.exists() and not out.is_dir():
+        raise NlsrError(f"--out '{out}' is a file; give a folder for the repaired fine-tunes")
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise NlsrError(f"the folder '{out.parent}' for --out '{out}' does not exist; create it first")
+    elif settings_file.is_file():
+        try:
+            recorded = json.loads(settings_file.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != _settings(job) and not job.force:
+            changed = sorted(k for k in _settings(job) if not isinstance(recorded, dict)
+                             or recorded.get(k) != _settings(job)[k])
+            raise NlsrError(f"--out '{out}' holds a batch made with other settings ({', '.join(changed)}); "
+                            "give another --out, or pass --force to repair every fine-tune again")
+    elif any(out.iterdir()) and not job.force:
+        raise NlsrError(f"--out '{out}' exists and is not the output of a batch (no {SETTINGS_NAME}); give "
+                        "another --out, or pass --force to write into it")
+    from nlsr.io import check_writable
+
+    out.mkdir(exist_ok=True)
+    check_writable(out)
+    names = {item.name for item in items}
+    for entry in out.iterdir():     # what a killed run left: .NAME.partial-XXXX / .NAME.old-PID
+        if entry.name.startswith(".") and (".partial-" in entry.name or ".old-" in entry.name):
+            stem = entry.name[1:].split(".partial-")[0].split(".old-")[0]
+            if stem in names:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    if job.force:
+        (out / LOG_NAME).unlink(missing_ok=True)
+    settings_file.write_text(json.dumps(_settings(job), indent=2) + "\n")
+    if job.force:
+        return set()
+    return {n for n in names if (out / n / REPORT_NAME).is_file()}
+
+
+def _logged(out: Path) -> dict[str, dict]:
+    """The last line per name of ``batch.jsonl`` (a torn last line of a killed run is ignored)."""
+    rows = {}
+    try:
+        text = (out / LOG_NAME).read_text(encoding="utf-8")
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "name" in row:
+            rows[row["name"]] = row
+    return rows
+
+
+def _append(out: Path, result: BatchResult) -> None:
+    log = out / LOG_NAME
+    with open(log, "a+", encoding="utf-8") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell():
+            handle.seek(handle.tell() - 1)
+            if handle.read(1) != "\n":          # a line torn by a kill: end it
+                handle.write("\n")
+        handle.write(json.dumps(result.record()) + "\n")
+        handle.flush()
+
+
+def _resumed(out: Path, name: str, logged: dict) -> BatchResult:
+    row = logged.get(name)
+    if row and row.get("status") in ("repaired", "unchanged"):
+        fields = {k: row.get(k) for k in ("modules", "modules_repaired", "relative_change", "seconds", "cpu_seconds")}
+        return BatchResult(name, row["status"], resumed=True, out=str(out / name), **fields)
+    summary = json.loads((out / name / REPORT_NAME).read_text())["summary"]
+    return BatchResult(name, "repaired" if summary["repaired"] else "unchanged", modules=summary["modules"],
+                       modules_repaired=summary["repaired"], resumed=True, out=str(out / name))
+
+
+def realign_batch(reference: str | os.PathLike, masks: str | os.PathLike,
+                  sources: str | os.PathLike | Iterable[BatchItem], out: str | os.PathLike, *,
+                  engine: str = "local", workers: int | None = None, pool: str = "thread",
+                  ray_address: str | None = None, base: str | os.PathLike | None = None,
+                  rebase: str | os.PathLike | None = None, allow_pickle: bool = False, force: bool = False,
+                  **options) -> Iterator[BatchResult]:
+    """Repair every fine-tune of ``sources`` against ``reference`` and ``masks`` into ``out/NAME/``.
+
+    Args:
+        reference, masks: the reference adapter (or model directory) and its masks file.
+        sources: a folder with one fine-tune per subfolder, a JSONL manifest, or :class:`BatchItem`s.
+        out: the output folder (created; its parent must exist).
+        engine: ``local`` or ``ray``. workers: parallel repairs (default: the CPUs, at most 4).
+            pool: ``thread`` or ``process`` (local engine). ray_address: a Ray cluster to join
+            (default: a local Ray instance, started and stopped here, unless one is running).
+        base: model directories: the model both updates are measured from. rebase: neuron
+            granularity adapters: the adapter merged into the fine-tunes' base.
+        options: ``nlsr realign``'s (:data:`OPTION_DEFAULTS`): select, transplant, threshold,
+            p_base, epsilon, seed, min_origin_cosine, granularity, allow_base_mismatch,
+            allow_mask_mismatch.
+
+    Yields:
+        One :class:`BatchResult` per fine-tune, in the order they finish (first the resumed ones).
+        Each is in ``out/batch.jsonl`` before it is yielded. Bad inputs of the batch itself (the
+        source, reference, masks, options, ``out``) raise :class:`NlsrError` before anything is written.
+    """
+    from nlsr.method.batch_engines import run_local, run_ray
+
+    if engine not in ENGINES:
+        raise NlsrError(f"unknown --engine '{engine}'; use one of {', '.join(ENGINES)}")
+    if pool not in POOLS:
+        raise NlsrError(f"unknown pool '{pool}'; use one of {', '.join(POOLS)}")
+    if workers is not None and workers < 1:
+        raise NlsrError(f"--workers must be at least 1 (got {workers})")
+    job = make_job(reference, masks, out, base=base, rebase=rebase, allow_pickle=allow_pickle, force=force,
+                   **options)
+    items = read_sources(sources)
+    shared = load_shared(job)
+    check_shared(shared, job)
+    job = BatchJob(**{**job.__dict__, "masks_checked": job.kind == "adapter"})
+    done = prepare_out(job, items)
+    out_dir = Path(job.out)
+    logged = _logged(out_dir)
+    for item in items:
+        if item.name in done:
+            result = _resumed(out_dir, item.name, logged)
+            if logged.get(item.name, {}).get("status") != result.status:
+                _append(out_dir, result)
+            yield result
+    todo = [item for item in items if item.name not in done]
+    if not todo:
+        return
+    workers = max(1, min(workers or min(os.cpu_count() or 1, 4), len(todo)))
+    if engine == "ray":
+        results = run_ray(shared, job, todo, workers, ray_address)
+    elif pool == "process":
+        del shared          # each worker process loads its own copy: free this one
+        results = run_local(None, job, todo, workers, pool)
+    else:
+        results = run_local(shared, job, todo, workers, pool)
+    for result in results:
+        _append(out_dir, result)
+        yield result
