@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from nlsr.errors import NlsrError
-from nlsr.method import TRANSPLANTS
+from nlsr.method import DEFAULT_TRANSPLANT, TRANSPLANTS
 from nlsr.method.checks import (
     check_entry_granularity,
     check_masks,
@@ -126,6 +126,26 @@ def change_summary(decisions: list[ModuleDecision], before: LoraAdapter, after: 
             "relative_change": (changed / old_total) ** 0.5 if old_total > 0 else 0.0}
 
 
+def self_transplant_change(adapter: LoraAdapter, masks: SafetyMasks, transplant: str) -> float:
+    """``||ΔW'' - ΔW||_F / ||ΔW||_F`` over the whole adapter when ``adapter`` is repaired against itself
+    in every module with ``masks`` by the form ``transplant``: the share of an update a form erases
+    when nothing drifted. 0 for ``block`` and ``factor`` (up to rounding); for the paper's ``exact``
+    form, the cross terms it drops. The masks must cover ``adapter``'s modules with the factors'
+    shapes (masks identified on a reference of the same adapter family fit the fine-tune)."""
+    TRANSPLANTS.check(transplant)
+    form = TRANSPLANTS.get(transplant)
+    changed = total = 0.0
+    for name, f in adapter:
+        M_A, M_B = masks.pair(name)
+        if M_A.shape != f.A.shape or M_B.shape != f.B.shape:
+            raise NlsrError(f"the masks of module '{name}' have shapes {tuple(M_A.shape)} / {tuple(M_B.shape)}, "
+                            f"the adapter's factors {tuple(f.A.shape)} / {tuple(f.B.shape)}")
+        A, B = form(f.A, f.B, f.A, f.B, M_A, M_B)
+        diff, old = update_change((f.scale * f.B, f.A), (f.scale * B, A))
+        changed, total = changed + diff, total + old
+    return (changed / total) ** 0.5 if total > 0 else 0.0
+
+
 def _same_as_reference_note(reference: LoraAdapter, finetuned: LoraAdapter) -> list[str]:
     if fingerprint(reference)["content"] == fingerprint(finetuned)["content"]:
         return ["warning: the fine-tuned adapter equals the reference: nothing drifted, and a repair can "
@@ -151,7 +171,9 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
 
     * ``entry`` (the paper): the fine-tune must continue the aligned adapter (median cosine of the
       ``A`` factors at least ``min_origin_cosine``); repaired modules take ``transplant``
-      (``exact``, the default: the paper's formula, rank 2r; ``factor``: the authors' code, rank r).
+      (:data:`~nlsr.method.DEFAULT_TRANSPLANT` when None; ``exact``: the paper's formula, rank 2r;
+      ``factor``: the authors' code, rank r; ``block``: the fine-tune with its masked block swapped,
+      rank 3r).
     * ``neuron``: any LoRA fine-tune of the same base and modules, of any rank; repaired modules take
       the reference's masked rows (rank ``r_ref + r_ft``). ``rebase`` is the adapter merged into the
       fine-tune's base, if any (see :func:`reference_updates`).
@@ -160,7 +182,7 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
         reference: the reference adapter the masks were identified on.
         finetuned: the user's fine-tuned adapter.
         masks: safety-critical masks of ``reference`` (:func:`nlsr.method.identify.identify`).
-        select: module selection rule: ``paper``, ``reverse``, ``threshold`` or ``all``.
+        select: module selection rule: ``paper``, ``reverse``, ``threshold``, ``all`` or ``random``.
         threshold: τ for the ``threshold`` rule. p_base, epsilon: ``P_L`` and ε of the
             probabilistic rules. seed: seed of their draw.
         allow_mask_mismatch: accept masks recorded for another reference, an older masks file
@@ -181,7 +203,7 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
     if rebase is not None:
         raise NlsrError("rebase applies to neuron masks (a fine-tune on another base); entry masks compare "
                         "a fine-tune that continued the aligned adapter: drop rebase")
-    return _realign_entries(reference, finetuned, masks, rule, transplant or "exact", min_origin_cosine,
+    return _realign_entries(reference, finetuned, masks, rule, transplant or DEFAULT_TRANSPLANT, min_origin_cosine,
                             check_base, allow_mask_mismatch)
 
 
