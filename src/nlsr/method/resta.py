@@ -1,0 +1,50 @@
+"""RESTA (Bhardwaj et al., 2024, "Language Models are Homer Simpson!"): restore safety after a
+fine-tune by adding the safety vector back, ``W'' = W_t + γ V``, with no training.
+
+Here the safety vector is the aligned adapter's update ``V = ΔW_a = s_a B_a A_a`` (what the DPO
+alignment added on top of ``W_0``; the fine-tune is measured from the same ``W_0``), so the repaired
+update is ``ΔW'' = ΔW_t + γ ΔW_a``: for LoRA factors the rank-2r adapter
+``B'' = [B_t | γ (s_a / s_t) B_a]``, ``A'' = [A_t ; A_a]`` at the fine-tune's scale ``s_t``, a
+standard PEFT adapter (per-module rank via ``rank_pattern``). γ is the knob (the paper adds the
+vector once, γ = 1). The dense alignment direction (the SFT merged into ``W_0`` as well) is not used:
+it has no low-rank form and the fine-tune never moved it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nlsr.errors import NlsrError
+from nlsr.method.checks import check_same_modules
+from nlsr.method.similarity import update_change
+from nlsr.weights.adapters import LoraAdapter, LoraFactors
+
+
+@dataclass
+class RestaResult:
+    adapter: LoraAdapter
+    gamma: float
+    relative_change: float
+
+    def report(self) -> dict:
+        return {"settings": {"method": "resta", "gamma": self.gamma},
+                "summary": {"modules": len(self.adapter.modules), "repaired": len(self.adapter.modules),
+                            "relative_change": self.relative_change}}
+
+
+def resta(aligned: LoraAdapter, finetuned: LoraAdapter, gamma: float = 1.0) -> RestaResult:
+    """``ΔW_t + γ ΔW_a`` in every module (rank ``r_t + r_a``); ``relative_change`` is
+    ``||γ ΔW_a||_F / ||ΔW_t||_F`` over the adapter."""
+    if not gamma >= 0:
+        raise NlsrError(f"RESTA's gamma must be >= 0 (got {gamma})")
+    check_same_modules(aligned, finetuned)
+    modules, changed, total = {}, 0.0, 0.0
+    for name, t in finetuned:
+        a = aligned.modules[name]      # same modules and shapes (checked above); ranks may differ
+        A = torch.cat([t.A, a.A.to(t.A.dtype)], dim=0)
+        B = torch.cat([t.B, (gamma * a.scale / t.scale) * a.B.to(t.B.dtype)], dim=1)
+        modules[name] = LoraFactors(A=A, B=B, scale=t.scale)
+        diff, old = update_change((t.scale * t.B, t.A), (t.scale * B, A))
+        changed, total = changed + diff, total + old
+    return RestaResult(finetuned.with_modules(modules), gamma, (changed / total) ** 0.5 if total > 0 else 0.0)
