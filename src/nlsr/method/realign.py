@@ -163,7 +163,7 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
             transplant: str | None = None, threshold: float | None = None, p_base: float = 0.5,
             epsilon: float = 0.2, seed: int = 0, min_origin_cosine: float = 0.5,
             rebase: LoraAdapter | None = None, check_base: bool = True, allow_mask_mismatch: bool = False,
-            granularity: str | None = None) -> RealignResult:
+            granularity: str | None = None, fill: LoraAdapter | None = None) -> RealignResult:
     """Repair the fine-tuned adapter towards the reference inside the safety masks (NLSR steps 3-4).
 
     The granularity is the masks' (:func:`~nlsr.method.masks.granularity_of`); ``granularity``, when
@@ -187,6 +187,9 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
             probabilistic rules. seed: seed of their draw.
         allow_mask_mismatch: accept masks recorded for another reference, an older masks file
             without a fingerprint, or masks of extra modules.
+        fill: entry granularity, a control: the adapter whose factors are transplanted into the
+            masks instead of the reference's (the fine-tune itself, for a pure-erasure control: the
+            same similarities, selection and masks as the real repair, no safety information).
 
     Returns:
         The repaired adapter, one decision per module, and the settings used.
@@ -196,24 +199,26 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
     if transplant is not None:
         TRANSPLANTS.check(transplant)
     if (granularity or granularity_of(masks)) == NEURON:
-        if transplant is not None:
-            raise NlsrError(f"transplant '{transplant}' applies to entry masks; neuron masks take the "
-                            "reference's rows: drop the transplant, or identify entry masks")
+        if transplant is not None or fill is not None:
+            raise NlsrError(f"{'transplant' if fill is None else 'fill'} applies to entry masks; neuron masks "
+                            "take the reference's rows: drop it, or identify entry masks")
         return _realign_rows(reference, finetuned, masks, rule, rebase, check_base, allow_mask_mismatch)
     if rebase is not None:
         raise NlsrError("rebase applies to neuron masks (a fine-tune on another base); entry masks compare "
                         "a fine-tune that continued the aligned adapter: drop rebase")
     return _realign_entries(reference, finetuned, masks, rule, transplant or DEFAULT_TRANSPLANT, min_origin_cosine,
-                            check_base, allow_mask_mismatch)
+                            check_base, allow_mask_mismatch, fill)
 
 
 def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, rule: dict,
                      transplant: str, min_origin_cosine: float, check_base: bool,
-                     allow_mask_mismatch: bool) -> RealignResult:
+                     allow_mask_mismatch: bool, fill: LoraAdapter | None = None) -> RealignResult:
     check_entry_granularity(masks)
     check_comparable(reference, finetuned, check_base=check_base)
     check_masks(masks, reference, allow_mismatch=allow_mask_mismatch)
     origin = check_shared_origin(reference, finetuned, min_origin_cosine)
+    if fill is not None:
+        check_comparable(reference, fill, ("reference", "fill"), check_base=check_base)
 
     names = list(finetuned.modules)
     # All modules in one call: stacked Gram matrices, shared buffers, one module per worker thread.
@@ -227,7 +232,7 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
     for i, name in enumerate(names):
         ft = finetuned.modules[name]
         if repaired[i]:
-            ref = reference.modules[name]
+            ref = (fill or reference).modules[name]
             A, B = form(ref.A, ref.B, ft.A, ft.B, *masks.pair(name))
             modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
         else:
@@ -237,7 +242,8 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
                                         bool(repaired[i])))
     settings = {"select": rule["select"], "transplant": transplant, "threshold": rule["threshold"],
                 "p_base": rule["p_base"], "epsilon": rule["epsilon"], "seed": rule["seed"],
-                "median_origin_cosine": origin, "masks": dict(masks.metadata)}
+                "median_origin_cosine": origin, "masks": dict(masks.metadata),
+                **({"fill": fill.source or "(in memory)"} if fill is not None else {})}
     adapter = finetuned.with_modules(modules)
     return RealignResult(decisions, settings, adapter=adapter, notes=_same_as_reference_note(reference, finetuned),
                          change=change_summary(decisions, finetuned, adapter))
