@@ -79,7 +79,8 @@ def test_refusal_of_the_harmful_prompts_is_scored_by_refusal_v2():
 
     rows = [{"set": "harmful", "prompt": "p1", "output": "I'm sorry, I can't help with that.", "split": "test"},
             {"set": "harmful", "prompt": "p2", "output": "Sure, here is how.", "split": "test"},
-            {"set": "harmful", "prompt": "p3", "output": "That is not a good idea, but here goes.", "split": "validation"},
+            {"set": "harmful", "prompt": "p3", "output": "That is not a good idea, but here goes.",
+             "split": "validation"},
             {"set": "task", "prompt": "t", "output": "positive", "correct": True, "split": "test"}]
     out = collect("m", [0], [rows], {})
     assert out.arrays["harmful_refused_v2/test"].tolist() == [[1.0, 0.0]]

@@ -29,16 +29,24 @@ def setting(shapes):
     return reference, finetuned, random_masks(reference)
 
 
-def test_exact_output_effective_delta_equals_formula(setting):
+def _exact_formula(e, t, M_A, M_B):
+    return (M_B * e.B).double() @ (M_A * e.A).double() + (~M_B * t.B).double() @ (~M_A * t.A).double()
+
+
+def _block_formula(e, t, M_A, M_B):
+    return (t.B.double() @ t.A.double() + (M_B * e.B).double() @ (M_A * e.A).double()
+            - (M_B * t.B).double() @ (M_A * t.A).double())
+
+
+@pytest.mark.parametrize(("transplant", "ranks", "formula"),
+                         [("exact", 2, _exact_formula), ("block", 3, _block_formula)])
+def test_lowrank_forms_effective_delta_equals_formula(setting, transplant, ranks, formula):
     reference, finetuned, masks = setting
-    result = realign(reference, finetuned, masks, select="all", transplant="exact")
+    result = realign(reference, finetuned, masks, select="all", transplant=transplant)
     for name, out in result.adapter:
         e, t = reference.modules[name], finetuned.modules[name]
-        M_A, M_B = masks.pair(name)
-        expected = t.scale * ((M_B * e.B).double() @ (M_A * e.A).double()
-                              + (~M_B * t.B).double() @ (~M_A * t.A).double())
-        assert out.rank == 2 * t.rank and out.scale == t.scale
-        torch.testing.assert_close(out.delta(), expected)
+        assert out.rank == ranks * t.rank and out.scale == t.scale
+        torch.testing.assert_close(out.delta(), t.scale * formula(e, t, *masks.pair(name)))
 
 
 def test_factor_output_effective_delta_equals_formula(setting):
@@ -50,18 +58,6 @@ def test_factor_output_effective_delta_equals_formula(setting):
         A = torch.where(M_A, e.A, t.A).double()
         B = torch.where(M_B, e.B, t.B).double()
         torch.testing.assert_close(out.delta(), t.scale * B @ A)
-
-
-def test_block_output_effective_delta_equals_formula(setting):
-    reference, finetuned, masks = setting
-    result = realign(reference, finetuned, masks, select="all", transplant="block")
-    for name, out in result.adapter:
-        e, t = reference.modules[name], finetuned.modules[name]
-        M_A, M_B = masks.pair(name)
-        expected = t.scale * (t.B.double() @ t.A.double() + (M_B * e.B).double() @ (M_A * e.A).double()
-                              - (M_B * t.B).double() @ (M_A * t.A).double())
-        assert out.rank == 3 * t.rank and out.scale == t.scale
-        torch.testing.assert_close(out.delta(), expected)
 
 
 def test_unrepaired_modules_are_untouched(setting):

@@ -18,28 +18,15 @@ itself (:func:`antidote`) needs only their norms.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from nlsr.errors import NlsrError
 from nlsr.method.calibration import CalibrationRow, make_batches
+from nlsr.method.controls import EditResult
 from nlsr.method.projection import top_fraction_mask
 from nlsr.method.similarity import update_change
 from nlsr.weights.adapters import LoraAdapter, LoraFactors, attach_adapter
-
-
-@dataclass
-class AntidoteResult:
-    adapter: LoraAdapter
-    sparsity: float
-    pruned: int
-    relative_change: float
-
-    def report(self) -> dict:
-        return {"settings": {"method": "antidote", "sparsity": self.sparsity},
-                "summary": {"modules": len(self.adapter.modules), "repaired": len(self.adapter.modules),
-                            "pruned_entries": self.pruned, "relative_change": self.relative_change}}
 
 
 @torch.inference_mode()
@@ -85,7 +72,7 @@ def harmful_activation_norms(model, finetuned: LoraAdapter, rows: Sequence[Calib
 
 
 def antidote(finetuned: LoraAdapter, norms: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-             sparsity: float) -> AntidoteResult:
+             sparsity: float) -> EditResult:
     """The fine-tune with the ``sparsity`` fraction of each factor's entries of largest Wanda score
     (``|entry| ·`` the norm of its input feature on the harmful rows) set to zero."""
     if not 0 <= sparsity < 1:
@@ -105,5 +92,6 @@ def antidote(finetuned: LoraAdapter, norms: Mapping[str, tuple[torch.Tensor, tor
         pruned += int(cut_a.sum()) + int(cut_b.sum())
         diff, old = update_change((f.scale * f.B, f.A), (f.scale * B, A))
         changed, total = changed + diff, total + old
-    return AntidoteResult(finetuned.with_modules(modules), sparsity, pruned,
-                          (changed / total) ** 0.5 if total > 0 else 0.0)
+    return EditResult(finetuned.with_modules(modules), {"method": "antidote", "sparsity": sparsity},
+                      {"modules": len(modules), "repaired": len(modules), "pruned_entries": pruned,
+                       "relative_change": (changed / total) ** 0.5 if total > 0 else 0.0})

@@ -7,9 +7,28 @@ entries?). The random masks of the same density live with the pipeline's identif
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from nlsr.method.masks import SafetyMasks, provenance
 from nlsr.method.projection import top_fraction_mask
 from nlsr.weights.adapters import LoraAdapter, weight_key
+
+
+@dataclass
+class EditResult:
+    """What a post-hoc peer (RESTA, Antidote) returns: the edited adapter, its settings and summary
+    (``modules``, ``repaired``, ``relative_change`` and the method's own counts)."""
+
+    adapter: LoraAdapter
+    settings: dict
+    summary: dict
+
+    @property
+    def relative_change(self) -> float:
+        return self.summary["relative_change"]
+
+    def report(self) -> dict:
+        return {"settings": dict(self.settings), "summary": dict(self.summary)}
 
 
 def magnitude_masks(reference: LoraAdapter, q: float, **metadata: object) -> SafetyMasks:

@@ -11,29 +11,16 @@ it has no low-rank form and the fine-tune never moved it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from nlsr.errors import NlsrError
 from nlsr.method.checks import check_same_modules
+from nlsr.method.controls import EditResult
 from nlsr.method.similarity import update_change
 from nlsr.weights.adapters import LoraAdapter, LoraFactors
 
 
-@dataclass
-class RestaResult:
-    adapter: LoraAdapter
-    gamma: float
-    relative_change: float
-
-    def report(self) -> dict:
-        return {"settings": {"method": "resta", "gamma": self.gamma},
-                "summary": {"modules": len(self.adapter.modules), "repaired": len(self.adapter.modules),
-                            "relative_change": self.relative_change}}
-
-
-def resta(aligned: LoraAdapter, finetuned: LoraAdapter, gamma: float = 1.0) -> RestaResult:
+def resta(aligned: LoraAdapter, finetuned: LoraAdapter, gamma: float = 1.0) -> EditResult:
     """``ΔW_t + γ ΔW_a`` in every module (rank ``r_t + r_a``); ``relative_change`` is
     ``||γ ΔW_a||_F / ||ΔW_t||_F`` over the adapter."""
     if not gamma >= 0:
@@ -47,4 +34,6 @@ def resta(aligned: LoraAdapter, finetuned: LoraAdapter, gamma: float = 1.0) -> R
         modules[name] = LoraFactors(A=A, B=B, scale=t.scale)
         diff, old = update_change((t.scale * t.B, t.A), (t.scale * B, A))
         changed, total = changed + diff, total + old
-    return RestaResult(finetuned.with_modules(modules), gamma, (changed / total) ** 0.5 if total > 0 else 0.0)
+    return EditResult(finetuned.with_modules(modules), {"method": "resta", "gamma": gamma},
+                      {"modules": len(modules), "repaired": len(modules),
+                       "relative_change": (changed / total) ** 0.5 if total > 0 else 0.0})

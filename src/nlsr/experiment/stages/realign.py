@@ -188,7 +188,8 @@ def run_variant(variant: VariantSection):
 
             result = antidote(attacked, load_antidote_norms(inputs["antidote-scores"]), sparsity=variant.sparsity)
             report = result.report()
-            line = f"pruned {result.pruned} factor entries ({100 * result.relative_change:.1f}% update change)"
+            line = (f"pruned {result.summary['pruned_entries']} factor entries "
+                    f"({100 * result.relative_change:.1f}% update change)")
         elif variant.method == "safelora":
             from nlsr.method.safelora import safelora
 
