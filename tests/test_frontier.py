@@ -170,3 +170,56 @@ def test_no_default_without_the_attacked_model(frontier_case):
 
     cfg, rows, _ = frontier_case
     assert choose_default([r for r in rows if r["model"] != "attacked"], list(cfg.realign.variants), "j") is None
+
+
+@pytest.mark.parametrize("variant", [
+    {"name": "exact-self", "reference": "self"}, {"name": "block", "transplant": "block", "select": "all"},
+    {"name": "magnitude", "masks": "magnitude"}, {"name": "resta-g0.5", "method": "resta", "gamma": 0.5},
+    {"name": "antidote-s0.1", "method": "antidote", "sparsity": 0.1}])
+def test_realign_stage_runs_each_control(tmp_path, shapes, variant):
+    """The realign stage of each new variant kind, on adapter folders laid out as the pipeline writes them."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from conftest import perturbed, random_adapter
+    from nlsr.experiment.config import VariantSection
+    from nlsr.experiment.stages.realign import identify_id, random_masks, run_variant
+    from nlsr.method.controls import magnitude_masks
+    from nlsr.method.extrapolate import extrapolate
+    from nlsr.method.masks import save_masks
+    from nlsr.weights.adapters import load_adapter, save_adapter
+
+    v = VariantSection.model_validate(variant)
+    aligned = random_adapter(shapes)
+    attacked = perturbed(aligned, noise=0.2)
+    reference = extrapolate(aligned, beta=v.beta)
+    folders = {k: tmp_path / k for k in ("align_dpo", "attack", f"identify-{identify_id(v)}", "antidote-scores")}
+    for folder in folders.values():
+        folder.mkdir()
+    save_adapter(aligned, folders["align_dpo"] / "adapter")
+    save_adapter(attacked, folders["attack"] / "adapter")
+    ident = folders[f"identify-{identify_id(v)}"]
+    save_adapter(reference, ident / "reference")
+    masks = magnitude_masks(reference, v.q) if v.masks == "magnitude" else random_masks(reference, v.q, seed=0)
+    save_masks(masks, ident / "masks.safetensors")
+    save_file({f"{n}.{p}": torch.rand(f.A.shape[1] if p == "x" else f.rank) + 0.1 for n, f in attacked for p in "xz"},
+              folders["antidote-scores"] / "norms.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_variant(v)(SimpleNamespace(), out, folders)
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["method"] == v.method and result["summary"] == report["summary"]
+    repaired = load_adapter(out / "adapter")
+    if v.method == "resta":
+        assert report["settings"]["gamma"] == 0.5 and all(f.rank == 2 * attacked.modules[n].rank for n, f in repaired)
+    elif v.method == "antidote":
+        assert report["summary"]["pruned_entries"] > 0
+    elif v.name == "block":         # the block form with every module repaired: rank 3r everywhere
+        assert all(f.rank == 3 * attacked.modules[n].rank for n, f in repaired)
+        assert report["summary"]["self_transplant_change"] < 1e-6
+    else:
+        assert report["summary"]["self_transplant_change"] > 0.05          # the exact form erases cross terms
+    if v.reference == "self":      # the fine-tune's own factors fill the masks: the exact form's erasure only
+        assert report["settings"]["fill"]
