@@ -100,7 +100,8 @@ def plot_frontier(rows: list[dict], cfg: ExperimentConfig, judge: str, path: Pat
         ax.set_xlabel(f"fine-tuning accuracy FA on {cfg.attack.task} (%)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best", title="curves (across the knob)", title_fontsize=7)
+    if axes[0].get_legend_handles_labels()[1]:       # a run without sweeps draws points only
+        axes[0].legend(fontsize=7, loc="best", title="curves (across the knob)", title_fontsize=7)
     axes[0].set_title("Safety vs utility: lower right is better (95% intervals)", fontsize=10)
     axes[1].set_title("Over-refusal vs utility (squares: references; triangles: other models)", fontsize=10)
     fig.tight_layout()
