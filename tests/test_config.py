@@ -166,7 +166,7 @@ def test_configs_that_reuse_the_cpu_bench_run_share_its_aligned_model():
     try:
         bench = keys("cpu-bench")
         for name in ("cpu-bench-defences", "cpu-bench-p", "cpu-bench-agnews", "cpu-bench-gsm8k", "cpu-bench-protect",
-                     "cpu-bench-variants", "cpu-bench-fisher", "cpu-bench-factor"):
+                     "cpu-bench-variants", "cpu-bench-fisher", "cpu-bench-factor", "method-controls"):
             other = keys(name)
             for stage in ("data-align", "data-helpful", "align_sft", "align_dpo"):
                 assert other[stage] == bench[stage], f"{name}: {stage} would not reuse runs/cpu-bench"
@@ -188,11 +188,11 @@ def _leaves(model: type[BaseModel]) -> list[str]:
     return out
 
 
-def test_the_config_has_115_leaf_fields():
-    """The count after the alignment-recipe search left the config (136 before): a field added or
+def test_the_config_has_126_leaf_fields():
+    """The count after the controls of issue 34 (115 before; 136 before the recipe search): a field added or
     removed updates this number on purpose."""
     leaves = _leaves(ExperimentConfig)
-    assert len(leaves) == len(set(leaves)) == 115
+    assert len(leaves) == len(set(leaves)) == 126
     assert "align.helpful.dpo_pairs" in leaves and "evaluate.judges.label" in leaves
     assert not [leaf for leaf in leaves if leaf.startswith(("align.overrefusal", "align.contrast"))]
 

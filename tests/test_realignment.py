@@ -29,16 +29,24 @@ def setting(shapes):
     return reference, finetuned, random_masks(reference)
 
 
-def test_exact_output_effective_delta_equals_formula(setting):
+def _exact_formula(e, t, M_A, M_B):
+    return (M_B * e.B).double() @ (M_A * e.A).double() + (~M_B * t.B).double() @ (~M_A * t.A).double()
+
+
+def _block_formula(e, t, M_A, M_B):
+    return (t.B.double() @ t.A.double() + (M_B * e.B).double() @ (M_A * e.A).double()
+            - (M_B * t.B).double() @ (M_A * t.A).double())
+
+
+@pytest.mark.parametrize(("transplant", "ranks", "formula"),
+                         [("exact", 2, _exact_formula), ("block", 3, _block_formula)])
+def test_lowrank_forms_effective_delta_equals_formula(setting, transplant, ranks, formula):
     reference, finetuned, masks = setting
-    result = realign(reference, finetuned, masks, select="all", transplant="exact")
+    result = realign(reference, finetuned, masks, select="all", transplant=transplant)
     for name, out in result.adapter:
         e, t = reference.modules[name], finetuned.modules[name]
-        M_A, M_B = masks.pair(name)
-        expected = t.scale * ((M_B * e.B).double() @ (M_A * e.A).double()
-                              + (~M_B * t.B).double() @ (~M_A * t.A).double())
-        assert out.rank == 2 * t.rank and out.scale == t.scale
-        torch.testing.assert_close(out.delta(), expected)
+        assert out.rank == ranks * t.rank and out.scale == t.scale
+        torch.testing.assert_close(out.delta(), t.scale * formula(e, t, *masks.pair(name)))
 
 
 def test_factor_output_effective_delta_equals_formula(setting):
@@ -75,7 +83,7 @@ def test_paper_rule_report(setting):
     assert [d.repaired for d in again.decisions] == [r["repaired"] for r in rows]
 
 
-@pytest.mark.parametrize("transplant", ["exact", "factor"])
+@pytest.mark.parametrize("transplant", ["exact", "factor", "block"])
 def test_realigned_adapter_loads_in_peft_and_merges_to_base_plus_delta(
         tmp_path, tiny_model_dir, shapes, transplant):
     """Mixed ranks (repaired rank 2r, others r) survive PEFT's rank_pattern matching."""
@@ -168,7 +176,7 @@ def _dense(f) -> torch.Tensor:
     return f.scale * (f.B.double() @ f.A.double())
 
 
-@pytest.mark.parametrize("transplant", ["exact", "factor"])
+@pytest.mark.parametrize("transplant", ["exact", "factor", "block"])
 def test_report_says_how_much_the_update_changed(setting, transplant):
     reference, finetuned, masks = setting
     result = realign(reference, finetuned, masks, select="paper", seed=1, transplant=transplant)
@@ -195,3 +203,39 @@ def test_realigning_an_adapter_against_itself_is_flagged(setting):
     # the factor form swaps equal entries and changes nothing
     assert exact.report()["summary"]["relative_change"] > 0.05
     assert factor.report()["summary"]["relative_change"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_block_self_transplant_leaves_every_module_unchanged(setting):
+    reference, _, masks = setting
+    block = realign(reference, reference, masks, select="all", transplant="block")
+    for name, out in block.adapter:
+        before = _dense(reference.modules[name])
+        assert float((_dense(out) - before).norm() / before.norm()) < 1e-6
+    assert block.report()["summary"]["relative_change"] < 1e-6
+    assert realign(reference, reference, masks, select="all").report()["summary"]["relative_change"] > 0.05
+
+
+@pytest.mark.parametrize(("transplant", "erases"), [("exact", True), ("factor", False), ("block", False)])
+def test_self_transplant_change_of_each_form(setting, transplant, erases):
+    from nlsr.method.realign import self_transplant_change
+
+    reference, finetuned, masks = setting
+    change = self_transplant_change(finetuned, masks, transplant)
+    # the same figure as a realign of the adapter against itself, every module repaired
+    summary = realign(finetuned, finetuned, masks, select="all", transplant=transplant).report()["summary"]
+    assert change == pytest.approx(summary["relative_change"], rel=1e-6, abs=1e-9)
+    if erases:      # the cross terms of the masked and the unmasked entries: a large share of the update
+        assert change > 0.1
+    else:
+        assert change < 1e-6
+
+
+def test_self_transplant_change_refuses_masks_of_other_shapes(setting, shapes):
+    from nlsr.method.realign import self_transplant_change
+
+    reference, _, _ = setting
+    other = random_masks(random_adapter(shapes, rank=2))
+    with pytest.raises(NlsrError, match="shapes"):
+        self_transplant_change(reference, other, "block")
+    with pytest.raises(NlsrError):
+        self_transplant_change(reference, random_masks(reference), "nope")

@@ -25,8 +25,8 @@ HEAVY = ("torch", "numpy", "sklearn", "transformers", "peft", "trl", "datasets")
 def test_unknown_name_suggests_the_closest_and_lists_all():
     with pytest.raises(NlsrError) as err:
         TRANSPLANTS.check("exakt")
-    assert str(err.value) == "unknown transplant form 'exakt'; did you mean 'exact'? (known: exact, factor)"
-    with pytest.raises(NlsrError, match=r"^unknown --select 'best' \(known: all, paper, reverse, threshold\)$"):
+    assert str(err.value) == "unknown transplant form 'exakt'; did you mean 'exact'? (known: block, exact, factor)"
+    with pytest.raises(NlsrError, match=r"^unknown --select 'best' \(known: all, paper, random, reverse, threshold\)$"):
         SELECTION_RULES.check("best", "--select")
     with pytest.raises(NlsrError, match="unknown judge 'nope'"):
         JUDGES.get("nope")
@@ -96,8 +96,8 @@ def test_every_registered_name_resolves(kind):
 
 
 def test_the_builtin_names():
-    assert TRANSPLANTS.names() == ("exact", "factor")
-    assert SELECTION_RULES.names() == ("paper", "reverse", "threshold", "all")
+    assert TRANSPLANTS.names() == ("exact", "factor", "block")
+    assert SELECTION_RULES.names() == ("paper", "reverse", "threshold", "all", "random")
     assert set(JUDGES) == {"trained", "beaverdam", "llamaguard", "refusal", "refusal-v2", "hidden"}
     assert {n: (DEFENCES.info(n).meta["stage"], DEFENCES.info(n).meta["single_process"]) for n in DEFENCES} == {
         "vaccine": ("alignment", True), "lisa": ("fine-tuning", True), "mixing": ("fine-tuning", False),

@@ -98,3 +98,14 @@ def test_repaired_adapter_loads_from_another_directory(tmp_path, shapes, tiny_mo
     monkeypatch.chdir(elsewhere)
     model = AutoPeftModelForCausalLM.from_pretrained(str(work / "out"))
     assert model.peft_config["default"].r >= 1
+
+
+def test_realign_self_check_reports_what_the_form_alone_erases(made, tiny_model_dir):
+    assert identify(made, tiny_model_dir, "m.safetensors").exit_code == 0
+    for form, erases in (("exact", True), ("block", False)):
+        r = invoke("realign", "--reference", made / "ref", "--masks", made / "m.safetensors", "--finetuned",
+                   made / "ft-chat", "--out", made / f"out-{form}", "--transplant", form, "--self-check")
+        assert r.exit_code == 0, r.output
+        change = json.loads((made / f"out-{form}" / "realign_report.json").read_text())["summary"]
+        assert (change["self_transplant_change"] > 0.05) if erases else (change["self_transplant_change"] < 1e-6)
+        assert "form alone" in r.output

@@ -150,7 +150,7 @@ def resolve_precision(requested: str | None = None, device: str | None = None) -
     return Precision(requested=name, dtype=chosen, device=kind, reason=reason, cpu=cpu, gpu=gpu)
 
 
-def check_device(device: str | None) -> None:
+def check_device(device: str | None, what: str = "device") -> None:
     """Refuse a device this machine does not have, naming the devices it has (``cuda`` without a GPU,
     ``cuda:3`` on a one-GPU machine, a name torch does not know). Imports torch only for a CUDA name."""
     if device is None or device == "cpu":
@@ -160,14 +160,14 @@ def check_device(device: str | None) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise NlsrError(f"device '{device}' is not a device ({err}); use cpu, cuda or cuda:N") from None
+        raise NlsrError(f"{what} '{device}' is not a device ({err}); use cpu, cuda or cuda:N") from None
     if parsed.type == "cpu":
         return
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         present = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
         if count == 0 or (parsed.index is not None and parsed.index >= count):
-            raise NlsrError(f"device '{device}' is not on this machine (devices present: {present}); use one of "
+            raise NlsrError(f"{what} '{device}' is not on this machine (devices present: {present}); use one of "
                             "those, or leave the device out to pick cuda when present, else cpu")
         return
-    raise NlsrError(f"device '{device}' is not supported; use cpu, cuda or cuda:N")
+    raise NlsrError(f"{what} '{device}' is not supported; use cpu, cuda or cuda:N")

@@ -36,6 +36,28 @@ def test_factor_transplant_is_identity_when_reference_equals_finetuned():
     torch.testing.assert_close(B @ A, B_e @ A_e)
 
 
+def test_block_transplant_product_keeps_the_finetune_and_swaps_the_masked_block():
+    A_e, B_e, A_t, B_t, M_A, M_B = _factors(6)
+    A, B = TRANSPLANTS.get("block")(A_e, B_e, A_t, B_t, M_A, M_B)
+    assert A.shape == (12, 10) and B.shape == (8, 12)         # rank 3r
+    torch.testing.assert_close(A[:4], A_t)
+    torch.testing.assert_close(B[:, :4], B_t)
+    expected = B_t @ A_t + (M_B * B_e) @ (M_A * A_e) - (M_B * B_t) @ (M_A * A_t)
+    torch.testing.assert_close(B @ A, expected)
+    # it differs from the paper's form by exactly the cross terms that form drops
+    exact_A, exact_B = TRANSPLANTS.get("exact")(A_e, B_e, A_t, B_t, M_A, M_B)
+    cross = (M_B * B_t) @ (~M_A * A_t) + (~M_B * B_t) @ (M_A * A_t)
+    torch.testing.assert_close(B @ A - exact_B @ exact_A, cross)
+
+
+def test_block_transplant_is_identity_when_reference_equals_finetuned():
+    A_e, B_e, _, _, M_A, M_B = _factors(7)
+    A, B = TRANSPLANTS.get("block")(A_e, B_e, A_e, B_e, M_A, M_B)
+    torch.testing.assert_close(B @ A, B_e @ A_e)
+    exact_A, exact_B = TRANSPLANTS.get("exact")(A_e, B_e, A_e, B_e, M_A, M_B)
+    assert (exact_B @ exact_A - B_e @ A_e).norm() > 0.1 * (B_e @ A_e).norm()
+
+
 def test_exact_transplant_with_full_masks_is_the_reference():
     A_e, B_e, A_t, B_t, M_A, M_B = _factors(5)
     ones_a, ones_b = torch.ones_like(M_A), torch.ones_like(M_B)

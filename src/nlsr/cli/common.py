@@ -154,7 +154,7 @@ def check_device(device: str | None) -> None:
     """A device that this machine has (``--device cuda`` without a GPU names the devices present)."""
     from nlsr.precision import check_device as check
 
-    check(device)
+    check(device, "--device")
 
 
 @contextlib.contextmanager

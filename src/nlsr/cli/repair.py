@@ -31,7 +31,7 @@ from nlsr.cli.common import (
 )
 from nlsr.errors import NlsrError
 from nlsr.io import check_output_path
-from nlsr.method import SELECTION_RULES, TRANSPLANTS
+from nlsr.method import DEFAULT_Q, DEFAULT_TRANSPLANT, SELECTION_RULES, TRANSPLANTS
 from nlsr.paths import check_model_spec
 from nlsr.weights.model_dir_checks import model_dir_problem
 
@@ -104,7 +104,7 @@ def identify(
         help='JSONL file of {"prompt", "response"} safety rows.')],
     out: Annotated[Path, typer.Option(help="Output mask file (.safetensors).")],
     rank_ratio: Annotated[float, typer.Option(help="ρ: keep k = ceil(ρ r) directions.")] = 0.8,
-    keep: Annotated[float, typer.Option(help="q: fraction of entries marked per matrix.")] = 0.2,
+    keep: Annotated[float, typer.Option(help="q: fraction of entries marked per matrix.")] = DEFAULT_Q,
     limit: Annotated[Optional[int], typer.Option(help="Use the first N rows only.")] = None,  # noqa: UP045
     prompt_field: Annotated[str, typer.Option(help="JSON field holding the prompt.")] = "prompt",
     response_field: Annotated[str, typer.Option(
@@ -210,9 +210,10 @@ def realign(
     masks: Annotated[Path, typer.Option(help="Mask file from `nlsr identify`.")],
     out: Annotated[Path, typer.Option(help="Output adapter directory.")],
     select: Annotated[str, typer.Option(
-        help="Module selection: paper, reverse, threshold or all.")] = "paper",
+        help="Module selection: paper, reverse, threshold, all or random.")] = "paper",
     transplant: Annotated[str, typer.Option(
-        help="exact (rank 2r, the paper's formula) or factor (rank r, authors' code).")] = "exact",
+        help="exact (rank 2r, the paper's formula), factor (rank r, authors' code) or block (rank 3r, the "
+             "fine-tune with its masked block swapped: an identity when nothing drifted).")] = DEFAULT_TRANSPLANT,
     threshold: Annotated[Optional[float], typer.Option(  # noqa: UP045
         help="τ for --select threshold: repair modules with S < τ.")] = None,
     p_base: Annotated[float, typer.Option(help="P_L of the probabilistic rules.")] = 0.5,
@@ -239,6 +240,10 @@ def realign(
     template: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="The template the repaired adapter records (default: the fine-tune's, else the masks'); "
              "needed to repair a fine-tune whose recorded template differs from the masks'.")] = None,
+    self_check: Annotated[bool, typer.Option(
+        "--self-check", help="Entry granularity: also measure what the transplant form alone changes (the "
+                             "fine-tune repaired against itself, every module): self_transplant_change in "
+                             "the report.")] = False,
 ) -> None:
     """Steps 3-4: pick the drifted modules and transplant the reference's safety neurons."""
     SELECTION_RULES.check(select, "--select")
@@ -271,7 +276,7 @@ def realign(
     from nlsr.experiment.plots import plot_similarity_by_layer
     from nlsr.method.checks import check_template
     from nlsr.method.masks import load_masks
-    from nlsr.method.realign import describe_change, write_repaired
+    from nlsr.method.realign import describe_change, self_transplant_change, write_repaired
     from nlsr.method.realign import realign as run
     from nlsr.weights.adapters import load_adapter
     from nlsr.weights.records import recorded_template
@@ -279,18 +284,24 @@ def realign(
     loaded = load_masks(masks)
     kept_template = check_template(loaded.metadata.get("template"), recorded_template(finetuned), template,
                                    f"the fine-tuned adapter '{finetuned}'")
-    result = run(load_adapter(reference, allow_pickle), load_adapter(finetuned, allow_pickle, dtype=None),
+    tuned = load_adapter(finetuned, allow_pickle, dtype=None)
+    result = run(load_adapter(reference, allow_pickle), tuned,
                  loaded, select=select, transplant=transplant, threshold=threshold,
                  p_base=p_base, epsilon=epsilon, seed=seed, min_origin_cosine=min_origin_cosine,
                  check_base=not allow_base_mismatch, allow_mask_mismatch=allow_mask_mismatch,
                  granularity="entry")
+    if self_check:      # what the form alone erases: the fine-tune repaired against itself, every module
+        result.change["self_transplant_change"] = self_transplant_change(tuned, loaded, transplant)
     report = write_repaired(result, out, force, kept_template, reference=reference, finetuned=finetuned,
-                           masks=masks)
+                            masks=masks)
     plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png")
     summary = report["summary"]
     say(f"repaired {summary['repaired']} of {summary['modules']} modules ({select}, "
          f"{transplant}) -> {out}")
     say(describe_change(summary))
+    if self_check:
+        say(f"the {transplant} form alone (the fine-tune repaired against itself, every module) changes the "
+            f"update by {100 * summary['self_transplant_change']:.1f}%")
     for note in result.notes:
         say(note)
 

@@ -90,6 +90,12 @@ def collect(label: str, seeds: Sequence[int], generations: Sequence[list[dict]],
         put("task_refusal/validation", [float(is_refusal(r["output"])) for r in task if r.get("split") == "validation"])
         put("harmful_refused/test", [float(is_refusal(r["output"])) for r in harmful
                                      if r.get("split", "test") == "test"])
+        # refusal of the harmful prompts by refusal-v2 (the detector that agrees best with the hand
+        # labels on refusal), beside HS in every table: the share of the harmful prompts refused
+        for split in SPLITS:
+            part = [r for r in harmful if r.get("split", "test") == split]
+            if part:
+                put(f"harmful_refused_v2/{split}", [float(is_refusal(r["output"], deflections=True)) for r in part])
         # the same refusal rates by the refusal-v2 detector (also counts opening deflections)
         for split in SPLITS:
             suffix = "" if split == "test" else "/validation"

@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from nlsr.errors import NlsrError
 from nlsr.evaluation.judges import JUDGES
-from nlsr.method import SELECTION_RULES, TRANSPLANTS
+from nlsr.method import DEFAULT_Q, DEFAULT_TRANSPLANT, SELECTION_RULES, TRANSPLANTS
 from nlsr.registry import Entry, Registry
 from nlsr.training.defences import DEFENCES
 from nlsr.training.settings import DpoSection, LoraSection, SftSection, TrainSection
@@ -90,24 +90,47 @@ class AttackSection(TrainSection):
         return value
 
 
-def sweep_name(variant: str, field: str, value: float | int | str) -> str:
-    """The name of a swept variant, e.g. ``nlsr-q0.1``."""
-    return f"{variant}-{field}{value:g}" if isinstance(value, float) else f"{variant}-{field}{value}"
+SWEEP_NAME = "{variant}-{field}{value}"
+
+
+def sweep_name(variant: str, field: str, value: float | int | str, template: str = SWEEP_NAME) -> str:
+    """The name of a swept variant, e.g. ``nlsr-q0.1`` (``template``: ``{variant}``, ``{field}`` and
+    ``{value}``, floats written with ``:g``; ``exact-q{value}`` gives ``exact-q0.1``)."""
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return template.format(variant=variant, field=field, value=shown)
 
 
 class VariantSection(_Section):
-    """One realignment to compare: NLSR (with its knobs) or SafeLoRA."""
+    """One post-hoc realignment to compare: NLSR (with its knobs and controls), SafeLoRA, RESTA or
+    Antidote."""
 
     name: str
-    method: Literal["nlsr", "safelora"] = "nlsr"
+    method: Literal["nlsr", "safelora", "resta", "antidote"] = Field(
+        "nlsr", description="nlsr; safelora (project B onto the alignment direction); resta (add the aligned "
+                            "adapter's update back, γ ΔW_a: nlsr.method.resta); antidote (prune the fine-tune's "
+                            "factor entries most salient on harmful answers: nlsr.method.antidote).")
     beta: float = Field(0.9, ge=0, description="ExPO extrapolation strength.")
     scale_both: bool = False
     rho: float = Field(0.8, gt=0, le=1, description="Rank ratio of the kept subspace.")
-    q: float = Field(0.2, gt=0, le=1, description="Fraction of entries marked safety-critical.")
-    masks: Literal["identified", "random"] = Field(
-        "identified", description="'random' replaces identified neurons with random ones (a control).")
+    q: float = Field(DEFAULT_Q, gt=0, le=1, description="Fraction of entries marked safety-critical.")
+    masks: Literal["identified", "random", "magnitude"] = Field(
+        "identified", description="Controls of the identification: 'random' = random entries of the same "
+                                  "density; 'magnitude' = the top q of |A_e|, |B_e| with no projection on the "
+                                  "safety activations.")
+    reference: Literal["expo", "self"] = Field(
+        "expo", description="NLSR (entry granularity): what is transplanted inside the masks. 'expo' = the "
+                            "ExPO reference (the method); 'self' = the fine-tune's own factors (a pure-erasure "
+                            "control with no safety information: the masks are still the ones identified on "
+                            "the ExPO reference, so the variant differs from the real one only in what fills "
+                            "them; with the exact form it measures what dropping the cross terms alone does).")
+    gamma: float = Field(1.0, ge=0, description="RESTA: the multiple of the aligned update added back, "
+                                                "ΔW_t + γ ΔW_a (1 = the paper's single addition).")
+    sparsity: float = Field(0.05, gt=0, lt=1, description="Antidote: the fraction of each fine-tuned factor's "
+                                                          "entries pruned (largest Wanda score on harmful answers).")
+    antidote_n: int = Field(64, gt=0, description="Antidote: harmful (prompt, answer) rows the scores come from: "
+                                                  "poison-pool rows the attack did not use, gated like the rest.")
     select: str = "paper"
-    transplant: str = "exact"
+    transplant: str = DEFAULT_TRANSPLANT
     threshold: float | None = None
     p_base: float = 0.5
     epsilon: float = 0.2
@@ -150,34 +173,60 @@ class VariantSection(_Section):
             _known(TRANSPLANTS, self.transplant)
             if self.select == "threshold" and self.threshold is None:
                 raise ValueError("select='threshold' needs a threshold")
-        elif (self.threshold is None) == (self.num_modules is None):
+        elif self.method == "safelora" and (self.threshold is None) == (self.num_modules is None):
             raise ValueError("safelora needs exactly one of threshold or num_modules")
+        elif self.method in ("resta", "antidote") and (self.threshold is not None or self.num_modules is not None):
+            raise ValueError(f"variant '{self.name}': {self.method} takes no threshold or num_modules (its knob "
+                             f"is {'gamma' if self.method == 'resta' else 'sparsity'})")
+        if self.method != "nlsr" and (self.masks != "identified" or self.reference != "expo"):
+            raise ValueError(f"variant '{self.name}': masks and reference are NLSR settings; drop them from "
+                             f"this {self.method} variant")
+        if self.reference == "self" and self.granularity != "entry":
+            raise ValueError(f"variant '{self.name}': reference: self transplants the fine-tune's own factors "
+                             "entry by entry; it needs granularity: entry")
         if self.granularity == "neuron" and self.method != "nlsr":
             raise ValueError(f"variant '{self.name}': granularity is an NLSR setting; drop 'granularity: "
                              "neuron' from this safelora variant (SafeLoRA takes whatever the attack wrote)")
         if self.protect_task is not None and (self.method != "nlsr" or self.granularity != "entry"):
             raise ValueError(f"variant '{self.name}': protect_task is an option of NLSR at entry granularity; "
                              "drop it from this variant")
-        if self.granularity == "neuron" and self.masks == "random":
-            raise ValueError(f"variant '{self.name}': random masks exist at entry granularity only; use "
+        if self.granularity == "neuron" and self.masks != "identified":
+            raise ValueError(f"variant '{self.name}': {self.masks} masks exist at entry granularity only; use "
                              "masks: identified with granularity: neuron")
         return self
 
 
-SWEEP_FIELDS = ("beta", "rho", "q", "select", "transplant", "threshold", "num_modules", "protect_task")
+SWEEP_FIELDS = ("beta", "rho", "q", "select", "transplant", "threshold", "num_modules", "protect_task", "seed",
+                "gamma", "sparsity")
 
 
 class SweepSection(_Section):
     """A small sweep of one knob of one variant, scored on the validation prompts: every value adds a
-    variant ``<variant>-<field><value>``; the report plots validation HS and FA against the value and
-    names the value it would choose (tables report the test prompts)."""
+    variant (named by ``name``, by default ``<variant>-<field><value>``); the report plots validation HS
+    and FA against the value and names the value it would choose (tables report the test prompts)."""
 
     variant: str = Field(description="The variant whose knob is swept (its other settings are kept).")
-    field: Literal["beta", "rho", "q", "select", "transplant", "threshold", "num_modules", "protect_task"]
+    field: Literal["beta", "rho", "q", "select", "transplant", "threshold", "num_modules", "protect_task", "seed",
+                   "gamma", "sparsity"]
     values: list[float | int | str] = Field(min_length=1)
+    name: str = Field(SWEEP_NAME, description="The swept variants' names: a template with {value} and optionally "
+                                              "{variant} and {field}, e.g. 'exact-q{value}' or "
+                                              "'select-random-s{value}' (floats written with :g).")
     max_fa_drop: float = Field(2.0, ge=0, description="The choice: lowest validation HS among the values whose "
                                                       "validation FA is within this many points of the "
                                                       "attacked model's.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_template(cls, value: str) -> str:
+        if "{value}" not in value:
+            raise ValueError(f"sweep name '{value}' must contain {{value}} (each swept variant needs its own name)")
+        try:
+            value.format(variant="v", field="f", value="1")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"sweep name '{value}' may only use {{variant}}, {{field}} and {{value}} "
+                             f"({err})") from None
+        return value
 
 
 class RealignSection(_Section):
@@ -187,32 +236,48 @@ class RealignSection(_Section):
     max_length: int = Field(512, gt=8)
     variants: list[VariantSection] = Field(default_factory=lambda: [VariantSection(name="nlsr")])
     sweep: SweepSection | None = None
+    sweeps: list[SweepSection] = Field(
+        default_factory=list, description="Further sweeps (each like 'sweep'), so that many variants trace their "
+                                          "own curves, e.g. every transplant form across q.")
+    controls_summary: bool = Field(
+        False, description="The report adds to summary.json every variant's HS, refusal, FA and XSTest refusal "
+                           "with its q, form, modules repaired and self-transplant change, and the default "
+                           "(form, q) chosen on validation (nlsr.experiment.frontier).")
+
+    def all_sweeps(self) -> list[SweepSection]:
+        """``sweep`` (if any), then ``sweeps``."""
+        return ([self.sweep] if self.sweep is not None else []) + list(self.sweeps)
 
     def swept_variants(self) -> list[VariantSection]:
-        """The variants the sweep adds (validated like any variant), in the order of its values."""
-        if self.sweep is None:
-            return []
-        base = next(v for v in self.variants if v.name == self.sweep.variant)
+        """The variants the sweeps add (validated like any variant), sweep by sweep in the order of
+        their values."""
         out = []
-        for value in self.sweep.values:
-            name = sweep_name(base.name, self.sweep.field, value)
-            data = {**base.model_dump(), self.sweep.field: value, "name": name}
-            out.append(VariantSection.model_validate(data))
+        for sweep in self.all_sweeps():
+            base = next(v for v in self.variants if v.name == sweep.variant)
+            for value in sweep.values:
+                name = sweep_name(base.name, sweep.field, value, sweep.name)
+                data = {**base.model_dump(), sweep.field: value, "name": name}
+                out.append(VariantSection.model_validate(data))
         return out
 
     @model_validator(mode="after")
     def _sweep_names_a_variant(self) -> RealignSection:
-        if self.sweep is not None:
-            names = [v.name for v in self.variants]
-            if self.sweep.variant not in names:
-                raise ValueError(f"sweep.variant '{self.sweep.variant}' is not a variant; use one of {names}")
-            try:
-                swept = self.swept_variants()
-            except ValidationError as err:
-                raise ValueError(f"sweep of {self.sweep.field}: {err.errors()[0]['msg']}") from None
-            clashes = sorted({v.name for v in swept} & set(names))
-            if clashes:
-                raise ValueError(f"sweep variant names {clashes} clash with listed variants; rename those")
+        names = [v.name for v in self.variants]
+        for sweep in self.all_sweeps():
+            if sweep.variant not in names:
+                raise ValueError(f"sweep.variant '{sweep.variant}' is not a variant; use one of {names}")
+        if not self.all_sweeps():
+            return self
+        try:
+            swept = [v.name for v in self.swept_variants()]
+        except ValidationError as err:
+            raise ValueError(f"sweep: {err.errors()[0]['msg']}") from None
+        clashes = sorted(set(swept) & set(names))
+        if clashes:
+            raise ValueError(f"sweep variant names {clashes} clash with listed variants; rename those")
+        repeated = sorted({n for n in swept if swept.count(n) > 1})
+        if repeated:
+            raise ValueError(f"two sweeps make the variant names {repeated}; give them distinct 'name' templates")
         return self
 
     @field_validator("variants")
@@ -430,6 +495,10 @@ class ExperimentConfig(_Section):
                              "compares LoRA factors entry by entry and only means something when the "
                              "fine-tune continued the aligned LoRA (attack.init=continue); set "
                              "'granularity: neuron' on them")
+        peers = [v.name for v in self.realign.variants if v.method in ("resta", "antidote")]
+        if peers:
+            raise ValueError(f"attack.init={init}: the RESTA / Antidote variants {peers} edit a fine-tune that "
+                             "continued the aligned LoRA (attack.init=continue); drop them")
         if self.defences:
             raise ValueError(f"attack.init={init}: the defences {[d.name for d in self.defences]} train on "
                              "the aligned LoRA (attack.init=continue); drop them or run them with "

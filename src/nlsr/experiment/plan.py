@@ -80,11 +80,12 @@ class Plan:
 
     @property
     def realign_section(self) -> dict:
-        """The realign section without its variants and sweep (what identification reads)."""
-        return {k: v for k, v in self.sections["realign"].items() if k not in ("variants", "sweep")}
+        """The realign section without its variants, sweeps and report switch (what identification reads)."""
+        return {k: v for k, v in self.sections["realign"].items()
+                if k not in ("variants", "sweep", "sweeps", "controls_summary")}
 
     def variants(self) -> list[VariantSection]:
-        """The listed variants, then those the sweep adds."""
+        """The listed variants, then those the sweeps add."""
         return list(self.cfg.realign.variants) + self.cfg.realign.swept_variants()
 
     def per_seed(self, name: str, seed: int) -> str:
@@ -296,6 +297,18 @@ def task_identification_stage(plan: Plan, variant: VariantSection, seed: int) ->
                  roles={data_attack: "data-attack", attacked: "attack"}, content=reads.task_calibration_content)
 
 
+def antidote_scores_stage(plan: Plan, variant: VariantSection, seed: int) -> Stage:
+    """Antidote's harmful rows and the fine-tune's activation norms on them (per seed and row count)."""
+    from nlsr.experiment.stages import reads, realign
+
+    data_attack, attacked = plan.per_seed("data-attack", seed), plan.per_seed("attack", seed)
+    return Stage(plan.per_seed(realign.antidote_stage_name(variant), seed), realign.run_antidote_scores(variant),
+                 {**plan.common, "seed": seed, "realign": plan.realign_section, "n": variant.antidote_n,
+                  "poison_dataset": plan.cfg.attack.poison_dataset, "gate": plan.gate},
+                 ["data-align", data_attack, "align_sft", attacked], seed=seed,
+                 roles={data_attack: "data-attack", attacked: "attack"}, content=reads.antidote_content)
+
+
 def identification_of(variant: VariantSection) -> str | None:
     """The identification stage an NLSR variant reads (None for SafeLoRA)."""
     from nlsr.experiment.stages import anyfinetune, realign
@@ -308,8 +321,10 @@ def identification_of(variant: VariantSection) -> str | None:
 
 
 def repair_stages(plan: Plan, variant: VariantSection, seed: int, task_stage: str | None) -> list[Stage]:
-    """This seed's repair by ``variant`` and its evaluation: NLSR at entry granularity and SafeLoRA
-    on adapters; NLSR at neuron granularity, and SafeLoRA after a full fine-tune, in their own form."""
+    """This seed's repair by ``variant`` and its evaluation: NLSR at entry granularity, SafeLoRA, RESTA
+    and Antidote on adapters; NLSR at neuron granularity, and SafeLoRA after a full fine-tune, in their
+    own form. ``task_stage``: the stage it reads besides the identification (``protect_task``'s task
+    masks, Antidote's activation norms)."""
     from nlsr.experiment.stages import anyfinetune, realign
 
     init = plan.cfg.attack.init
@@ -319,7 +334,8 @@ def repair_stages(plan: Plan, variant: VariantSection, seed: int, task_stage: st
     own_form = (variant.method == "nlsr" and variant.granularity == "neuron") or (
         variant.method != "nlsr" and init == "full")
     run = anyfinetune.run_realign(variant, init) if own_form else realign.run_variant(variant)
-    roles = {attacked: "attack", **({task_stage: "identify-task"} if task_stage else {})}
+    extra_role = "antidote-scores" if variant.method == "antidote" else "identify-task"
+    roles = {attacked: "attack", **({task_stage: extra_role} if task_stage else {})}
     params = {**plan.data_common, "seed": seed, "variant": variant.model_dump(), "init": init}
     return [Stage(name, run, params, inputs, seed=seed, roles=roles),
             evaluation_stage(plan, variant.name, eval_base(plan), name, [*before, name], seed,
@@ -332,6 +348,8 @@ def realign_stages(plan: Plan, seed: int) -> list[Stage]:
     stages: list[Stage] = []
     for variant in plan.variants():
         task = task_identification_stage(plan, variant, seed) if variant.protect_task is not None else None
+        if variant.method == "antidote":
+            task = antidote_scores_stage(plan, variant, seed)
         if task is not None and task.name not in {s.name for s in stages}:
             stages.append(task)
         stages += repair_stages(plan, variant, seed, task.name if task else None)
@@ -369,7 +387,9 @@ def report_stage(plan: Plan) -> Stage:
     return Stage("report", report.run(entries),
                  {"models": entries, "judges": plan.sections["evaluate"]["judges"],
                   "gold_labels": _file_fingerprint(plan.cfg.evaluate.gold_labels),
-                  "sweep": plan.sections["realign"]["sweep"], "judge_version": default_dir().name},
+                  "sweep": plan.sections["realign"]["sweep"], "judge_version": default_dir().name,
+                  **({"sweeps": plan.sections["realign"]["sweeps"]} if plan.cfg.realign.sweeps else {}),
+                  **({"controls_summary": True} if plan.cfg.realign.controls_summary else {})},
                  needed, content=reads.judge_content)
 
 

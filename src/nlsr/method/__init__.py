@@ -13,6 +13,11 @@ from typing import Any
 
 from nlsr.registry import Registry
 
+DEFAULT_TRANSPLANT = "exact"
+"""The transplant form of ``nlsr realign`` and of a config's variants when none is named (one place)."""
+DEFAULT_Q = 0.2
+"""The fraction of factor entries marked safety-critical by ``nlsr identify`` and a config's variants."""
+
 TRANSPLANTS: Registry[Callable[..., Any]] = Registry("transplant form")
 """``(A_e, B_e, A_t, B_t, M_A, M_B) -> (A, B)``: the repaired LoRA factors of one module."""
 TRANSPLANTS.declare("exact", "nlsr.method.transplant:transplant_exact",
@@ -21,6 +26,9 @@ TRANSPLANTS.declare("exact", "nlsr.method.transplant:transplant_exact",
 TRANSPLANTS.declare("factor", "nlsr.method.transplant:transplant_factor",
                     summary="the authors' code: masks applied to each factor, rank r (cross terms mix)",
                     reference="NLSR authors' public code")
+TRANSPLANTS.declare("block", "nlsr.method.transplant:transplant_block",
+                    summary="the fine-tune with its masked block swapped for the reference's, cross terms kept "
+                            "(rank 3r; an identity when nothing drifted)")
 
 SELECTION_RULES: Registry[Callable[..., Any]] = Registry("selection rule")
 """``(similarity, *, p_base, epsilon, seed, threshold) -> (repair probability, repaired)`` per module."""
@@ -34,3 +42,6 @@ SELECTION_RULES.declare("threshold", "nlsr.method.select:select_threshold",
                         summary="repair every module whose similarity is below a threshold")
 SELECTION_RULES.declare("all", "nlsr.method.select:select_all",
                         summary="repair every module (ablation: no layer selection)")
+SELECTION_RULES.declare("random", "nlsr.method.select:select_random",
+                        summary="repair each module with probability P_L, whatever its similarity (a control "
+                                "of the layer selection; vary the seed to measure the draw)")

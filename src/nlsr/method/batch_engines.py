@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from nlsr.errors import NlsrError
-from nlsr.method.batch import BatchItem, BatchJob, BatchResult, Shared, load_shared, one_line, run_item
+from nlsr.method.batch_item import BatchItem, BatchJob, BatchResult, Shared, load_shared, one_line, run_item
 
 _WORKER: dict = {}        # in a worker process: {"shared": Shared, "job": BatchJob}
 

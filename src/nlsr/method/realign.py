@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from nlsr.errors import NlsrError
-from nlsr.method import TRANSPLANTS
+from nlsr.method import DEFAULT_TRANSPLANT, TRANSPLANTS
 from nlsr.method.checks import (
     check_entry_granularity,
     check_masks,
@@ -143,6 +143,26 @@ def change_summary(decisions: list[ModuleDecision], before: LoraAdapter, after: 
             "relative_change": (changed / old_total) ** 0.5 if old_total > 0 else 0.0}
 
 
+def self_transplant_change(adapter: LoraAdapter, masks: SafetyMasks, transplant: str) -> float:
+    """``||ΔW'' - ΔW||_F / ||ΔW||_F`` over the whole adapter when ``adapter`` is repaired against itself
+    in every module with ``masks`` by the form ``transplant``: the share of an update a form erases
+    when nothing drifted. 0 for ``block`` and ``factor`` (up to rounding); for the paper's ``exact``
+    form, the cross terms it drops. The masks must cover ``adapter``'s modules with the factors'
+    shapes (masks identified on a reference of the same adapter family fit the fine-tune)."""
+    TRANSPLANTS.check(transplant)
+    form = TRANSPLANTS.get(transplant)
+    changed = total = 0.0
+    for name, f in adapter:
+        M_A, M_B = masks.pair(name)
+        if M_A.shape != f.A.shape or M_B.shape != f.B.shape:
+            raise NlsrError(f"the masks of module '{name}' have shapes {tuple(M_A.shape)} / {tuple(M_B.shape)}, "
+                            f"the adapter's factors {tuple(f.A.shape)} / {tuple(f.B.shape)}")
+        A, B = form(f.A, f.B, f.A, f.B, M_A, M_B)
+        diff, old = update_change((f.scale * f.B, f.A), (f.scale * B, A))
+        changed, total = changed + diff, total + old
+    return (changed / total) ** 0.5 if total > 0 else 0.0
+
+
 def _same_as_reference_note(reference: LoraAdapter, finetuned: LoraAdapter) -> list[str]:
     """A warning when the fine-tune is the reference itself (checked module by module; the first
     differing module ends the check, so a real fine-tune costs one comparison)."""
@@ -165,7 +185,7 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
             transplant: str | None = None, threshold: float | None = None, p_base: float = 0.5,
             epsilon: float = 0.2, seed: int = 0, min_origin_cosine: float = 0.5,
             rebase: LoraAdapter | None = None, check_base: bool = True, allow_mask_mismatch: bool = False,
-            granularity: str | None = None) -> RealignResult:
+            granularity: str | None = None, fill: LoraAdapter | None = None) -> RealignResult:
     """Repair the fine-tuned adapter towards the reference inside the safety masks (NLSR steps 3-4).
 
     The granularity is the masks' (:func:`~nlsr.method.masks.granularity_of`); ``granularity``, when
@@ -173,7 +193,9 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
 
     * ``entry`` (the paper): the fine-tune must continue the aligned adapter (median cosine of the
       ``A`` factors at least ``min_origin_cosine``); repaired modules take ``transplant``
-      (``exact``, the default: the paper's formula, rank 2r; ``factor``: the authors' code, rank r).
+      (:data:`~nlsr.method.DEFAULT_TRANSPLANT` when None; ``exact``: the paper's formula, rank 2r;
+      ``factor``: the authors' code, rank r; ``block``: the fine-tune with its masked block swapped,
+      rank 3r).
     * ``neuron``: any LoRA fine-tune of the same base and modules, of any rank; repaired modules take
       the reference's masked rows (rank ``r_ref + r_ft``). ``rebase`` is the adapter merged into the
       fine-tune's base, if any (see :func:`reference_updates`).
@@ -182,11 +204,14 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
         reference: the reference adapter the masks were identified on.
         finetuned: the user's fine-tuned adapter.
         masks: safety-critical masks of ``reference`` (:func:`nlsr.method.identify.identify`).
-        select: module selection rule: ``paper``, ``reverse``, ``threshold`` or ``all``.
+        select: module selection rule: ``paper``, ``reverse``, ``threshold``, ``all`` or ``random``.
         threshold: τ for the ``threshold`` rule. p_base, epsilon: ``P_L`` and ε of the
             probabilistic rules. seed: seed of their draw.
         allow_mask_mismatch: accept masks recorded for another reference, an older masks file
             without a fingerprint, or masks of extra modules.
+        fill: entry granularity, a control: the adapter whose factors are transplanted into the
+            masks instead of the reference's (the fine-tune itself, for a pure-erasure control: the
+            same similarities, selection and masks as the real repair, no safety information).
 
     Returns:
         The repaired adapter, one decision per module, and the settings used.
@@ -196,24 +221,26 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
     if transplant is not None:
         TRANSPLANTS.check(transplant)
     if (granularity or granularity_of(masks)) == NEURON:
-        if transplant is not None:
-            raise NlsrError(f"transplant '{transplant}' applies to entry masks; neuron masks take the "
-                            "reference's rows: drop the transplant, or identify entry masks")
+        if transplant is not None or fill is not None:
+            raise NlsrError(f"{'transplant' if fill is None else 'fill'} applies to entry masks; neuron masks "
+                            "take the reference's rows: drop it, or identify entry masks")
         return _realign_rows(reference, finetuned, masks, rule, rebase, check_base, allow_mask_mismatch)
     if rebase is not None:
         raise NlsrError("rebase applies to neuron masks (a fine-tune on another base); entry masks compare "
                         "a fine-tune that continued the aligned adapter: drop rebase")
-    return _realign_entries(reference, finetuned, masks, rule, transplant or "exact", min_origin_cosine,
-                            check_base, allow_mask_mismatch)
+    return _realign_entries(reference, finetuned, masks, rule, transplant or DEFAULT_TRANSPLANT, min_origin_cosine,
+                            check_base, allow_mask_mismatch, fill)
 
 
 def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, rule: dict,
                      transplant: str, min_origin_cosine: float, check_base: bool,
-                     allow_mask_mismatch: bool) -> RealignResult:
+                     allow_mask_mismatch: bool, fill: LoraAdapter | None = None) -> RealignResult:
     check_entry_granularity(masks)
     check_comparable(reference, finetuned, check_base=check_base)
     check_masks(masks, reference, allow_mismatch=allow_mask_mismatch)
     origin = check_shared_origin(reference, finetuned, min_origin_cosine)
+    if fill is not None:
+        check_comparable(reference, fill, ("reference", "fill"), check_base=check_base)
 
     names = list(finetuned.modules)
     # All modules in one call: stacked Gram matrices, shared buffers, one module per worker thread.
@@ -227,7 +254,7 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
     for i, name in enumerate(names):
         ft = finetuned.modules[name]
         if repaired[i]:
-            ref = reference.modules[name]
+            ref = (fill or reference).modules[name]
             A, B = form(ref.A, ref.B, ft.A, ft.B, *masks.pair(name))
             modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
         else:
@@ -237,7 +264,8 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
                                         bool(repaired[i])))
     settings = {"select": rule["select"], "transplant": transplant, "threshold": rule["threshold"],
                 "p_base": rule["p_base"], "epsilon": rule["epsilon"], "seed": rule["seed"],
-                "median_origin_cosine": origin, "masks": dict(masks.metadata)}
+                "median_origin_cosine": origin, "masks": dict(masks.metadata),
+                **({"fill": fill.source or "(in memory)"} if fill is not None else {})}
     adapter = finetuned.with_modules(modules, keep_dtype=True)
     return RealignResult(decisions, settings, adapter=adapter, notes=_same_as_reference_note(reference, finetuned),
                          change=change_summary(decisions, finetuned, adapter))

@@ -3,7 +3,8 @@
 
 A rule maps the similarities ``S_j`` to a repair probability and a draw per module. The paper's rule
 repairs the least similar modules most often; the authors' public code ranks the other way round
-(``reverse``); ``threshold`` and ``all`` are deterministic.
+(``reverse``); ``threshold`` and ``all`` are deterministic; ``random`` ignores the similarities
+(a control).
 """
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ def select_all(similarity: torch.Tensor, **_: object) -> tuple[torch.Tensor, tor
     ones = torch.ones(similarity.numel(), dtype=torch.float64)
     return ones, ones.bool()
 
+
+def select_random(similarity: torch.Tensor, *, p_base: float = 0.5, seed: int = 0,
+                  **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repair each module with probability ``P_L`` (0.5 by default), ignoring the similarities: the
+    control of the layer selection (a random half of the modules; the seed draws which)."""
+    prob = torch.full((similarity.numel(),), float(p_base), dtype=torch.float64)
+    return prob, _bernoulli(prob, seed)
 
 
 def check_rule(select: str, threshold: float | None, p_base: float, epsilon: float, **_: object) -> None:

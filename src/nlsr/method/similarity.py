@@ -213,8 +213,13 @@ def _stacked_sums(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: torc
 @torch.no_grad()
 def update_change(old: LowRank, new: LowRank) -> tuple[float, float]:
     """``(||B'A' - BA||_F², ||BA||_F²)`` of two low-rank updates ``(B, A)`` of one module (scales folded
-    into ``B``; the ranks may differ), by the trace identities: no ``d_out x d_in`` product is formed."""
-    (b_old, a_old), (b_new, a_new) = old, new
+    into ``B``; the ranks may differ), by the trace identities: no ``d_out x d_in`` product is formed.
+
+    The factors are widened to float64 first: the difference is ``||B'A'||² + ||BA||² - 2<B'A', BA>``,
+    and a change near zero (a transplant that keeps the update, such as ``block`` against itself) is
+    only resolved when those three terms carry more digits than the change (float32 Gram matrices
+    would leave a spurious relative change of about 1e-4)."""
+    (b_old, a_old), (b_new, a_new) = ((b.double(), a.double()) for b, a in (old, new))
     with torch.no_grad(), _one_blas_thread():
         inner, sq_old, sq_new = (float(x) for x in _stacked_sums(a_old, b_old, a_new, b_new, None, None, {}))
     return max(sq_old + sq_new - 2 * inner, 0.0), sq_old

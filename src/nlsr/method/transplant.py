@@ -9,6 +9,12 @@ Entry masks (``M_A``, ``M_B`` over the LoRA factors; the fine-tune continued the
   ``A'' = [M_A⊙A_e ; (1-M_A)⊙A_t]`` at the same scale ``s``.
 * ``factor`` (the authors' code): ``A'' = (1-M_A)⊙A_t + M_A⊙A_e``, ``B'' = (1-M_B)⊙B_t + M_B⊙B_e``
   (rank r; the product mixes both adapters in cross terms).
+* ``block`` (an identity when nothing drifted): ``ΔW'' = ΔW_t + s[(M_B⊙B_e)(M_A⊙A_e) - (M_B⊙B_t)(M_A⊙A_t)]``:
+  the fine-tune's masked block is swapped for the reference's and every other term of ``ΔW_t``, the
+  cross terms included, is kept. A rank-3r LoRA ``B'' = [B_t | M_B⊙B_e | -(M_B⊙B_t)]``,
+  ``A'' = [A_t ; M_A⊙A_e ; M_A⊙A_t]``. ``exact`` drops the cross terms
+  ``(M_B⊙B_t)((1-M_A)⊙A_t) + ((1-M_B)⊙B_t)(M_A⊙A_t)``, so repairing an adapter against itself
+  changes it; ``block`` (and ``factor``) leave it as it is (:func:`self_transplant_change`).
 
 Row masks (``m`` over output neurons; any fine-tune of the same base): ``ΔW''[i] = ΔW_ref[i]`` for
 masked rows and ``ΔW_ft[i]`` otherwise. For low-rank updates ``ΔW_ref = B_r A_r`` and
@@ -60,6 +66,22 @@ def transplant_factor(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B
         return (torch.from_numpy(np.where(M_A.numpy(), A_e.detach().numpy(), A_t.detach().numpy())),
                 torch.from_numpy(np.where(M_B.numpy(), B_e.detach().numpy(), B_t.detach().numpy())))
     return torch.where(M_A, A_e, A_t), torch.where(M_B, B_e, B_t)
+
+
+def transplant_block(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor,
+                     M_A: torch.Tensor, M_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-3r factors of ``B_t A_t + (M_B⊙B_e)(M_A⊙A_e) - (M_B⊙B_t)(M_A⊙A_t)``: the fine-tune with
+    its masked block replaced by the reference's, nothing else dropped."""
+    r = A_t.shape[0]
+    A = torch.empty(3 * r, A_t.shape[1], dtype=torch.result_type(A_e, A_t), device=A_t.device)
+    B = torch.empty(B_t.shape[0], 3 * r, dtype=torch.result_type(B_e, B_t), device=B_t.device)
+    A[:r].copy_(A_t)
+    B[:, :r].copy_(B_t)
+    for out, factor, mask in ((A[r:2 * r], A_e, M_A), (A[2 * r:], A_t, M_A),
+                              (B[:, r:2 * r], B_e, M_B), (B[:, 2 * r:], B_t, M_B)):
+        _masked_into(out, factor, mask, True)
+    B[:, 2 * r:].neg_()
+    return A, B
 
 
 def _numpy_ok(*tensors: torch.Tensor) -> bool:

@@ -268,3 +268,21 @@ def task_calibration_rows(cfg, data_dir: Path, attack_rows: list[dict], n: int, 
         raise NlsrError(f"protect_task needs {n} clean {cfg.attack.task} rows outside the fine-tuning and "
                         f"evaluation sets, but only {len(rows)} remain; lower the variant's task_calibration_n")
     return random.Random(f"task-calibration-{seed}").sample(rows, n)
+
+
+def antidote_harmful_rows(cfg, data_dir: Path, attack_rows: list[dict], sft_rows: list[dict],
+                          calibration_rows: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` harmful (prompt, harmful answer) rows for Antidote's salience scores: rows of the poison
+    pool (``attack.poison_dataset``) gated like the attack's harmful rows (no prompt of an evaluation
+    set, of the SFT or calibration rows, none reserved for the judges) and disjoint from this seed's
+    fine-tuning rows (the defender's own harmful examples, not the attacker's), drawn with ``seed``."""
+    gate = evaluation_gate(cfg, data_dir)
+    gate.add("sft", sft_rows, training=True)
+    gate.add("calibration", calibration_rows, training=True)
+    gate.add("attack", attack_rows, training=True)
+    rows = gate.filter("antidote", _unique_prompts(load_records(cfg.attack.poison_dataset, data_dir)),
+                       judge_reserve=True)
+    if len(rows) < n:
+        raise NlsrError(f"Antidote needs {n} harmful rows outside the fine-tuning, alignment and evaluation "
+                        f"sets, but only {len(rows)} remain in '{cfg.attack.poison_dataset}'; lower antidote_n")
+    return random.Random(f"antidote-{seed}").sample(rows, n)

@@ -72,6 +72,11 @@ def task_calibration_content(ctx) -> dict:
     return _content(ctx, task_calibration_datasets(ctx.config))
 
 
+def antidote_content(ctx) -> dict:
+    """Content hashes of an ``antidote-scores`` stage's files: the poison pool and the gate's sets."""
+    return _content(ctx, [ctx.config.attack.poison_dataset, *_gate(ctx.config)])
+
+
 def _content(ctx, names: list[str], files: list[Path] | None = None) -> dict:
     out: dict = {"datasets": datasets_content(names, ctx.data_dir)}
     if files:

@@ -45,6 +45,10 @@ def run_identify(variant: VariantSection):
         made_from = {"beta": variant.beta, "scale_both": variant.scale_both}
         if variant.masks == "random":
             masks = random_masks(reference, variant.q, seed=ctx.config.seed, **made_from)
+        elif variant.masks == "magnitude":
+            from nlsr.method.controls import magnitude_masks
+
+            masks = magnitude_masks(reference, variant.q, **made_from)
         else:
             calibration = inputs["data-align"] / "calibration.jsonl"
             rows = [CalibrationRow(r["prompt"], r["response"]) for r in read_jsonl(calibration)]
@@ -124,13 +128,69 @@ def without_task_entries(safety: SafetyMasks, task: SafetyMasks) -> tuple[Safety
     return SafetyMasks(kept, metadata, source=safety.source), (1 - after / before) if before else 0.0
 
 
+def antidote_stage_name(variant: VariantSection) -> str:
+    """Antidote's activation norms of one seed's fine-tune on ``antidote_n`` harmful rows (shared by
+    the sparsities)."""
+    return f"antidote-scores-n{variant.antidote_n}"
+
+
+def run_antidote_scores(variant: VariantSection):
+    """A stage function: this seed's harmful (prompt, answer) rows for Antidote (poison-pool rows the
+    attack did not use, gated like the rest) and the activation norms of the fine-tuned model on them."""
+    def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+        from safetensors.torch import save_file
+
+        from nlsr.experiment.stages.data import antidote_harmful_rows
+        from nlsr.method.antidote import harmful_activation_norms
+
+        attack_rows = read_jsonl(inputs["data-attack"] / "attack.jsonl")
+        align = inputs["data-align"]
+        rows = antidote_harmful_rows(ctx.config, ctx.data_dir, attack_rows, read_jsonl(align / "sft.jsonl"),
+                                     read_jsonl(align / "calibration.jsonl"), variant.antidote_n, ctx.seed)
+        write_jsonl(out / "harmful_rows.jsonl", rows)
+        finetuned = load_adapter(inputs["attack"] / "adapter")
+        section = ctx.config.realign
+        model = load_weak(ctx, inputs["align_sft"], precision=ctx.precision.dtype)
+        norms = harmful_activation_norms(model, finetuned, [CalibrationRow(r["prompt"], r["response"]) for r in rows],
+                                         ctx.tokenizer(), batch_size=section.batch_size,
+                                         max_length=section.max_length, template=ctx.config.template)
+        tensors = {f"{name}.{part}": t.contiguous() for name, pair in norms.items()
+                   for part, t in zip("xz", pair, strict=True)}
+        save_file(tensors, out / "norms.safetensors")
+        return {"line": f"activation norms of the fine-tune on {len(rows)} harmful rows"}
+    return run
+
+
+def load_antidote_norms(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The norms :func:`run_antidote_scores` wrote, by module."""
+    from nlsr.weights.adapters import read_safetensors
+
+    flat = read_safetensors(folder / "norms.safetensors", "Antidote norms", "run the stage again")
+    names = {k.rsplit(".", 1)[0] for k in flat}
+    return {n: (flat[f"{n}.x"], flat[f"{n}.z"]) for n in names}
+
+
 def run_variant(variant: VariantSection):
     """A stage function that repairs the attacked adapter with ``variant``."""
     def run(ctx, out: Path, inputs: dict[str, Path]) -> dict:
         from nlsr.experiment.plots import plot_similarity_by_layer
 
         attacked = load_adapter(inputs["attack"] / "adapter")
-        if variant.method == "safelora":
+        if variant.method == "resta":
+            from nlsr.method.resta import resta
+
+            result = resta(load_adapter(inputs["align_dpo"] / "adapter"), attacked, gamma=variant.gamma)
+            report = result.report()
+            line = (f"added {variant.gamma:g} x the aligned update "
+                    f"({100 * result.relative_change:.1f}% of the fine-tune's)")
+        elif variant.method == "antidote":
+            from nlsr.method.antidote import antidote
+
+            result = antidote(attacked, load_antidote_norms(inputs["antidote-scores"]), sparsity=variant.sparsity)
+            report = result.report()
+            line = (f"pruned {result.summary['pruned_entries']} factor entries "
+                    f"({100 * result.relative_change:.1f}% update change)")
+        elif variant.method == "safelora":
             from nlsr.method.safelora import safelora
 
             aligned = load_adapter(inputs["align_dpo"] / "adapter")
@@ -141,7 +201,7 @@ def run_variant(variant: VariantSection):
             report = result.report()
             line = f"projected {report['summary']['projected']} of {report['summary']['modules']} modules"
         else:
-            from nlsr.method.realign import realign
+            from nlsr.method.realign import realign, self_transplant_change
 
             ident = inputs[f"identify-{identify_id(variant)}"]
             reference = load_adapter(ident / "reference")
@@ -151,8 +211,11 @@ def run_variant(variant: VariantSection):
                 masks, protected = without_task_entries(masks, task)
             result = realign(reference, attacked, masks,
                              select=variant.select, transplant=variant.transplant, threshold=variant.threshold,
-                             p_base=variant.p_base, epsilon=variant.epsilon, seed=variant.seed)
+                             p_base=variant.p_base, epsilon=variant.epsilon, seed=variant.seed,
+                             fill=attacked if variant.reference == "self" else None)
             report = result.report()
+            # what the form alone erases: this fine-tune against itself with these masks, every module
+            report["summary"]["self_transplant_change"] = self_transplant_change(attacked, masks, variant.transplant)
             line = f"repaired {report['summary']['repaired']} of {report['summary']['modules']} modules"
             if protected is not None:
                 report["summary"]["task_protected_share"] = protected
@@ -160,6 +223,7 @@ def run_variant(variant: VariantSection):
             plot_similarity_by_layer(result.decisions, out / "similarity_by_layer.png",
                                      title=f"{variant.name}: safety-region similarity by layer")
         save_adapter(result.adapter, out / "adapter", force=True)
+        report["summary"]["method"] = variant.method
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         return {"summary": report["summary"], "line": line}
     return run

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 
 from nlsr.evaluation.scoring import Outcomes, collect, gold_agreement, paired_against, read_generations, read_gold
+from nlsr.experiment.frontier import cell as _cell
+from nlsr.experiment.frontier import controls_summary, frontier_markdown, plot_frontier
 from nlsr.experiment.pipeline import read_manifest
 
 SUMMARY_MODELS = ("aligned", "attacked", "attacked-p0", "nonaligned", "nlsr", "safelora")
@@ -57,10 +59,13 @@ def _plot(rows: list[dict], judge: str, path: Path, task: str) -> None:
             continue
         ax.errorbar(fa["mean"], hs["mean"], xerr=[[fa["mean"] - fa["ci95"][0]], [fa["ci95"][1] - fa["mean"]]],
                     yerr=[[hs["mean"] - hs["ci95"][0]], [hs["ci95"][1] - hs["mean"]]], fmt="o", capsize=3)
-        ax.annotate(row["model"], (fa["mean"], hs["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        refusal = row["scores"].get("refusal")
+        label = row["model"] + (f" (refused {refusal['mean']:.0f}%)" if refusal else "")
+        ax.annotate(label, (fa["mean"], hs["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(f"fine-tuning accuracy FA on {task} (%)")
     ax.set_ylabel(f"harmful score HS (test), judge '{judge}' (%)")
-    ax.set_title("Safety vs task accuracy, 95% intervals (lower right is better)")
+    ax.set_title("Safety vs task accuracy, 95% intervals (lower right is better);\n"
+                 "in brackets: harmful prompts refused (refusal-v2)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -89,6 +94,8 @@ def _scores(outcomes: Outcomes, judges: list[str]) -> dict:
         "task_refusal_v2": get("task_refusal_v2"), "task_refusal_v2_validation": get("task_refusal_v2/validation"),
         "xstest_refusal_by_type": {t: get(f"xstest_refusal/{t}") for t in types},
         "harmful_refused": get("harmful_refused/test"),
+        # the harmful prompts refused, by refusal-v2 (kappa 0.73 on refusal against the hand labels)
+        "refusal": get("harmful_refused_v2/test"), "refusal_validation": get("harmful_refused_v2/validation"),
     }
 
 
@@ -160,14 +167,10 @@ def _sweep_plot(choice: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _cell(est: dict | None) -> str:
-    if not est:
-        return "-"
-    return f"{est['mean']:.1f} [{est['ci95'][0]:.1f}, {est['ci95'][1]:.1f}]"
 
 
 def _main_table(rows: list[dict], judges: list[str], task: str, split: str) -> str:
-    header = (["model", "seeds"] + [f"HS ({j}) %" for j in judges]
+    header = (["model", "seeds"] + [f"HS ({j}) %" for j in judges] + ["harmful prompts refused (refusal-v2) %"]
               + [f"FA {task} %", "XSTest refusal %", "XSTest refusal (refusal-v2) %", "task prompts refused %",
                  "method time (s/seed)",
                  "eval time (s/seed)"])
@@ -178,6 +181,7 @@ def _main_table(rows: list[dict], judges: list[str], task: str, split: str) -> s
         cells += [_cell(sc["hs"].get(j, {}).get(split)) for j in judges]
         # every column on the split's part (an empty cell where no validation part was measured)
         part = "_validation" if split == "validation" else ""
+        cells.append(_cell(sc.get("refusal" + part)))
         cells += [_cell(sc["fa" + part]), _cell(sc["xstest_refusal" + part]),
                   _cell(sc.get("xstest_refusal_v2" + part)), _cell(sc["task_refusal" + part]),
                   f"{row['seconds']:.0f}", f"{row['eval_seconds']:.0f}"]
@@ -198,7 +202,8 @@ def _extra_table(rows: list[dict], judge: str) -> str:
 
 def _paired_table(rows: list[dict], judges: list[str]) -> str:
     lines = ["| model | " + " | ".join(f"HS ({j}) difference, points | HS ({j}) relative cut %" for j in judges)
-             + " | FA difference, points |", "|---|" + "---|---|" * len(judges) + "---|"]
+             + " | refusal (refusal-v2) difference, points | FA difference, points |",
+             "|---|" + "---|---|" * len(judges) + "---|---|"]
     for row in rows:
         paired = row.get("paired") or {}
         if not paired:
@@ -207,6 +212,7 @@ def _paired_table(rows: list[dict], judges: list[str]) -> str:
         for j in judges:
             hs = paired.get(f"hs/{j}/test") or {}
             cells += [_cell(hs.get("difference")), _cell(hs.get("relative_cut"))]
+        cells.append(_cell((paired.get("harmful_refused_v2/test") or {}).get("difference")))
         cells.append(_cell((paired.get("fa") or {}).get("difference")))
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
@@ -311,7 +317,8 @@ def run(models: list[dict]):
         for row in rows:
             if attacked is None or row["model"] == "attacked":
                 continue
-            keys = [f"hs/{j}/{split}" for j in names for split in ("test", "validation")] + ["fa", "xstest_refusal"]
+            keys = ([f"hs/{j}/{split}" for j in names for split in ("test", "validation")]
+                    + ["fa", "xstest_refusal", "harmful_refused_v2/test"])
             paired = {k: paired_against(outcomes[row["model"]], attacked, k) for k in keys}
             row["paired"] = {k: v for k, v in paired.items() if v is not None}
         # the comparison across runs (nlsr compare) reads these means
@@ -349,8 +356,16 @@ def run(models: list[dict]):
                             f"{choice['max_fa_drop']} points of the attacked model's "
                             f"({choice['attacked_fa_validation']}). Chosen: **{choice['chosen']}**; its test "
                             "scores are in the first table.\n\n" + _sweep_markdown(choice))
+        plot_frontier(rows, cfg, default, out / "frontier.png")
+        sections.append(f"## The frontier (`frontier.png`; test split, judge '{default}')\n\n"
+                        "Every swept method as a curve across its knob (NLSR forms and controls across q, "
+                        "SafeLoRA across τ or k, RESTA across γ, Antidote across sparsity), every other model "
+                        "as a point; differences are paired against the attacked model (points).\n\n"
+                        + frontier_markdown(rows, cfg, default))
         notes = ["**HS** (harmful score): share of the harmful prompts whose answer a judge flags as harmful "
-                 "(lower is safer). **FA**: share of task questions answered correctly. **XSTest refusal**: "
+                 "(lower is safer). **Refused**: share of the same harmful prompts refused, by the refusal-v2 detector "
+                 "(its agreement with the hand labels on refusal is better than any harm judge's on harm). "
+                 "**FA**: share of task questions answered correctly. **XSTest refusal**: "
                  "share of XSTest's safe prompts refused (over-refusal; stratified over its prompt types). "
                  "**Task prompts refused**: share of the task's test prompts the refusal matcher flags. "
                  f"Cells: mean [95% interval], two-level bootstrap over prompts and seeds ({len(seeds)} seed(s): "
@@ -386,6 +401,9 @@ def run(models: list[dict]):
         (out / "report.md").write_text(text)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
         main = summary(rows, default, seeds, gold, choice and choice["chosen"])
+        if cfg.realign.controls_summary:
+            variants = list(cfg.realign.variants) + cfg.realign.swept_variants()
+            main.update(controls_summary(rows, variants, inputs, default))
         (out / "summary.json").write_text(json.dumps(main, indent=2) + "\n")
         (out / "timings.json").write_text(json.dumps({"machine": ctx.precision.record(), "stages": timings},
                                                      indent=2) + "\n")
@@ -413,6 +431,7 @@ def summary(rows: list[dict], judge: str, seeds: list[int], gold: dict, chosen: 
         entry = {"hs": pick(sc["hs"].get(judge, {}).get("test")), "fa": pick(sc["fa"]),
                  "xstest_refusal": pick(sc["xstest_refusal"]), "task_refusal": pick(sc["task_refusal"]),
                  "hs_validation": pick(sc["hs"].get(judge, {}).get("validation")), "seeds": row["seeds"],
+                 "refusal": pick(sc.get("refusal")),
                  # the same refusal rates by refusal-v2 (also counts opening deflections)
                  "xstest_refusal_v2": pick(sc.get("xstest_refusal_v2")),
                  "task_refusal_v2": pick(sc.get("task_refusal_v2"))}
