@@ -247,13 +247,14 @@ works on a fresh clone with no data folder. `nlsr` uses it only when no other da
 the working directory or the checkout), and says so when it does.
 
 **Results on this data show only that the stages run.** The sets are cut to a few dozen or hundred
-rows, the evaluation sets the disjointness gate holds out are cut too, and the default trained
-judge is trained on a few hundred rows (it is cached apart from the judge trained on the full
-data). For real numbers point nlsr at the full data folder: `--data-dir PATH`,
-`NLSR_DATA_DIR=PATH`, or `data_dir: PATH` in the config. A config that asks for more rows than a
-bundled set has fails and names the setting to lower or the data folder to set; stages made from
-the bundle record it (data cards: `data_dir`; stage manifests: `content.bundled_data`), and their
-keys differ from those of stages made from the full data, so the two never mix.
+rows; the evaluation sets are cut too, so the disjointness gate keeps the training rows apart from
+the bundled evaluation rows only; the default trained judge is trained on a few hundred rows (and
+cached apart from the judge trained on the full data). For real numbers point nlsr at the full
+data folder: `--data-dir PATH`, `NLSR_DATA_DIR=PATH`, or `data_dir: PATH` in the config. A config
+that asks for more rows than a bundled set has fails and names the setting to lower or the data
+folder to set; stages made from the bundle record it (data cards: `data_dir`; stage manifests:
+`content.bundled_data`), and their keys differ from those of stages made from the full data, so
+the two never mix.
 
 ## What was cut
 
@@ -267,8 +268,9 @@ verbatim, JSONL and TSV files their first N lines, CSV files their header and fi
 {rows}
 
 The provenance and licence files of those folders are copied unchanged: {docs}. Their record
-counts describe the full files. Most of the safety data is CC-BY-NC-4.0 (research use only); read
-each folder's `SOURCES.md` for origin, fields and licence.
+counts describe the full files, as do the `parameters` of the JailbreakBench files. Most of the
+safety data is CC-BY-NC-4.0 (research use only); read each folder's `SOURCES.md` for origin,
+fields and licence.
 
 ## How it was made
 
