@@ -65,6 +65,7 @@ def test_the_smoke_data_stages_run_on_the_bundle_and_record_it(tmp_path):
     other = tmp_path / "other"
     shutil.copytree(BUNDLE, other, ignore=shutil.ignore_patterns(paths.BUNDLE_MANIFEST, *CODE))
     assert "bundled_data" not in reads.eval_content(RunContext(cfg, tmp_path, other))
+    assert data.data_folder(other) == {"path": f"{tmp_path.name}/other", "bundled": False}
 
 
 def test_asking_for_more_rows_than_the_bundle_has_names_the_full_data_setting(tmp_path):

@@ -28,7 +28,7 @@ from nlsr.data.disjoint import Gate, evaluation_set_names, normalise_prompt, pro
 from nlsr.errors import NlsrError
 from nlsr.experiment.stages.common import read_jsonl, write_jsonl
 from nlsr.io import write_json
-from nlsr.paths import FULL_DATA_HINT, is_bundled, portable_path
+from nlsr.paths import FULL_DATA_HINT, is_bundled
 
 XSTEST = "xstest"
 XSTEST_VALIDATION_SEED = 1
@@ -45,9 +45,12 @@ def _take(name: str, rows: list, n: int, what: str) -> list:
 
 
 def data_folder(data_dir: Path) -> dict:
-    """What a data card records of the data folder: its path and whether it is the bundled subset."""
+    """What a data card records of the data folder: whether it is the bundled subset, and its path
+    (``<nlsr bundled data>``, else its last two parts, e.g. ``shared/data``: data cards are committed,
+    so no machine-specific prefix; the stage keys hold the content hashes of the files read)."""
     bundled = is_bundled(data_dir)
-    return {"path": "<nlsr bundled data>" if bundled else portable_path(data_dir), "bundled": bundled}
+    path = "<nlsr bundled data>" if bundled else Path(*Path(data_dir).resolve().parts[-2:]).as_posix()
+    return {"path": path, "bundled": bundled}
 
 
 def with_bundle_hint(err: NlsrError, data_dir: Path) -> NlsrError:
