@@ -100,14 +100,31 @@ CALIBRATION_ROWS = [
 
 
 def shared_data_dir() -> Path | None:
-    """The offline data folder (``$NLSR_DATA_DIR`` or ``shared/data``), or None."""
+    """The full offline data folder (``$NLSR_DATA_DIR`` or ``shared/data``), or None (the bundled
+    subset that :func:`nlsr.paths.data_dir` falls back to does not count: see :func:`pipeline_data_dir`)."""
     from nlsr.errors import NlsrError
-    from nlsr.paths import data_dir
+    from nlsr.paths import data_dir, is_bundled
 
     try:
-        return data_dir()
+        path = data_dir()
     except NlsrError:
         return None
+    return None if is_bundled(path) else path
+
+
+def pipeline_data_dir() -> Path:
+    """The data a whole-pipeline test runs on: the full data folder, else the bundled subset; a
+    test that needs it fails (never skips) when even the bundle is missing."""
+    from nlsr.paths import bundled_data_dir, is_bundled
+
+    full = shared_data_dir()
+    if full is not None:
+        return full
+    if not is_bundled(bundled_data_dir()):
+        pytest.fail(f"no data: no full data folder (shared/data, NLSR_DATA_DIR) and the bundled subset "
+                    f"{bundled_data_dir()} is missing (regenerate it: python -m nlsr.data.bundled.make_bundle "
+                    "FULL_DATA_DIR)")
+    return bundled_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, shared_data_dir
+from conftest import REPO_ROOT, pipeline_data_dir
+from nlsr.paths import bundled_data_dir
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +19,17 @@ def _nlsr(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_smoke_pipeline_runs_end_to_end_and_resumes(tmp_path: Path):
-    if shared_data_dir() is None:
-        pytest.skip("no offline data folder")
+    # the full data folder where there is one (nlsr finds it as the test does), else the bundled subset
+    # that ships in the package: never skipped, and a failure when even the bundle is missing
+    data = pipeline_data_dir()
+    bundled = data == bundled_data_dir()
     runs = tmp_path / "runs"
     first = _nlsr("run", "configs/smoke.yaml", "--set", f"runs_dir={runs}")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert ("the bundled data subset" in first.stdout) == bundled, first.stdout[:2000]
     run_dir = runs / "smoke"
+    card = json.loads((run_dir / "data" / "data_card.json").read_text())
+    assert card["data_dir"]["bundled"] == bundled
     report = (run_dir / "report" / "report.md").read_text()
     for model in ("aligned", "attacked", "nonaligned", "nlsr", "nlsr-reverse", "nlsr-factor", "safelora"):
         assert f"| {model} |" in report

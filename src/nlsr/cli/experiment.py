@@ -81,6 +81,7 @@ def validate(
     from nlsr.experiment.plan import build_stages
     from nlsr.experiment.stages import data as data_stage
     from nlsr.paths import data_dir as resolve_data_dir
+    from nlsr.paths import describe_data_dir
 
     cfg = load_config(config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +93,7 @@ def validate(
             folders[name].mkdir()
             results.append(step(ctx, folders[name], folders))
     lines = [r["line"] for r in results]
+    say(f"data folder: {describe_data_dir(ctx.data_dir)}")
     say(f"config '{config}' is valid; data: {', '.join(lines)}")
     for gate_line in (g for r in results for g in r.get("gate_lines", [])):
         say(f"gate: {gate_line}")

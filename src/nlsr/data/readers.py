@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nlsr.errors import NlsrError
+from nlsr.paths import FULL_DATA_HINT, is_bundled
 
 _MISSING = object()
 
@@ -52,6 +53,9 @@ def require_file(path: Path, root: Path | None = None, dataset: str | None = Non
     if not path.is_file():
         what = f"dataset '{dataset}' needs" if dataset else "nlsr needs"
         where = f"The data directory is '{root}'; set" if root is not None else "Set"
+        if root is not None and is_bundled(root):
+            raise NlsrError(f"{what} the file '{path}', which is not in the bundled data subset ('{root}', "
+                            f"only what configs/smoke.yaml needs): {FULL_DATA_HINT}")
         raise NlsrError(f"{what} the file '{path}', which does not exist. {where} the data directory "
                         "with --data-dir or NLSR_DATA_DIR (the folder holding the offline data sets, "
                         "shared/data)")

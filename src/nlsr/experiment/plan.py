@@ -14,7 +14,7 @@ from pathlib import Path
 from nlsr.errors import NlsrError
 from nlsr.experiment.config import DefenceSection, ExperimentConfig, VariantSection
 from nlsr.experiment.pipeline import RunContext, Stage, run_stages
-from nlsr.paths import data_dir
+from nlsr.paths import data_dir, describe_data_dir
 
 
 def evaluation_data_params(sections: dict, task: str) -> dict:
@@ -431,6 +431,7 @@ def run_experiment(cfg: ExperimentConfig, force: set[str] | None = None,
     if missing:
         raise NlsrError(f"reuse_from names run folders that do not exist: {missing}; fix the paths or drop them")
     log(f"[machine] {ctx.precision.line()}")
+    log(f"[data] {describe_data_dir(ctx.data_dir)}")
     run_stages(ctx, build_stages(cfg), force=force, log=log, reuse_from=reuse, until=until,
                accept_code_change=accept_code_change)
     return ctx.run_dir

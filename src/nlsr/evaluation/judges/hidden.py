@@ -318,16 +318,19 @@ def _cached_features(rows: Sequence[Mapping], layers: Sequence[int],
     return feats
 
 
-def default_dir() -> Path:
-    """The cached default hidden judge: ``<nlsr cache>/judges/hidden-v1``."""
+def default_dir(bundled: bool = False) -> Path:
+    """The cached default hidden judge: ``<nlsr cache>/judges/hidden-v1`` (``hidden-v1-bundled`` for
+    the one trained on the bundled data subset)."""
     from nlsr.paths import cache_dir
 
-    return cache_dir() / "judges" / DEFAULT_NAME
+    return cache_dir() / "judges" / (DEFAULT_NAME + ("-bundled" if bundled else ""))
 
 
 def load_or_train_default(data_dir: str | os.PathLike | None = None) -> HiddenJudge:
     """The default hidden judge, trained (seed 0) and cached on first use (minutes on a CPU)."""
-    out = default_dir()
+    from nlsr.paths import on_bundled_data
+
+    out = default_dir(on_bundled_data(data_dir))
     if not (out / CONFIG_NAME).is_file():
         train_hidden_judge(data_dir, out, seed=0, force=True)
     return HiddenJudge.load(out)

@@ -215,17 +215,22 @@ def _train_gated(data_dir, out_dir, seed: int, max_per_source: int | None, force
                              lambda path: reserved_data.write_rows(path, rows))
 
 
-def default_dir() -> Path:
-    """The cached default judge: ``<nlsr cache>/judges/trained-v3`` (trained on the gated rows)."""
+def default_dir(bundled: bool = False) -> Path:
+    """The cached default judge: ``<nlsr cache>/judges/trained-v3`` (trained on the gated rows);
+    ``bundled``: the one trained on the bundled data subset, ``trained-v3-bundled``, kept apart so
+    that it never stands in for the judge trained on the full data."""
     from nlsr.paths import cache_dir
 
-    return cache_dir() / "judges" / DEFAULT_NAME
+    return cache_dir() / "judges" / (DEFAULT_NAME + ("-bundled" if bundled else ""))
 
 
 def load_or_train_default(data_dir: str | os.PathLike | None = None) -> TrainedJudge:
     """The default trained judge, trained on the gated rows (seed 0, every reserved prompt) and
-    cached on first use: it never saw a prompt the pipeline trains or evaluates on."""
-    out = default_dir()
+    cached on first use (one per kind of data folder, :func:`default_dir`): it never saw a prompt
+    the pipeline trains or evaluates on."""
+    from nlsr.paths import on_bundled_data
+
+    out = default_dir(on_bundled_data(data_dir))
     if not (out / CONFIG_NAME).is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         train_judge(data_dir, out, seed=0, force=True, gated=True)

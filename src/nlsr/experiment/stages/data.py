@@ -10,11 +10,14 @@ Three kinds of data stage:
 - ``data-attack`` (one per seed): the poisoned fine-tuning rows, gated against the evaluation sets,
   and their harmful rows also against the SFT and calibration prompts.
 
-Every data card counts the rows the gate removed, per pair of sets.
+Every data card counts the rows the gate removed, per pair of sets, and records the data folder
+(``data_dir``: its path and whether it is the bundled subset, :func:`nlsr.paths.is_bundled`). On the
+bundled subset, a size check that fails also says how to point nlsr at the full data.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections import defaultdict
@@ -25,6 +28,7 @@ from nlsr.data.disjoint import Gate, evaluation_set_names, normalise_prompt, pro
 from nlsr.errors import NlsrError
 from nlsr.experiment.stages.common import read_jsonl, write_jsonl
 from nlsr.io import write_json
+from nlsr.paths import FULL_DATA_HINT, is_bundled
 
 XSTEST = "xstest"
 XSTEST_VALIDATION_SEED = 1
@@ -40,13 +44,42 @@ def _take(name: str, rows: list, n: int, what: str) -> list:
     return rows[:n]
 
 
+def data_folder(data_dir: Path) -> dict:
+    """What a data card records of the data folder: whether it is the bundled subset, and its path
+    (``<nlsr bundled data>``, else its last two parts, e.g. ``shared/data``: data cards are committed,
+    so no machine-specific prefix; the stage keys hold the content hashes of the files read)."""
+    bundled = is_bundled(data_dir)
+    path = "<nlsr bundled data>" if bundled else Path(*Path(data_dir).resolve().parts[-2:]).as_posix()
+    return {"path": path, "bundled": bundled}
+
+
+def with_bundle_hint(err: NlsrError, data_dir: Path) -> NlsrError:
+    """``err``, with how to use the full data appended when ``data_dir`` is the bundled subset."""
+    if not is_bundled(data_dir):
+        return err
+    return NlsrError(f"{err}. The data folder is the bundled subset, which has rows enough for "
+                     f"configs/smoke.yaml only: {FULL_DATA_HINT}")
+
+
+def _data_stage(run):
+    """A data stage function whose errors name the full data when it ran on the bundled subset."""
+    @functools.wraps(run)
+    def wrapped(ctx, out: Path, inputs: dict[str, Path]) -> dict:
+        try:
+            return run(ctx, out, inputs)
+        except NlsrError as err:
+            raise with_bundle_hint(err, ctx.data_dir) from err
+    return wrapped
+
+
 def _write(out: Path, parts: list[tuple[str, list[dict]]], sources: dict[str, str]) -> dict:
     card: dict = {name: {"rows": write_jsonl(out / f"{name}.jsonl", rows)} for name, rows in parts}
     card["sources"] = sources
     return card
 
 
-def _finish(out: Path, card: dict, gate: Gate | None = None) -> dict:
+def _finish(ctx, out: Path, card: dict, gate: Gate | None = None) -> dict:
+    card["data_dir"] = data_folder(ctx.data_dir)
     if gate is not None:
         card["gate"] = {"removed": gate.counts, "evaluation_sets": sorted(gate.forbidden)}
     write_json(out / "data_card.json", card)
@@ -103,6 +136,7 @@ def stratified_xstest(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+@_data_stage
 def run_eval(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """The evaluation sets: harmful prompts (with their validation/test split), extra harmful sets,
     the task's test rows, XSTest's safe prompts (stratified by type)."""
@@ -139,11 +173,12 @@ def run_eval(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     card["task_eval"]["split"] = {s: sum(r["split"] == s for r in task_eval) for s in ("validation", "test")}
     card["xstest_safe"]["types"] = {k: sum(r["type"] == k for r in xstest) for k in sorted({r["type"] for r in xstest})}
     card["xstest_safe"]["split"] = {s: sum(r["split"] == s for r in xstest) for s in ("validation", "test")}
-    return _finish(out, card)
+    return _finish(ctx, out, card)
 
 
 # ---- alignment data ------------------------------------------------------------------------------
 
+@_data_stage
 def run_align(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """The alignment data (SFT, DPO, helpful prompts) and the calibration rows for identification,
     every set gated against the evaluation prompts and SFT/calibration disjoint by prompt text.
@@ -179,7 +214,7 @@ def run_align(ctx, out: Path, inputs: dict[str, Path]) -> dict:
                                                               seed), helpful_cfg.n, "align.helpful.n")
         parts.append(("helpful_prompts", helpful))
         sources["helpful_prompts"] = helpful_cfg.dataset
-    return _finish(out, _write(out, parts, sources), gate)
+    return _finish(ctx, out, _write(out, parts, sources), gate)
 
 
 def harmless_prompts(gate: Gate, safety_rows: list[dict], dataset: str, data_dir: Path, seed: int) -> list[dict]:
@@ -191,6 +226,7 @@ def harmless_prompts(gate: Gate, safety_rows: list[dict], dataset: str, data_dir
     return split_records(rows, [1.0], seed)[0]
 
 
+@_data_stage
 def run_defence_rows(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """Safety rows for the fine-tuning-stage defences (Lisa, mixing): gated like the SFT rows and
     disjoint (by prompt) from the SFT and calibration rows."""
@@ -206,10 +242,12 @@ def run_defence_rows(ctx, out: Path, inputs: dict[str, Path]) -> dict:
                         "lower defence_safety_n")
     extra = split_records(rows, [cfg.defence_safety_n], seed=cfg.seed)[0]
     count = write_jsonl(out / "safety_extra.jsonl", extra)
-    write_json(out / "data_card.json", {"safety_extra": {"rows": count}, "gate": {"removed": gate.counts}})
+    write_json(out / "data_card.json", {"safety_extra": {"rows": count}, "gate": {"removed": gate.counts},
+                                        "data_dir": data_folder(ctx.data_dir)})
     return {"rows": count, "line": f"{count} safety rows", "gate_lines": gate.lines()}
 
 
+@_data_stage
 def run_refusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """DPO pairs on the SFT set's harmful prompts: chosen = the SFT refusal, rejected = the harmful
     answer that ``align.dpo.refusal_pairs_dataset`` gives the same prompt (a seeded sample)."""
@@ -225,11 +263,12 @@ def run_refusal_pairs(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     pairs = split_records(pairs, [dpo.refusal_pairs], seed=cfg.seed)[0]
     card = _write(out, [("refusal_pairs", pairs)],
                   {"refusal_pairs": f"sft.jsonl refusals (chosen) vs {dpo.refusal_pairs_dataset} (rejected)"})
-    return _finish(out, card)
+    return _finish(ctx, out, card)
 
 
 # ---- the fine-tuning (attack) data ---------------------------------------------------------------
 
+@_data_stage
 def run_attack_data(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     """The poisoned fine-tuning rows of this seed: task rows gated against the evaluation sets,
     harmful rows also against the SFT and calibration prompts (the attack must not train harmful
@@ -250,7 +289,7 @@ def run_attack_data(ctx, out: Path, inputs: dict[str, Path]) -> dict:
     card = _write(out, [("attack", attack)], {"attack": f"{cfg.attack.task} ({cfg.attack.source}, p={cfg.attack.p})"})
     card["attack"]["harmful_rows"] = sum(1 for r in attack if r.get("flag") == "unsafe")
     card["attack"]["seed"] = seed
-    return _finish(out, card, gate)
+    return _finish(ctx, out, card, gate)
 
 
 
@@ -265,8 +304,9 @@ def task_calibration_rows(cfg, data_dir: Path, attack_rows: list[dict], n: int, 
     gate.add("attack", attack_rows, training=True)
     rows = gate.filter("task_calibration", load_records(task.train_dataset, data_dir))
     if len(rows) < n:
-        raise NlsrError(f"protect_task needs {n} clean {cfg.attack.task} rows outside the fine-tuning and "
-                        f"evaluation sets, but only {len(rows)} remain; lower the variant's task_calibration_n")
+        raise with_bundle_hint(NlsrError(
+            f"protect_task needs {n} clean {cfg.attack.task} rows outside the fine-tuning and evaluation sets, "
+            f"but only {len(rows)} remain; lower the variant's task_calibration_n"), data_dir)
     return random.Random(f"task-calibration-{seed}").sample(rows, n)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nlsr.experiment.provenance import datasets_content, files_content
+from nlsr.paths import is_bundled
 
 
 def _gate(cfg) -> list[str]:
@@ -79,6 +80,8 @@ def antidote_content(ctx) -> dict:
 
 def _content(ctx, names: list[str], files: list[Path] | None = None) -> dict:
     out: dict = {"datasets": datasets_content(names, ctx.data_dir)}
+    if is_bundled(ctx.data_dir):   # only then, so that the keys of stages made from other folders stay
+        out["bundled_data"] = True
     if files:
         out["files"] = files_content(files, Path(ctx.data_dir).resolve())
     return out
@@ -123,7 +126,9 @@ def judge_content(ctx) -> dict:
         trained = spec.name == "trained"
         if spec.model is None:
             (load_or_train_default if trained else hidden.load_or_train_default)(ctx.data_dir)
-        folder = Path(spec.model) if spec.model is not None else (default_dir() if trained else hidden.default_dir())
+        bundled = is_bundled(ctx.data_dir)
+        folder = (Path(spec.model) if spec.model is not None
+                  else default_dir(bundled) if trained else hidden.default_dir(bundled))
         names = (CONFIG_NAME, WEIGHTS_NAME) if trained else (hidden.CONFIG_NAME, hidden.WEIGHTS_NAME)
         out[spec.label] = files_content([folder / n for n in names], folder)
     return out

@@ -17,6 +17,7 @@ from nlsr.evaluation.scoring import Outcomes, collect, gold_agreement, paired_ag
 from nlsr.experiment.frontier import cell as _cell
 from nlsr.experiment.frontier import controls_summary, frontier_markdown, plot_frontier
 from nlsr.experiment.pipeline import read_manifest
+from nlsr.paths import is_bundled
 
 SUMMARY_MODELS = ("aligned", "attacked", "attacked-p0", "nonaligned", "nlsr", "safelora")
 
@@ -228,14 +229,14 @@ def _gold_table(gold: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _heldout_agreement(specs) -> dict[str, dict]:
+def _heldout_agreement(specs, bundled: bool = False) -> dict[str, dict]:
     """Held-out agreement (per labelled source) measured when each trained judge was trained (keyed
     by its label); the refusal matcher is measured on the same rows."""
     from nlsr.evaluation.judges.training import METRICS_NAME, default_dir
 
     out: dict[str, dict] = {}
     for spec in specs:
-        path = (Path(spec.model) if spec.model else default_dir()) / METRICS_NAME
+        path = (Path(spec.model) if spec.model else default_dir(bundled)) / METRICS_NAME
         if spec.name != "trained" or not path.exists():
             continue
         metrics = json.loads(path.read_text())
@@ -387,7 +388,7 @@ def run(models: list[dict]):
                          f"(`{cfg.evaluate.gold_labels}`; harmful / refusal labels read by a person, see its "
                          f"GUIDELINES.md). The default judge (first column, `summary.json`) is the one with the "
                          f"best kappa on them: **{default}**.\n\n" + _gold_table(gold))
-        agreement = _heldout_agreement(ctx.config.evaluate.judges)
+        agreement = _heldout_agreement(ctx.config.evaluate.judges, is_bundled(ctx.data_dir))
         if agreement:
             notes.append("Agreement with held-out labelled responses (JailbreakBench `jailbroken` labels, SPARD "
                          "safe/unsafe pairs, all-harmless PKU and safety-tuned-llamas answers; split by prompt, "
