@@ -64,8 +64,10 @@ def evaluate(
     check_output_path(out, force)
     if xstest or task or data_dir is not None:
         from nlsr.paths import data_dir as resolve_data_dir
+        from nlsr.paths import describe_data_dir
 
         data_dir = str(resolve_data_dir(data_dir))
+        typer.echo(f"[data] {describe_data_dir(data_dir)}")
     if cache_folder(out).is_dir():
         typer.echo(f"resuming: finished batches are in {cache_folder(out)}")
     check_device(device)
