@@ -13,9 +13,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from nlsr.cli.common import check_choice, errors_to_exit, require_file
+from nlsr.cli.common import (
+    AllowBaseMismatch,
+    AllowMaskMismatch,
+    Epsilon,
+    Granularity,
+    MinOriginCosine,
+    PBase,
+    Seed,
+    Select,
+    Threshold,
+    Transplant,
+    check_choice,
+    errors_to_exit,
+    require_file,
+)
 from nlsr.errors import NlsrError
-from nlsr.method import SELECTION_RULES, TRANSPLANTS
+from nlsr.method import DEFAULT_TRANSPLANT, SELECTION_RULES, TRANSPLANTS
 
 
 @errors_to_exit
@@ -33,25 +47,20 @@ def realign_batch(
         help="Local engine: thread (default: no start-up, one copy of the reference) or process.")] = "thread",
     ray_address: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Ray engine: the cluster to join (default: a local Ray instance).")] = None,
-    select: Annotated[str, typer.Option(help="Module selection: paper, reverse, threshold or all.")] = "paper",
-    transplant: Annotated[str, typer.Option(
-        help="exact (rank 2r, the paper's formula) or factor (rank r, authors' code).")] = "exact",
-    threshold: Annotated[Optional[float], typer.Option(  # noqa: UP045
-        help="τ for --select threshold: repair modules with S < τ.")] = None,
-    p_base: Annotated[float, typer.Option(help="P_L of the probabilistic rules.")] = 0.5,
-    epsilon: Annotated[float, typer.Option(help="ε of the probabilistic rules.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the probabilistic draw (the same for every fine-tune).")] = 0,
-    min_origin_cosine: Annotated[float, typer.Option(
-        help="Refuse when the median cosine of A_e and A_t is below this (0 disables).")] = 0.5,
-    granularity: Annotated[str, typer.Option(help="entry (the paper) or neuron (weight rows).")] = "entry",
+    select: Select = "paper",
+    transplant: Transplant = DEFAULT_TRANSPLANT,
+    threshold: Threshold = None,
+    p_base: PBase = 0.5,
+    epsilon: Epsilon = 0.2,
+    seed: Seed = 0,
+    min_origin_cosine: MinOriginCosine = 0.5,
+    granularity: Granularity = "entry",
     base: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Model directories: the model both updates are measured from.")] = None,
     rebase: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Neuron granularity, adapters: the adapter merged into the fine-tunes' base.")] = None,
-    allow_base_mismatch: Annotated[bool, typer.Option(
-        "--allow-base-mismatch", help="Accept adapters that name different base models.")] = False,
-    allow_mask_mismatch: Annotated[bool, typer.Option(
-        "--allow-mask-mismatch", help="Experts: accept masks recorded for another reference.")] = False,
+    allow_base_mismatch: AllowBaseMismatch = False,
+    allow_mask_mismatch: AllowMaskMismatch = False,
     allow_pickle: Annotated[bool, typer.Option(
         "--allow-pickle", help="Accept adapter_model.bin (pickle) files; only for trusted files.")] = False,
     force: Annotated[bool, typer.Option(

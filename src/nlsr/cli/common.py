@@ -197,3 +197,25 @@ Precision = Annotated[Optional[str], typer.Option(  # noqa: UP045
 def say(message: str) -> None:
     """Print one line of a command's output."""
     typer.echo(message)
+
+
+# The options of a repair, shared by `nlsr realign` and `nlsr realign-batch` (one help text each).
+Select = Annotated[str, typer.Option(help="Module selection: paper, reverse, threshold, all or random (`nlsr ls`).")]
+Transplant = Annotated[str, typer.Option(
+    help="exact (rank 2r, the paper's formula), factor (rank r, authors' code) or block (rank 3r, the "
+         "fine-tune with its masked block swapped: an identity when nothing drifted).")]
+Threshold = Annotated[Optional[float], typer.Option(  # noqa: UP045
+    help="τ for --select threshold: repair modules with S < τ.")]
+PBase = Annotated[float, typer.Option(help="P_L of the probabilistic rules.")]
+Epsilon = Annotated[float, typer.Option(help="ε of the probabilistic rules.")]
+Seed = Annotated[int, typer.Option(help="Seed of the probabilistic draw.")]
+MinOriginCosine = Annotated[float, typer.Option(
+    help="Refuse when the median cosine of A_e and A_t is below this (0 disables).")]
+Granularity = Annotated[str, typer.Option(
+    help="entry (the paper: the fine-tune continues the aligned adapter) or neuron (weight rows: a LoRA of "
+         "any rank/initialisation, or model directories with --base).")]
+AllowBaseMismatch = Annotated[bool, typer.Option(
+    "--allow-base-mismatch", help="Accept adapters that name different base models.")]
+AllowMaskMismatch = Annotated[bool, typer.Option(
+    "--allow-mask-mismatch", help="Experts: accept masks recorded for another reference adapter, an older "
+                                  "masks file without a record, or masks of extra modules.")]

@@ -15,9 +15,19 @@ import typer
 
 from nlsr.cli.common import (
     ADAPTER_CONFIG,
+    AllowBaseMismatch,
+    AllowMaskMismatch,
     AllowPickle,
+    Epsilon,
     Force,
+    Granularity,
+    MinOriginCosine,
+    PBase,
     Precision,
+    Seed,
+    Select,
+    Threshold,
+    Transplant,
     at_least,
     check_choice,
     check_device,
@@ -209,28 +219,18 @@ def realign(
     finetuned: Annotated[Path, typer.Option(help="The fine-tuned adapter to repair.")],
     masks: Annotated[Path, typer.Option(help="Mask file from `nlsr identify`.")],
     out: Annotated[Path, typer.Option(help="Output adapter directory.")],
-    select: Annotated[str, typer.Option(
-        help="Module selection: paper, reverse, threshold, all or random.")] = "paper",
-    transplant: Annotated[str, typer.Option(
-        help="exact (rank 2r, the paper's formula), factor (rank r, authors' code) or block (rank 3r, the "
-             "fine-tune with its masked block swapped: an identity when nothing drifted).")] = DEFAULT_TRANSPLANT,
-    threshold: Annotated[Optional[float], typer.Option(  # noqa: UP045
-        help="τ for --select threshold: repair modules with S < τ.")] = None,
-    p_base: Annotated[float, typer.Option(help="P_L of the probabilistic rules.")] = 0.5,
-    epsilon: Annotated[float, typer.Option(help="ε of the probabilistic rules.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the probabilistic draw.")] = 0,
-    min_origin_cosine: Annotated[float, typer.Option(
-        help="Refuse when the median cosine of A_e and A_t is below this (0 disables).")] = 0.5,
-    allow_base_mismatch: Annotated[bool, typer.Option(
-        "--allow-base-mismatch", help="Accept adapters that name different base models.")] = False,
-    allow_mask_mismatch: Annotated[bool, typer.Option(
-        "--allow-mask-mismatch", help="Experts: accept masks recorded for another reference adapter, "
-                                      "an older masks file without a record, or masks of extra modules.")] = False,
+    select: Select = "paper",
+    transplant: Transplant = DEFAULT_TRANSPLANT,
+    threshold: Threshold = None,
+    p_base: PBase = 0.5,
+    epsilon: Epsilon = 0.2,
+    seed: Seed = 0,
+    min_origin_cosine: MinOriginCosine = 0.5,
+    allow_base_mismatch: AllowBaseMismatch = False,
+    allow_mask_mismatch: AllowMaskMismatch = False,
     force: Force = False,
     allow_pickle: AllowPickle = False,
-    granularity: Annotated[str, typer.Option(
-        help="entry (the paper: the fine-tune continues the aligned adapter) or neuron (weight rows: a "
-             "LoRA of any rank/initialisation, or model directories with --base).")] = "entry",
+    granularity: Granularity = "entry",
     base: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Neuron granularity, model directories: the model both updates are measured from.")] = None,
     rebase: Annotated[Optional[Path], typer.Option(  # noqa: UP045
