@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, shared_data_dir
 from nlsr import paths
 from nlsr.data import load_records
 from nlsr.data.bundled import make_bundle
@@ -20,7 +20,7 @@ from nlsr.experiment.stages import data, reads
 
 BUNDLE = paths.bundled_data_dir()
 SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
-SOURCE = Path("/work/shared/data")
+SOURCE = shared_data_dir()      # the full data folder ($NLSR_DATA_DIR or shared/data), None where absent
 CODE = {"__init__.py", "make_bundle.py"}
 
 
@@ -119,7 +119,7 @@ def test_the_default_judges_trained_on_the_bundle_are_cached_apart(tmp_path, mon
         "-bundled")
 
 
-@pytest.mark.skipif(not SOURCE.is_dir(), reason="the full data folder /work/shared/data is absent")
+@pytest.mark.skipif(SOURCE is None, reason="no full data folder ($NLSR_DATA_DIR or shared/data) to rebuild from")
 def test_make_bundle_reproduces_the_committed_bundle_from_the_full_data(tmp_path):
     source = tmp_path / "data"
     for folder in sorted({Path(p).parts[0] for p in json.loads((BUNDLE / paths.BUNDLE_MANIFEST).read_text())["files"]}):
