@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from nlsr.cli.common import at_least, check_choice, check_device, check_precision
+from nlsr.cli.common import Force, Precision, at_least, check_choice, check_device, check_precision
 
 
 def evaluate(
@@ -37,9 +37,8 @@ def evaluate(
         help="Offline data folder for --xstest, --task and the trained judge (default: NLSR_DATA_DIR / "
              "shared/data).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (auto).")] = None,  # noqa: UP045
-    precision: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="auto, float32 or bfloat16 (auto: bfloat16 where the hardware computes it natively).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    precision: Precision = None,
+    force: Force = False,
 ) -> None:
     """Harmful score and refusal rate (95% intervals) on your prompts; optionally over-refusal and task accuracy.
 
