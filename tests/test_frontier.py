@@ -223,3 +223,44 @@ def test_realign_stage_runs_each_control(tmp_path, shapes, variant):
         assert report["summary"]["self_transplant_change"] > 0.05          # the exact form erases cross terms
     if v.reference == "self":      # the fine-tune's own factors fill the masks: the exact form's erasure only
         assert report["settings"]["fill"]
+
+
+def test_every_control_runs_through_the_pipeline_on_the_tiny_model(tmp_path, tiny_model_dir, root):
+    """Each kind of control (forms, exact-self, magnitude and random masks, select-all and select-random,
+    beta, RESTA, Antidote with its harmful-row scores stage, SafeLoRA) runs end to end through
+    ``run_experiment``, and the report writes the controls summary with every variant and a default."""
+    from conftest import TARGETS
+    from nlsr.experiment.plan import run_experiment
+
+    train = {"epochs": 1, "batch_size": 4, "max_length": 384}
+    variants = [{"name": "exact-q0.2", "transplant": "exact"}, {"name": "block-q0.2", "transplant": "block"},
+                {"name": "factor-q0.2", "transplant": "factor"},
+                {"name": "exact-self-q0.2", "transplant": "exact", "reference": "self"},
+                {"name": "magnitude-q0.2", "masks": "magnitude"}, {"name": "random-q0.2", "masks": "random"},
+                {"name": "select-all-q0.2", "select": "all"},
+                {"name": "select-random-s0", "select": "random", "seed": 0},
+                {"name": "resta-g1", "method": "resta", "gamma": 1.0},
+                {"name": "antidote-s0.05", "method": "antidote", "sparsity": 0.05, "antidote_n": 4},
+                {"name": "safelora", "method": "safelora", "threshold": 0.6}]
+    sweeps = [{"variant": "exact-q0.2", "field": "q", "values": [0.4], "name": "exact-q{value}"},
+              {"variant": "exact-q0.2", "field": "beta", "values": [2.0], "name": "beta{value}-q0.2"}]
+    cfg = ExperimentConfig.model_validate({
+        "name": "controls", "runs_dir": str(tmp_path / "runs"), "model": str(tiny_model_dir), "template": "chat",
+        "precision": "float32", "device": "cpu", "lora": {"r": 2, "alpha": 4, "targets": list(TARGETS)},
+        "align": {"sft": {**train, "n": 8}, "dpo": {**train, "n": 4}},
+        "attack": {**train, "n": 8, "nonaligned_control": False},
+        "realign": {"batch_size": 4, "max_length": 64, "calibration_n": 8, "controls_summary": True,
+                    "variants": variants, "sweeps": sweeps},
+        "evaluate": {"harmful_n": 4, "harmful_max_new_tokens": 2, "task_n": 2, "xstest_n": 0, "backend": "hf",
+                     "judges": ["refusal"]}})
+    run_dir = run_experiment(cfg, data=root, log=lambda _line: None)
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    names = {v["name"] for v in variants} | {"exact-q0.4", "beta2-q0.2"}
+    assert names <= set(summary["variants"])
+    assert summary["default"]["transplant"] in {"exact", "factor", "block"}
+    block = summary["variants"]["block-q0.2"]
+    assert block["self_transplant_change"] < 1e-6 < summary["variants"]["exact-q0.2"]["self_transplant_change"]
+    scores = next(run_dir.glob("antidote-scores-n4*"))          # one seed: no seed suffix
+    rows = [json.loads(line) for line in (scores / "harmful_rows.jsonl").open()]
+    assert len(rows) == 4 and all(r["prompt"] and r["response"] for r in rows)
+    assert (run_dir / "report" / "frontier.png").stat().st_size > 0
