@@ -210,18 +210,28 @@ def _stacked_sums(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: torc
 
 
 
+# update_change recomputes in float64 when the change is below this share of ||BA||² + ||B'A'||²: there
+# float32 Gram sums (relative error ~1e-6 of each term) would no longer resolve the difference
+_WIDEN_BELOW = 1e-2
+
+
 @torch.no_grad()
 def update_change(old: LowRank, new: LowRank) -> tuple[float, float]:
     """``(||B'A' - BA||_F², ||BA||_F²)`` of two low-rank updates ``(B, A)`` of one module (scales folded
     into ``B``; the ranks may differ), by the trace identities: no ``d_out x d_in`` product is formed.
 
-    The factors are widened to float64 first: the difference is ``||B'A'||² + ||BA||² - 2<B'A', BA>``,
-    and a change near zero (a transplant that keeps the update, such as ``block`` against itself) is
-    only resolved when those three terms carry more digits than the change (float32 Gram matrices
-    would leave a spurious relative change of about 1e-4)."""
-    (b_old, a_old), (b_new, a_new) = ((b.double(), a.double()) for b, a in (old, new))
+    The difference is ``||B'A'||² + ||BA||² - 2<B'A', BA>``. It is computed in the factors' precision
+    (float32 for bf16 or float32 factors) and, where it is small against its terms (below 1% of
+    ``||BA||² + ||B'A'||²``: a transplant that keeps most of the update, such as ``block`` against
+    itself), again in float64, where the three terms carry enough digits to resolve it (float32 alone
+    would leave a spurious relative change of about 1e-4). A change of many percent, the usual case,
+    costs one float32 pass."""
     with torch.no_grad(), _one_blas_thread():
-        inner, sq_old, sq_new = (float(x) for x in _stacked_sums(a_old, b_old, a_new, b_new, None, None, {}))
+        inner, sq_old, sq_new = (float(x) for x in _stacked_sums(old[1], old[0], new[1], new[0], None, None, {}))
+        if sq_old + sq_new - 2 * inner < _WIDEN_BELOW * (sq_old + sq_new):
+            (b_old, a_old), (b_new, a_new) = ((b.double(), a.double()) for b, a in (old, new))
+            inner, sq_old, sq_new = (float(x) for x in
+                                     _stacked_sums(a_old, b_old, a_new, b_new, None, None, {}))
     return max(sq_old + sq_new - 2 * inner, 0.0), sq_old
 
 
