@@ -53,14 +53,17 @@ def test_random_rule_ignores_the_similarities_and_its_seed_draws_the_modules():
 def test_default_transplant_and_q_are_one_constant_for_cli_and_config():
     import inspect
 
-    from nlsr.cli import repair
+    from nlsr.cli import batch, repair
     from nlsr.experiment.config import VariantSection
+    from nlsr.method.batch_item import OPTION_DEFAULTS
 
     assert DEFAULT_TRANSPLANT in TRANSPLANTS
     variant = VariantSection(name="x")
     assert (variant.transplant, variant.q) == (DEFAULT_TRANSPLANT, DEFAULT_Q)
     assert inspect.signature(repair.realign).parameters["transplant"].default == DEFAULT_TRANSPLANT
     assert inspect.signature(repair.identify).parameters["keep"].default == DEFAULT_Q
+    assert OPTION_DEFAULTS["transplant"] == DEFAULT_TRANSPLANT
+    assert inspect.signature(batch.realign_batch).parameters["transplant"].default == DEFAULT_TRANSPLANT
 
 
 def test_resta_adds_gamma_times_the_aligned_update(tmp_path, tiny_model_dir, shapes):

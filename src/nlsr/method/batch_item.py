@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nlsr.errors import NlsrError
+from nlsr.method import DEFAULT_TRANSPLANT
 
 LOG_NAME = "batch.jsonl"
 SETTINGS_NAME = "batch.json"
@@ -21,7 +22,7 @@ POOLS = ("process", "thread")
 STATUSES = ("repaired", "unchanged", "failed")
 _RESERVED = {LOG_NAME, SETTINGS_NAME}
 # realign() options a batch takes, with nlsr realign's defaults
-OPTION_DEFAULTS = {"select": "paper", "transplant": "exact", "threshold": None, "p_base": 0.5,
+OPTION_DEFAULTS = {"select": "paper", "transplant": DEFAULT_TRANSPLANT, "threshold": None, "p_base": 0.5,
                    "epsilon": 0.2, "seed": 0, "min_origin_cosine": 0.5, "granularity": "entry",
                    "allow_base_mismatch": False, "allow_mask_mismatch": False}
 
