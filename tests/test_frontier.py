@@ -165,6 +165,19 @@ def test_controls_summary_shape_and_the_default_rule(frontier_case):
     json.dumps(out)
 
 
+def test_equal_cuts_go_to_the_repair_that_changes_the_update_least(frontier_case):
+    from nlsr.experiment.frontier import choose_default
+
+    cfg, rows, _ = frontier_case
+    variants = list(cfg.realign.variants) + cfg.realign.swept_variants()
+    tied = [r if r["model"] != "block-q0.2" else _row("block-q0.2", 20, 90) for r in rows]   # cut 30, as exact
+    for changes, winner in (({"exact-q0.2": 0.6, "block-q0.2": 0.3}, "block-q0.2"),
+                            ({"exact-q0.2": 0.2, "block-q0.2": 0.3}, "exact-q0.2"),
+                            ({"exact-q0.2": 0.6}, "exact-q0.2")):        # no change measured: loses the tie
+        assert choose_default(tied, variants, "j", changes=changes)["variant"] == winner
+    assert "smallest relative change" in choose_default(tied, variants, "j")["rule"]
+
+
 def test_no_default_without_the_attacked_model(frontier_case):
     from nlsr.experiment.frontier import choose_default
 

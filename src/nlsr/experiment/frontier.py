@@ -23,7 +23,8 @@ REFERENCE_MODELS = ("aligned", "attacked", "attacked-p0", "nonaligned")
 DEFAULT_RULE = ("the NLSR variants that differ from the defaults only in transplant form and q (ExPO "
                 "reference, identified masks, the paper's selection, β 0.9): among those whose validation "
                 "FA is within {drop} points of the attacked model's, the largest validation HS cut "
-                "(attacked HS - variant HS, judge '{judge}')")
+                "(attacked HS - variant HS, judge '{judge}'); among equal cuts, the smallest relative change "
+                "of the update (the repair that keeps most of the fine-tune)")
 
 
 def curves(cfg: ExperimentConfig) -> dict[str, list[tuple[object, str]]]:
@@ -161,9 +162,12 @@ def is_form_grid(variant: VariantSection) -> bool:
 
 
 def choose_default(rows: list[dict], variants: list[VariantSection], judge: str,
-                   max_fa_drop: float = 2.0) -> dict | None:
+                   max_fa_drop: float = 2.0, changes: dict[str, float | None] | None = None) -> dict | None:
     """The default ``(transplant, q)`` by :data:`DEFAULT_RULE`, on the validation prompts; None when no
-    variant of the grid was scored or none kept its validation FA within ``max_fa_drop`` points."""
+    variant of the grid was scored or none kept its validation FA within ``max_fa_drop`` points.
+    ``changes``: each variant's relative change of the update (mean over seeds), which breaks ties
+    (a variant without one loses them)."""
+    changes = changes or {}
     by_model = {r["model"]: r for r in rows}
     attacked = by_model.get("attacked")
     if attacked is None:
@@ -181,10 +185,11 @@ def choose_default(rows: list[dict], variants: list[VariantSection], judge: str,
             continue
         if fa_attacked is not None and (fa is None or fa < fa_attacked - max_fa_drop):
             continue
-        candidates.append((hs_attacked - hs, v))
+        change = changes.get(v.name)
+        candidates.append((hs_attacked - hs, -change if change is not None else float("-inf"), v))
     if not candidates:
         return None
-    cut, best = max(candidates, key=lambda c: c[0])
+    cut, _, best = max(candidates, key=lambda c: c[:2])
     return {"transplant": best.transplant, "q": best.q, "variant": best.name, "hs_cut_validation": cut,
             "rule": DEFAULT_RULE.format(drop=max_fa_drop, judge=judge)}
 
@@ -215,4 +220,5 @@ def controls_summary(rows: list[dict], variants: list[VariantSection], inputs: d
                 "safelora": {"threshold": v.threshold, "num_modules": v.num_modules},
                 "resta": {"gamma": v.gamma}, "antidote": {"sparsity": v.sparsity}}[v.method]
         out[v.name] = {**entry, **knob}
-    return {"variants": out, "default": choose_default(rows, variants, judge, max_fa_drop)}
+    changes = {name: entry["relative_change"] for name, entry in out.items()}
+    return {"variants": out, "default": choose_default(rows, variants, judge, max_fa_drop, changes)}
