@@ -261,14 +261,15 @@ def test_bf16_adapter_stays_bf16_and_merges_to_the_float_computation(service, ti
     save_masks(entry_masks(reference), d / "tmasks.safetensors")
     save_bf16(perturbed(aligned, 0.15), d / "tft")
     r = invoke("realign", "--reference", d / "tref", "--finetuned", d / "tft", "--masks", d / "tmasks.safetensors",
-               "--out", d / "tout", "--select", "all")
+               "--out", d / "tout", "--select", "all", "--transplant", "exact")
     assert r.exit_code == 0, r.output
     written, original = load_file(d / "tout" / WEIGHTS_NAME), load_file(d / "tft" / WEIGHTS_NAME)
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
     # every module repaired at rank 2r: twice the bf16 input (float32 would be four times)
     assert (d / "tout" / WEIGHTS_NAME).stat().st_size < 2.2 * (d / "tft" / WEIGHTS_NAME).stat().st_size
     # the float32 computation: the same repair of the float32-loaded adapters
-    expected = realign(reference, load_adapter(d / "tft"), load_masks(d / "tmasks.safetensors"), select="all")
+    expected = realign(reference, load_adapter(d / "tft"), load_masks(d / "tmasks.safetensors"), select="all",
+                       transplant="exact")
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                                        str(d / "tout")).merge_and_unload().state_dict()
     weights = base.state_dict()

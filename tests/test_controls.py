@@ -132,3 +132,16 @@ def test_masks_of_a_control_fit_the_realign_api(shapes):
     result = realign(reference, finetuned, masks, select="random", seed=3, transplant="block")
     assert result.report()["settings"]["select"] == "random"
     assert 0 < result.report()["summary"]["repaired"] < len(result.decisions)
+
+
+def test_the_default_is_the_one_the_controls_chose():
+    """DEFAULT_TRANSPLANT and DEFAULT_Q are the ``default`` of the committed controls summary (the full
+    run where it exists, else the quick one)."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    summary = next(p for p in (results / "method-controls" / "summary.json",
+                               results / "method-controls-quick" / "summary.json") if p.is_file())
+    chosen = json.loads(summary.read_text())["default"]
+    assert (chosen["transplant"], chosen["q"]) == (DEFAULT_TRANSPLANT, DEFAULT_Q)

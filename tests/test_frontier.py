@@ -101,8 +101,9 @@ def _row(model, hs, fa, hs_val=None, fa_val=None):
 
 @pytest.fixture
 def frontier_case(tmp_path):
-    cfg = _cfg([{"name": "exact-q0.2"}, {"name": "block-q0.2", "transplant": "block"},
-                {"name": "resta-g1", "method": "resta"}, {"name": "magnitude-q0.2", "masks": "magnitude"}],
+    cfg = _cfg([{"name": "exact-q0.2", "transplant": "exact"}, {"name": "block-q0.2", "transplant": "block"},
+                {"name": "resta-g1", "method": "resta"},
+                {"name": "magnitude-q0.2", "transplant": "exact", "masks": "magnitude"}],
                [{"variant": "exact-q0.2", "field": "q", "values": [0.4], "name": "exact-q{value}"},
                 {"variant": "block-q0.2", "field": "q", "values": [0.4], "name": "block-q{value}"},
                 {"variant": "resta-g1", "field": "gamma", "values": [0.5], "name": "resta-g{value}"}])
@@ -186,8 +187,10 @@ def test_no_default_without_the_attacked_model(frontier_case):
 
 
 @pytest.mark.parametrize("variant", [
-    {"name": "exact-self", "reference": "self"}, {"name": "block", "transplant": "block", "select": "all"},
-    {"name": "magnitude", "masks": "magnitude"}, {"name": "resta-g0.5", "method": "resta", "gamma": 0.5},
+    {"name": "exact-self", "transplant": "exact", "reference": "self"},
+    {"name": "block", "transplant": "block", "select": "all"},
+    {"name": "magnitude", "transplant": "exact", "masks": "magnitude"},
+    {"name": "resta-g0.5", "method": "resta", "gamma": 0.5},
     {"name": "antidote-s0.1", "method": "antidote", "sparsity": 0.1}])
 def test_realign_stage_runs_each_control(tmp_path, shapes, variant):
     """The realign stage of each new variant kind, on adapter folders laid out as the pipeline writes them."""

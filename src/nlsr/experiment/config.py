@@ -100,6 +100,11 @@ def sweep_name(variant: str, field: str, value: float | int | str, template: str
     return template.format(variant=variant, field=field, value=shown)
 
 
+NLSR_ONLY_FIELDS = ("beta", "scale_both", "rho", "q", "masks", "reference", "select", "transplant", "p_base",
+                    "epsilon", "seed", "protect_task", "protect_task_score", "task_calibration_n", "granularity")
+"""Variant settings that only NLSR reads (left out of the other methods' stage keys)."""
+
+
 class VariantSection(_Section):
     """One post-hoc realignment to compare: NLSR (with its knobs and controls), SafeLoRA, RESTA or
     Antidote."""
@@ -165,6 +170,16 @@ class VariantSection(_Section):
     @classmethod
     def _name_is_folder(cls, value: str) -> str:
         return folder_name(value, "variant name")
+
+    def key_params(self) -> dict:
+        """The settings that make this variant's stage key: all of them for NLSR; for SafeLoRA, RESTA and
+        Antidote, all but NLSR's own knobs (:data:`NLSR_ONLY_FIELDS`), so that a change of an NLSR
+        default (the transplant form, say) does not rerun the other methods."""
+        params = self.model_dump()
+        if self.method != "nlsr":
+            for field in NLSR_ONLY_FIELDS:
+                params.pop(field)
+        return params
 
     @model_validator(mode="after")
     def _rules(self) -> VariantSection:

@@ -336,7 +336,7 @@ def repair_stages(plan: Plan, variant: VariantSection, seed: int, task_stage: st
     run = anyfinetune.run_realign(variant, init) if own_form else realign.run_variant(variant)
     extra_role = "antidote-scores" if variant.method == "antidote" else "identify-task"
     roles = {attacked: "attack", **({task_stage: extra_role} if task_stage else {})}
-    params = {**plan.data_common, "seed": seed, "variant": variant.model_dump(), "init": init}
+    params = {**plan.data_common, "seed": seed, "variant": variant.key_params(), "init": init}
     return [Stage(name, run, params, inputs, seed=seed, roles=roles),
             evaluation_stage(plan, variant.name, eval_base(plan), name, [*before, name], seed,
                              {name: f"realign-{variant.name}"})]

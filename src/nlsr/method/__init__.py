@@ -13,10 +13,14 @@ from typing import Any
 
 from nlsr.registry import Registry
 
-DEFAULT_TRANSPLANT = "exact"
-"""The transplant form of ``nlsr realign`` and of a config's variants when none is named (one place)."""
+DEFAULT_TRANSPLANT = "block"
+"""The transplant form of ``nlsr realign`` and of a config's variants when none is named (one place).
+``block`` (the fine-tune's update kept outside the masked-by-masked block, so a module that did not
+drift is left as it is) was chosen on validation by the controls' frontier
+(``results/method-controls-quick/summary.json``, ``default``); the paper's form is ``exact``."""
 DEFAULT_Q = 0.2
-"""The fraction of factor entries marked safety-critical by ``nlsr identify`` and a config's variants."""
+"""The fraction of factor entries marked safety-critical by ``nlsr identify`` and a config's variants
+(the paper's, and the frontier's choice)."""
 
 TRANSPLANTS: Registry[Callable[..., Any]] = Registry("transplant form")
 """``(A_e, B_e, A_t, B_t, M_A, M_B) -> (A, B)``: the repaired LoRA factors of one module."""
