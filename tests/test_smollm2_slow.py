@@ -55,7 +55,7 @@ def test_identify_and_realign_on_smollm2(tmp_path, smollm2):
     ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(peft_model(input_ids=ids).logits).all()
-    name = next(n for n, f in repaired if f.rank == 8)            # a repaired module is rank 2r
+    name = next(n for n, f in repaired if f.rank == 12)   # a repaired module is rank 3r (block, the default)
     layer = peft_model.get_submodule(f"base_model.model.{name}")
-    assert layer.lora_A["default"].weight.shape[0] == 8
+    assert layer.lora_A["default"].weight.shape[0] == 12
     peft_model.unload()
