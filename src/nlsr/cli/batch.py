@@ -16,6 +16,7 @@ import typer
 from nlsr.cli.common import (
     AllowBaseMismatch,
     AllowMaskMismatch,
+    AllowPickle,
     Epsilon,
     Granularity,
     MinOriginCosine,
@@ -61,8 +62,7 @@ def realign_batch(
         help="Neuron granularity, adapters: the adapter merged into the fine-tunes' base.")] = None,
     allow_base_mismatch: AllowBaseMismatch = False,
     allow_mask_mismatch: AllowMaskMismatch = False,
-    allow_pickle: Annotated[bool, typer.Option(
-        "--allow-pickle", help="Accept adapter_model.bin (pickle) files; only for trusted files.")] = False,
+    allow_pickle: AllowPickle = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Repair every fine-tune again, replacing outputs (default: skip finished ones).")] = False,
 ) -> None:
