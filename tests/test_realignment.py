@@ -240,3 +240,32 @@ def test_self_transplant_change_refuses_masks_of_other_shapes(setting, shapes):
         self_transplant_change(reference, other, "block")
     with pytest.raises(NlsrError):
         self_transplant_change(reference, random_masks(reference), "nope")
+
+
+@pytest.mark.parametrize("transplant", ["exact", "factor", "block"])
+def test_a_barely_drifted_fine_tune_gets_an_accurate_change(setting, transplant):
+    # the change is measured from the form's own difference terms: no cancellation of large terms,
+    # so a change of ~1e-5 of the update is resolved in float32
+    reference, _, masks = setting
+    gen = torch.Generator().manual_seed(9)
+    finetuned = reference.with_modules({n: type(f)(A=f.A + 1e-5 * torch.randn(f.A.shape, generator=gen), B=f.B,
+                                                    scale=f.scale) for n, f in reference})
+    result = realign(reference, finetuned, masks, select="all", transplant=transplant, min_origin_cosine=0)
+    diff = sum(float((_dense(result.adapter.modules[n]) - _dense(f)).pow(2).sum()) for n, f in finetuned)
+    old = sum(float(_dense(f).pow(2).sum()) for _, f in finetuned)
+    expected = (diff / old) ** 0.5
+    if transplant != "exact":
+        assert expected < 1e-3
+    assert result.report()["summary"]["relative_change"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_reference_masked_once_gives_the_same_repair(setting):
+    from nlsr.method.realign import masked_reference_of
+
+    reference, finetuned, masks = setting
+    fresh = realign(reference, finetuned, masks, seed=3)
+    made_once = masked_reference_of(reference, masks)
+    cached = realign(reference, finetuned, masks, seed=3, masked_reference=made_once)
+    assert cached.report() == fresh.report()                   # similarities and change bit for bit
+    for name, f in fresh.adapter:
+        assert torch.equal(f.A, cached.adapter.modules[name].A) and torch.equal(f.B, cached.adapter.modules[name].B)

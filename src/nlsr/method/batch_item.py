@@ -91,6 +91,7 @@ class Shared:
     masks: object                   # SafetyMasks
     base: object | None = None      # ModelDir (model directories)
     rebase: object | None = None    # LoraAdapter (neuron granularity, adapters)
+    masked_reference: dict | None = None   # entry masks: the reference's masked factors, made once
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -164,12 +165,24 @@ def load_shared(job: BatchJob) -> Shared:
     from nlsr.weights.adapters import load_adapter
 
     rebase = load_adapter(job.rebase, job.allow_pickle) if job.rebase else None
-    return Shared(load_adapter(job.reference, job.allow_pickle), masks, rebase=rebase)
+    shared = Shared(load_adapter(job.reference, job.allow_pickle), masks, rebase=rebase)
+    if job.masks_checked:
+        _mask_reference(shared, job)
+    return shared
+
+
+def _mask_reference(shared: Shared, job: BatchJob) -> None:
+    """Entry masks: make the reference's masked factors once for every repair (masks already checked)."""
+    if job.kind == "adapter" and job.options["granularity"] == "entry":
+        from nlsr.method.realign import masked_reference_of
+
+        shared.masked_reference = masked_reference_of(shared.reference, shared.masks)
 
 
 def check_shared(shared: Shared, job: BatchJob) -> None:
     """The checks of the masks against the reference that every repair would repeat (adapters):
-    done once here, so that each repair can skip them (``masks_checked``)."""
+    done once here, so that each repair can skip them (``masks_checked``); then the reference's masked
+    factors are made, once."""
     if job.kind != "adapter":
         return
     from nlsr.method.checks import check_entry_granularity, check_masks, check_neuron_masks
@@ -182,6 +195,7 @@ def check_shared(shared: Shared, job: BatchJob) -> None:
     else:
         check_neuron_masks(shared.masks, {n: f.B.shape[0] for n, f in shared.reference},
                            {} if allow else fingerprint(shared.reference), f"'{job.reference}'", allow)
+    _mask_reference(shared, job)
 
 
 def repair_adapter(shared: Shared, job: BatchJob, item: BatchItem):
@@ -201,7 +215,8 @@ def repair_adapter(shared: Shared, job: BatchJob, item: BatchItem):
                 allow_mask_mismatch=o["allow_mask_mismatch"] or job.masks_checked)
     if o["granularity"] == "entry":
         result = realign(shared.reference, finetuned, shared.masks, transplant=o["transplant"],
-                         min_origin_cosine=o["min_origin_cosine"], granularity="entry", **rule)
+                         min_origin_cosine=o["min_origin_cosine"], granularity="entry",
+                         masked_reference=shared.masked_reference, **rule)
     else:
         result = realign(shared.reference, finetuned, shared.masks, rebase=shared.rebase,
                          granularity="neuron", **rule)

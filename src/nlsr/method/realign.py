@@ -6,6 +6,8 @@ import json
 import os
 import re
 import statistics
+import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,14 +25,27 @@ from nlsr.method.checks import (
 from nlsr.method.masks import NEURON, SafetyMasks, granularity_of, neuron_key
 from nlsr.method.select import check_rule, decide
 from nlsr.method.similarity import (
+    MaskedFactors,
     cosine_of_sums,
+    cpu_map,
     dense_row_sums,
+    gram_inner,
+    lowrank_sq,
+    mask_factors,
+    mask_reference,
     masked_similarities,
     product_inner,
     row_masked_similarities,
     update_change,
+    wide_numpy,
 )
-from nlsr.method.transplant import LowRank, row_transplant_dense, row_transplant_lowrank, subtract_lowrank
+from nlsr.method.transplant import (
+    LowRank,
+    change_terms,
+    row_transplant_dense,
+    row_transplant_lowrank,
+    subtract_lowrank,
+)
 from nlsr.paths import portable_path
 from nlsr.weights.adapters import (
     LoraAdapter,
@@ -40,6 +55,7 @@ from nlsr.weights.adapters import (
     load_adapter,
     natural_key,
     same_base,
+    weight_key,
 )
 from nlsr.weights.model_dirs import (
     MERGED_INFO,
@@ -124,17 +140,24 @@ def describe_change(summary: dict) -> str:
 def change_summary(decisions: list[ModuleDecision], before: LoraAdapter, after: LoraAdapter) -> dict:
     """What a repair did, for the report and the terminal: modules repaired, the mean masked similarity
     of the repaired and the kept modules, and the relative change ``||ΔW'' - ΔW_t||_F / ||ΔW_t||_F``
-    of the update inside the repaired modules and over the whole adapter."""
-    changed = old_total = old_repaired = 0.0
+    of the update inside the repaired modules and over the whole adapter (measured on the two
+    adapters; entry repairs measure it from the form's own terms, :func:`_entry_changes`)."""
+    changes = []
     for d in decisions:
         f = before.modules[d.module]
         if d.repaired:
             g = after.modules[d.module]
-            diff, old = update_change((f.scale * f.B, f.A), (g.scale * g.B, g.A))
-            changed, old_repaired = changed + diff, old_repaired + old
+            changes.append(update_change((f.scale * f.B, f.A), (g.scale * g.B, g.A)))
         else:
-            old = product_inner(f.A, f.B, f.A, f.B).item() * f.scale ** 2
-        old_total += old
+            changes.append((0.0, product_inner(f.A, f.B, f.A, f.B).item() * f.scale ** 2))
+    return summarize_change(decisions, changes)
+
+
+def summarize_change(decisions: list[ModuleDecision], changes: list[tuple[float, float]]) -> dict:
+    """:func:`change_summary` from ``(||ΔW'' - ΔW_t||², ||ΔW_t||²)`` per module (0 change where kept)."""
+    changed = sum(c for c, _ in changes)
+    old_total = sum(o for _, o in changes)
+    old_repaired = sum(o for d, (_, o) in zip(decisions, changes, strict=True) if d.repaired)
     repaired = [d.similarity for d in decisions if d.repaired]
     kept = [d.similarity for d in decisions if not d.repaired]
     return {"similarity_repaired": statistics.fmean(repaired) if repaired else None,
@@ -150,17 +173,46 @@ def self_transplant_change(adapter: LoraAdapter, masks: SafetyMasks, transplant:
     form, the cross terms it drops. The masks must cover ``adapter``'s modules with the factors'
     shapes (masks identified on a reference of the same adapter family fit the fine-tune)."""
     TRANSPLANTS.check(transplant)
-    form = TRANSPLANTS.get(transplant)
-    changed = total = 0.0
+    items = []
     for name, f in adapter:
         M_A, M_B = masks.pair(name)
         if M_A.shape != f.A.shape or M_B.shape != f.B.shape:
             raise NlsrError(f"the masks of module '{name}' have shapes {tuple(M_A.shape)} / {tuple(M_B.shape)}, "
                             f"the adapter's factors {tuple(f.A.shape)} / {tuple(f.B.shape)}")
-        A, B = form(f.A, f.B, f.A, f.B, M_A, M_B)
-        diff, old = update_change((f.scale * f.B, f.A), (f.scale * B, A))
-        changed, total = changed + diff, total + old
-    return (changed / total) ** 0.5 if total > 0 else 0.0
+        items.append((f, f, M_A, M_B))
+    changes = _entry_changes(transplant, items)
+    total = sum(o for _, o in changes)
+    return (sum(c for c, _ in changes) / total) ** 0.5 if total > 0 else 0.0
+
+
+def _entry_changes(transplant: str, items: list[tuple], workers: int | None = None) -> list[tuple[float, float]]:
+    """``(||ΔW'' - ΔW_t||², ||ΔW_t||²)`` per module of an entry repair, from the form's change terms
+    (:func:`~nlsr.method.transplant.change_terms`; a form without them: measured on its output).
+
+    ``items``: ``(fine-tune, source, M_A, M_B[, output])`` per module, with ``source`` the factors
+    transplanted in (the reference, or the control's fill), a :class:`MaskedFactors` of them, or None
+    for a module that was kept; ``output`` the repaired factors (used only by forms without terms).
+    Factors are used as :func:`~nlsr.method.similarity.wide_numpy` gives them (float32 for bf16)."""
+    local = threading.local()
+
+    def one(item: tuple) -> tuple[float, float]:
+        ft, source, M_A, M_B = item[:4]
+        a_t, b_t = wide_numpy(ft.A), wide_numpy(ft.B)
+        old = gram_inner(b_t, a_t, b_t, a_t) * ft.scale ** 2
+        if source is None:
+            return 0.0, old
+        if not hasattr(local, "buffers"):
+            local.buffers = ({}, {})
+        if not isinstance(source, MaskedFactors):
+            source = mask_factors(source.A, source.B, M_A, M_B, local.buffers[0])
+        terms = change_terms(transplant, source, a_t, b_t, mask_factors(ft.A, ft.B, M_A, M_B, local.buffers[1]))
+        if terms is None:
+            out = item[4]
+            return update_change((ft.scale * ft.B, ft.A), (out.scale * out.B, out.A))[0], old
+        return lowrank_sq(terms) * ft.scale ** 2, old
+
+    with torch.no_grad():
+        return cpu_map(one, items, workers)
 
 
 def _same_as_reference_note(reference: LoraAdapter, finetuned: LoraAdapter) -> list[str]:
@@ -185,7 +237,8 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
             transplant: str | None = None, threshold: float | None = None, p_base: float = 0.5,
             epsilon: float = 0.2, seed: int = 0, min_origin_cosine: float = 0.5,
             rebase: LoraAdapter | None = None, check_base: bool = True, allow_mask_mismatch: bool = False,
-            granularity: str | None = None, fill: LoraAdapter | None = None) -> RealignResult:
+            granularity: str | None = None, fill: LoraAdapter | None = None,
+            masked_reference: Mapping[str, MaskedFactors] | None = None) -> RealignResult:
     """Repair the fine-tuned adapter towards the reference inside the safety masks (NLSR steps 3-4).
 
     The granularity is the masks' (:func:`~nlsr.method.masks.granularity_of`); ``granularity``, when
@@ -212,6 +265,8 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
         fill: entry granularity, a control: the adapter whose factors are transplanted into the
             masks instead of the reference's (the fine-tune itself, for a pure-erasure control: the
             same similarities, selection and masks as the real repair, no safety information).
+        masked_reference: entry granularity, the reference's masked factors made once for many
+            repairs (:func:`masked_reference_of`); the result is the same without them.
 
     Returns:
         The repaired adapter, one decision per module, and the settings used.
@@ -224,41 +279,50 @@ def realign(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, 
         if transplant is not None or fill is not None:
             raise NlsrError(f"{'transplant' if fill is None else 'fill'} applies to entry masks; neuron masks "
                             "take the reference's rows: drop it, or identify entry masks")
+        if masked_reference is not None:
+            raise NlsrError("masked_reference holds entry masks' factors; neuron masks do not use it: drop it")
         return _realign_rows(reference, finetuned, masks, rule, rebase, check_base, allow_mask_mismatch)
     if rebase is not None:
         raise NlsrError("rebase applies to neuron masks (a fine-tune on another base); entry masks compare "
                         "a fine-tune that continued the aligned adapter: drop rebase")
     return _realign_entries(reference, finetuned, masks, rule, transplant or DEFAULT_TRANSPLANT, min_origin_cosine,
-                            check_base, allow_mask_mismatch, fill)
+                            check_base, allow_mask_mismatch, fill, masked_reference)
 
 
 def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: SafetyMasks, rule: dict,
                      transplant: str, min_origin_cosine: float, check_base: bool,
-                     allow_mask_mismatch: bool, fill: LoraAdapter | None = None) -> RealignResult:
+                     allow_mask_mismatch: bool, fill: LoraAdapter | None = None,
+                     masked_reference: Mapping[str, MaskedFactors] | None = None) -> RealignResult:
     check_entry_granularity(masks)
     check_comparable(reference, finetuned, check_base=check_base)
     check_masks(masks, reference, allow_mismatch=allow_mask_mismatch)
-    origin = check_shared_origin(reference, finetuned, min_origin_cosine)
+    # bf16/fp16 factors widened to float32 once, for every step below (the output keeps the input's dtype)
+    wide = {name: _widened(f) for name, f in finetuned}
+    origin = check_shared_origin(reference, finetuned.with_modules(wide), min_origin_cosine)
     if fill is not None:
         check_comparable(reference, fill, ("reference", "fill"), check_base=check_base)
 
     names = list(finetuned.modules)
-    # All modules in one call: stacked Gram matrices, shared buffers, one module per worker thread.
-    similarity = masked_similarities([
-        (reference.modules[n].A, reference.modules[n].B, finetuned.modules[n].A,
-         finetuned.modules[n].B, *masks.pair(n)) for n in names])
+    # All modules in one call: shared buffers, one module per worker thread.
+    similarity = masked_similarities(
+        [(reference.modules[n].A, reference.modules[n].B, wide[n].A, wide[n].B, *masks.pair(n)) for n in names],
+        references=[masked_reference.get(n) for n in names] if masked_reference is not None else None)
     prob, repaired = decide(similarity, **rule)
     form = TRANSPLANTS.get(transplant)
     modules: dict[str, LoraFactors] = {}
-    decisions = []
+    decisions, changes = [], []
     for i, name in enumerate(names):
-        ft = finetuned.modules[name]
+        ft, pair = wide[name], masks.pair(name)
         if repaired[i]:
-            ref = (fill or reference).modules[name]
-            A, B = form(ref.A, ref.B, ft.A, ft.B, *masks.pair(name))
+            source = (fill or reference).modules[name]
+            A, B = form(source.A, source.B, ft.A, ft.B, *pair)
             modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
+            if fill is None and masked_reference is not None and name in masked_reference:
+                source = masked_reference[name]
+            changes.append((ft, source, *pair, modules[name]))
         else:
-            modules[name] = ft
+            modules[name] = finetuned.modules[name]       # as it came, in its own dtype
+            changes.append((ft, None, *pair))
         layer, kind = layer_and_kind(name)
         decisions.append(ModuleDecision(name, layer, kind, float(similarity[i]), float(prob[i]),
                                         bool(repaired[i])))
@@ -268,8 +332,22 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
                 **({"fill": fill.source or "(in memory)"} if fill is not None else {})}
     adapter = finetuned.with_modules(modules, keep_dtype=True)
     return RealignResult(decisions, settings, adapter=adapter, notes=_same_as_reference_note(reference, finetuned),
-                         change=change_summary(decisions, finetuned, adapter))
+                         change=summarize_change(decisions, _entry_changes(transplant, changes)))
 
+
+def masked_reference_of(reference: LoraAdapter, masks: SafetyMasks) -> dict[str, MaskedFactors]:
+    """The reference's masked factors per module (:class:`MaskedFactors`), made once for many repairs
+    against it (``realign(..., masked_reference=...)``: the same numbers as made per repair)."""
+    names = [n for n, _ in reference if weight_key(n, "A") in masks.masks and weight_key(n, "B") in masks.masks]
+    sides = mask_reference([(reference.modules[n].A, reference.modules[n].B, *masks.pair(n)) for n in names])
+    return dict(zip(names, sides, strict=True))
+
+
+def _widened(f: LoraFactors) -> LoraFactors:
+    """``f`` with float32 factors where they are narrower (bf16/fp16 fine-tunes are loaded as stored)."""
+    if f.A.dtype in (torch.float32, torch.float64) and f.B.dtype in (torch.float32, torch.float64):
+        return f
+    return LoraFactors(A=f.A.float(), B=f.B.float(), scale=f.scale)
 
 
 def _scaled(f: LoraFactors) -> LowRank:

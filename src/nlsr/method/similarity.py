@@ -5,14 +5,14 @@ cosine of the masked products, ``S = cos((M_B⊙B_e)(M_A⊙A_e), (M_B⊙B_t)(M_A
 or ``S = cos(diag(m) ΔW_ref, diag(m) ΔW_ft)`` (row masks), computed from ``r x r`` matrices with
 ``<B1A1, B2A2>_F = tr((B1ᵀB2)(A2A1ᵀ))``; the ``d_out x d_in`` products are never formed.
 
-All three numbers of a cosine (the inner product and both squared norms) come from ONE Gram matrix
-per side: with the stacked factors ``B = [B1 | B2]`` (``d_out x 2r``) and ``A = [A1 ; A2]``
-(``2r x d_in``), ``G_B = BᵀB`` and ``G_A = AAᵀ`` hold ``BᵢᵀBⱼ`` and ``AᵢAⱼᵀ`` in their
-``r x r`` blocks ``(i, j)``, and ``<BᵢAᵢ, BⱼAⱼ>_F = Σ (G_B ⊙ G_A)`` over block ``(i, j)``.
-Both Gram matrices are symmetric, so BLAS computes only one triangle (a symmetric rank-k update,
-``?syrk``, on CPU): ``4r²(d_out + d_in)`` flops per cosine instead of the ``6r²(d_out + d_in)`` of
-three separate pairs of products. For full weights (model directories) the row-masked sums are
-accumulated block by block (:func:`dense_row_sums`).
+On CPU (:func:`masked_similarities`) each side's masked factors are written once and each of the
+three numbers of a cosine is a pair of ``r x r`` products (:func:`gram_inner`; a side's own norm is a
+symmetric rank-k update, BLAS ``?syrk``, half the flops); the reference's side is the same for every
+fine-tune and a batch makes it once (:func:`mask_reference`). On other devices one Gram matrix per
+side of the stacked factors ``B = [B1 | B2]``, ``A = [A1 ; A2]`` holds all three in its ``r x r``
+blocks: ``<BᵢAᵢ, BⱼAⱼ>_F = Σ (G_B ⊙ G_A)`` over block ``(i, j)``. How much a repair changed an update
+is the squared norm of a sum of low-rank terms (:func:`lowrank_sq`). For full weights (model
+directories) the row-masked sums are accumulated block by block (:func:`dense_row_sums`).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import functools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -58,26 +59,90 @@ def masked_similarity(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B
 ModuleFactors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class MaskedFactors:
+    """One side of a module's masked product ``(M_B⊙B)(M_A⊙A)``, ready to score: both masked factors
+    as contiguous float32 numpy arrays (float64 for float64 factors) and the squared norm of their
+    product. A reference's sides are the same for every fine-tune it is compared with, so a batch
+    makes them once (:func:`mask_reference`) and :func:`masked_similarities` takes them as made."""
+
+    B: np.ndarray
+    A: np.ndarray
+    sq: float
+
+
+def wide_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU factor as numpy, float32 (float64 kept; bf16/fp16 widened: a copy)."""
+    t = t.detach()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+
+
+def gram_inner(B1: np.ndarray, A1: np.ndarray, B2: np.ndarray, A2: np.ndarray) -> float:
+    """``<B1 A1, B2 A2>_F = Σ (B1ᵀB2) ⊙ (A1A2ᵀ)``: two ``r x r`` products in the factors' dtype (BLAS
+    ``?syrk`` when a pair is one array), multiplied out in float64."""
+    return float(((B1.T @ B2).astype(np.float64) * (A1 @ A2.T)).sum())
+
+
+def lowrank_sq(terms: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """``||Σ Bᵢ Aᵢ||_F²`` of a sum of low-rank terms ``(Bᵢ, Aᵢ)`` (numpy), from their pairwise Gram
+    inner products. Accurate to the float32 rounding of the terms themselves: when the sum is small
+    because each term is small (a repair that changed little, written as its differences), nothing
+    cancels."""
+    total = 0.0
+    for i, (B1, A1) in enumerate(terms):
+        total += gram_inner(B1, A1, B1, A1)
+        for B2, A2 in terms[i + 1:]:
+            total += 2 * gram_inner(B1, A1, B2, A2)
+    return max(total, 0.0)
+
+
+def mask_factors(A: torch.Tensor, B: torch.Tensor, M_A: torch.Tensor, M_B: torch.Tensor,
+                 buffers: dict | None = None) -> MaskedFactors:
+    """``M_B⊙B`` and ``M_A⊙A`` (CPU; widened to float32 as :func:`wide_numpy`), written into
+    ``buffers`` (reused by every module of the same shape) or new arrays, and their product's squared
+    norm."""
+    a, b = wide_numpy(A), wide_numpy(B)
+    key = (a.shape, b.shape, a.dtype)
+    if buffers is None:
+        out_b, out_a = np.empty(b.shape, b.dtype), np.empty(a.shape, a.dtype)
+    else:
+        if key not in buffers:
+            buffers[key] = (np.empty(b.shape, b.dtype), np.empty(a.shape, a.dtype))
+        out_b, out_a = buffers[key]
+    np.multiply(b, M_B.numpy(), out=out_b)
+    np.multiply(a, M_A.numpy(), out=out_a)
+    return MaskedFactors(out_b, out_a, gram_inner(out_b, out_a, out_b, out_a))
+
+
+def mask_reference(modules: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                   workers: int | None = None) -> list[MaskedFactors]:
+    """:class:`MaskedFactors` of each ``(A_e, B_e, M_A, M_B)`` (own arrays, not buffers), for
+    :func:`masked_similarities` ``references``."""
+    modules = list(modules)
+    return cpu_map(lambda m: mask_factors(*m), modules, workers)
+
+
 @torch.no_grad()
 def masked_similarities(modules: Sequence[ModuleFactors], eps: float = 1e-30,
-                        workers: int | None = None) -> torch.Tensor:
+                        workers: int | None = None,
+                        references: Sequence[MaskedFactors | None] | None = None) -> torch.Tensor:
     """``S_j`` of many modules: a float64 vector, one entry per ``(A_e, B_e, A_t, B_t, M_A, M_B)``.
 
-    Equal to :func:`masked_similarity` module by module. Per module the masked factors are written
-    once, straight into buffers ``M_B⊙B_e``, ``M_B⊙B_t`` (``d_out x r`` each: contiguous copies) and
-    ``[M_A⊙A_e ; M_A⊙A_t]`` (``2r x d_in``) that are reused by every module of the same shape (a
-    model repeats a handful of shapes), so nothing of size ``d`` is allocated per module; one
-    symmetric Gram matrix per buffer then gives the inner product and both norms (module
-    docstring). Gram matrices are float32 (float64 for float64 factors; bf16/fp16 factors are
-    widened to float32) and every sum after them is float64: the result agrees with a float64 dense
-    reference to about 1e-7.
+    Equal to :func:`masked_similarity` module by module. On CPU each side's masked factors are
+    written once (:func:`mask_factors`) into buffers reused by every module of the same shape (a model
+    repeats a handful of shapes), so nothing of size ``d`` is allocated per module; the reference's
+    side is taken from ``references`` where given (the same numbers, made once for a batch of
+    fine-tunes). Then ``r x r`` Gram products give the inner product and the fine-tune's norm
+    (:func:`gram_inner`; ``?syrk`` for a factor with itself). Gram matrices are float32 (float64 for
+    float64 factors; bf16/fp16 factors are widened to float32) and every sum after them is float64:
+    the result agrees with a float64 dense reference to about 1e-7.
 
-    On CPU the work runs in numpy, whose matrix product calls BLAS ``?syrk`` for ``XᵀX`` and
-    ``XXᵀ`` (half the flops of a general product) and releases the GIL: ``workers`` threads
-    (default ``torch.get_num_threads()``) each take whole modules, with single-threaded BLAS. That
-    keeps the cores busy without a barrier per operation, which matters on a shared machine: there
-    a multi-threaded operation stalls whenever another process holds one of its cores. Modules on
-    another device run the same computation in torch, one after another.
+    On CPU the work runs in numpy, whose BLAS releases the GIL: ``workers`` threads (default
+    ``torch.get_num_threads()``) each take whole modules, with single-threaded BLAS. That keeps the
+    cores busy without a barrier per operation, which matters on a shared machine: there a
+    multi-threaded operation stalls whenever another process holds one of its cores. Modules on
+    another device run the same computation in torch (stacked Gram matrices, module docstring), one
+    after another.
     """
     modules = list(modules)
     if not modules:
@@ -88,15 +153,19 @@ def masked_similarities(modules: Sequence[ModuleFactors], eps: float = 1e-30,
     for i in sorted(set(range(len(modules))) - set(on_cpu)):
         sums[i] = torch.stack(_stacked_sums(*modules[i], device_buffers)).cpu()
 
-    local = threading.local()          # each worker thread keeps its own stacked buffers
+    local = threading.local()          # each worker thread keeps its own buffers
 
     def cpu_sums(i: int) -> torch.Tensor:
         if not hasattr(local, "buffers"):
-            local.buffers = {}
-        return torch.tensor([float(x) for x in _stacked_sums(*modules[i], local.buffers)],
-                            dtype=torch.float64)
+            local.buffers = ({}, {})
+        A_e, B_e, A_t, B_t, M_A, M_B = modules[i]
+        ref = references[i] if references is not None else None
+        if ref is None:
+            ref = mask_factors(A_e, B_e, M_A, M_B, local.buffers[0])
+        ft = mask_factors(A_t, B_t, M_A, M_B, local.buffers[1])
+        return torch.tensor([gram_inner(ref.B, ref.A, ft.B, ft.A), ref.sq, ft.sq], dtype=torch.float64)
 
-    for i, row in zip(on_cpu, _cpu_map(cpu_sums, on_cpu, workers), strict=True):
+    for i, row in zip(on_cpu, cpu_map(cpu_sums, on_cpu, workers), strict=True):
         sums[i] = row
     inner, sq_e, sq_t = torch.stack(sums).unbind(1)
     return _cosine(inner, sq_e, sq_t, eps)
@@ -123,7 +192,7 @@ def flat_cosines(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
         a, b = x.detach().numpy().reshape(-1), y.detach().numpy().reshape(-1)
         return float(np.dot(a, b)) / max(float(np.dot(a, a) * np.dot(b, b)) ** 0.5, 1e-30)
 
-    return torch.tensor(_cpu_map(cosine, range(len(pairs)), workers), dtype=torch.float64)
+    return torch.tensor(cpu_map(cosine, range(len(pairs)), workers), dtype=torch.float64)
 
 
 def _cosine(inner: torch.Tensor, sq1: torch.Tensor, sq2: torch.Tensor, eps: float) -> torch.Tensor:
@@ -146,7 +215,7 @@ def _one_blas_thread():
     return controller.limit(limits=1, user_api="blas") if controller else contextlib.nullcontext()
 
 
-def _cpu_map(fn: Callable, items: Sequence, workers: int | None = None) -> list:
+def cpu_map(fn: Callable, items: Sequence, workers: int | None = None) -> list:
     """``[fn(x) for x in items]``, on ``workers`` threads (default ``torch.get_num_threads()``)
     that each run single-threaded BLAS (numpy's BLAS is limited to one thread process-wide while
     they run); ``fn`` must release the GIL for its heavy work, as numpy does. Without threadpoolctl,

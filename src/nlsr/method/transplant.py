@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from nlsr.method.similarity import LowRank
+from nlsr.method.similarity import LowRank, MaskedFactors
 
 
 def transplant_exact(A_e: torch.Tensor, B_e: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor,
@@ -105,6 +105,38 @@ def _masked_into(out: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor, in
 
 
 
+
+
+def _change_exact(ref: MaskedFactors, A_t: np.ndarray, B_t: np.ndarray, ft: MaskedFactors) -> list:
+    # s[(M_B⊙B_e)(M_A⊙A_e) + ((1-M_B)⊙B_t)((1-M_A)⊙A_t)] - s B_t A_t, the cross terms it drops included
+    return [(ref.B, ref.A), (-B_t, ft.A), (-ft.B, A_t - ft.A)]
+
+
+def _change_factor(ref: MaskedFactors, A_t: np.ndarray, B_t: np.ndarray, ft: MaskedFactors) -> list:
+    # B''A'' - B_t A_t = (B'' - B_t) A'' + B_t (A'' - A_t), with B'' - B_t = M_B⊙(B_e - B_t)
+    dA = ref.A - ft.A
+    return [(ref.B - ft.B, A_t + dA), (B_t, dA)]
+
+
+def _change_block(ref: MaskedFactors, A_t: np.ndarray, B_t: np.ndarray, ft: MaskedFactors) -> list:
+    # (M_B⊙B_e)(M_A⊙A_e) - (M_B⊙B_t)(M_A⊙A_t) = (M_B⊙B_e)(M_A⊙(A_e - A_t)) + (M_B⊙(B_e - B_t))(M_A⊙A_t)
+    return [(ref.B, ref.A - ft.A), (ref.B - ft.B, ft.A)]
+
+
+_CHANGES = {"exact": _change_exact, "factor": _change_factor, "block": _change_block}
+
+
+def change_terms(transplant: str, ref: MaskedFactors, A_t: np.ndarray, B_t: np.ndarray,
+                 ft: MaskedFactors) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """What the form ``transplant`` adds to one module's update, ``(ΔW'' - ΔW_t) / s``, as a sum of
+    low-rank terms ``(Bᵢ, Aᵢ)`` (numpy) written through the differences ``M⊙(X_e - X_t)`` where the
+    form has them, so that its norm (:func:`~nlsr.method.similarity.lowrank_sq`) is as accurate for a
+    module that barely changed as for one that changed much, and exactly 0 for ``block`` and
+    ``factor`` when the reference equals the fine-tune. ``ref`` and ``ft``: the masked factors of the
+    reference (or the control's fill) and of the fine-tune; ``A_t``, ``B_t``: the fine-tune's factors.
+    None for a form registered elsewhere (its change is then measured on its output)."""
+    change = _CHANGES.get(transplant)
+    return None if change is None else change(ref, A_t, B_t, ft)
 
 
 def subtract_lowrank(first: LowRank, second: LowRank) -> LowRank:
