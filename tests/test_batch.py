@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import perturbed, random_adapter
 from nlsr.cli import app
+from nlsr.errors import NlsrError
 from nlsr.method.batch import BatchItem, realign_batch
 from nlsr.method.masks import SafetyMasks, neuron_key, provenance, save_masks
 from nlsr.weights.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter, weight_key
@@ -222,6 +223,29 @@ def test_bad_source_one_line_exit_2_nothing_written(service, case):
             "no_path": "row 1: lacks", "duplicate": "appears twice", "bad_name": "cannot be an output name"}[case] \
         in lines[0]
     assert not (d / "out").exists()
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--engine", "spark", "unknown --engine 'spark'"), ("--pool", "fork", "unknown pool 'fork'"),
+    ("--select", "best", "unknown --select 'best'"), ("--transplant", "swap", "unknown --transplant 'swap'"),
+    ("--granularity", "row", "unknown --granularity 'row'"), ("--workers", "0", "--workers must be at least 1")])
+def test_bad_options_one_line_exit_2_nothing_written(service, option, value, message):
+    # checked once, by realign_batch when it is called (not when its results are first read)
+    d = service
+    r = invoke("realign-batch", "--reference", d / "ref", "--masks", d / "masks.safetensors", "--adapters",
+               d / "in", "--out", d / "out", option, value)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert not (d / "out").exists()
+
+
+def test_the_api_checks_its_inputs_when_called(service):
+    from nlsr.method.batch import realign_batch
+
+    with pytest.raises(NlsrError, match="unknown --engine"):
+        realign_batch(service / "ref", service / "masks.safetensors", service / "in", service / "out", engine="spark")
+    assert not (service / "out").exists()
 
 
 def test_ray_engine_writes_the_same_files(service):

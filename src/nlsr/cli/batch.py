@@ -1,7 +1,7 @@
 """``nlsr realign-batch``: repair every fine-tune of a folder or manifest against one reference.
 
-A thin wrapper over :func:`nlsr.method.batch.realign_batch`: arguments and paths are checked before
-torch is imported; a live progress bar (on a terminal) shows adapters per hour; one summary line
+A thin wrapper over :func:`nlsr.method.batch.realign_batch`, which checks the options; the paths and
+the source are checked here before torch is imported; a live progress bar (on a terminal) shows adapters per hour; one summary line
 at the end, exit status 1 when any fine-tune failed (each is in ``OUT/batch.jsonl`` with its reason).
 """
 
@@ -25,12 +25,11 @@ from nlsr.cli.common import (
     Select,
     Threshold,
     Transplant,
-    check_choice,
     errors_to_exit,
     require_file,
 )
 from nlsr.errors import NlsrError
-from nlsr.method import DEFAULT_TRANSPLANT, SELECTION_RULES, TRANSPLANTS
+from nlsr.method import DEFAULT_TRANSPLANT
 
 
 @errors_to_exit
@@ -67,13 +66,6 @@ def realign_batch(
         "--force", help="Repair every fine-tune again, replacing outputs (default: skip finished ones).")] = False,
 ) -> None:
     """Repair many fine-tunes against one reference and masks (loaded once); resumable."""
-    check_choice("--engine", engine, ("local", "ray"))
-    check_choice("--pool", pool, ("thread", "process"))
-    SELECTION_RULES.check(select, "--select")
-    TRANSPLANTS.check(transplant, "--transplant")
-    check_choice("--granularity", granularity, ("entry", "neuron"))
-    if workers is not None and workers < 1:
-        raise NlsrError(f"--workers must be at least 1 (got {workers})")
     if not reference.is_dir():
         raise NlsrError(f"--reference '{reference}' {'is a file' if reference.exists() else 'does not exist'}; "
                         "give the reference adapter (or model) directory")
@@ -87,6 +79,7 @@ def realign_batch(
 
     from nlsr.method.batch import realign_batch as run
 
+    # the options are checked, and the reference and masks loaded, in this call (before the progress bar)
     results = run(reference, masks, items, out, engine=engine, workers=workers, pool=pool,
                   ray_address=ray_address, base=base, rebase=rebase, allow_pickle=allow_pickle, force=force,
                   select=select, transplant=transplant, threshold=threshold, p_base=p_base, epsilon=epsilon,

@@ -62,10 +62,11 @@ def make_job(reference, masks, out, *, base=None, rebase=None, allow_pickle=Fals
     if unknown:
         raise TypeError(f"realign_batch() got unknown options {unknown}; known: {sorted(OPTION_DEFAULTS)}")
     opts = {**OPTION_DEFAULTS, **options}
-    from nlsr.method import TRANSPLANTS
+    from nlsr.method import SELECTION_RULES, TRANSPLANTS
     from nlsr.method.masks import GRANULARITIES
     from nlsr.method.select import check_rule
 
+    SELECTION_RULES.check(opts["select"], "--select")
     check_rule(opts["select"], opts["threshold"], opts["p_base"], opts["epsilon"])
     TRANSPLANTS.check(opts["transplant"], "--transplant")
     if opts["granularity"] not in GRANULARITIES:
@@ -198,13 +199,12 @@ def realign_batch(reference: str | os.PathLike, masks: str | os.PathLike,
             p_base, epsilon, seed, min_origin_cosine, granularity, allow_base_mismatch,
             allow_mask_mismatch.
 
-    Yields:
-        One :class:`BatchResult` per fine-tune, in the order they finish (first the resumed ones).
-        Each is in ``out/batch.jsonl`` before it is yielded. Bad inputs of the batch itself (the
-        source, reference, masks, options, ``out``) raise :class:`NlsrError` before anything is written.
+    Returns:
+        An iterator of one :class:`BatchResult` per fine-tune, in the order they finish (first the
+        resumed ones); each is in ``out/batch.jsonl`` before it is yielded. Bad inputs of the batch
+        itself (the source, reference, masks, options, ``out``) raise :class:`NlsrError` here, in
+        the call, before anything is written; a bad fine-tune is a ``failed`` result.
     """
-    from nlsr.method.batch_engines import run_local, run_ray
-
     if engine not in ENGINES:
         raise NlsrError(f"unknown --engine '{engine}'; use one of {', '.join(ENGINES)}")
     if pool not in POOLS:
@@ -218,6 +218,14 @@ def realign_batch(reference: str | os.PathLike, masks: str | os.PathLike,
     check_shared(shared, job)
     job = BatchJob(**{**job.__dict__, "masks_checked": job.kind == "adapter"})
     done = prepare_out(job, items)
+    return _results(shared, job, items, done, engine, pool, workers, ray_address)
+
+
+def _results(shared: Shared, job: BatchJob, items: list[BatchItem], done: set[str], engine: str, pool: str,
+             workers: int | None, ray_address: str | None) -> Iterator[BatchResult]:
+    """The resumed results, then the repairs on the engine, each logged before it is yielded."""
+    from nlsr.method.batch_engines import run_local, run_ray
+
     out_dir = Path(job.out)
     logged = _logged(out_dir)
     for item in items:
