@@ -2,7 +2,8 @@
 
 A thin wrapper over :func:`nlsr.method.batch.realign_batch`, which checks the options; the paths and
 the source are checked here before torch is imported; a live progress bar (on a terminal) shows
-adapters per hour; one summary line at the end, exit status 1 when any fine-tune failed (each is in ``OUT/batch.jsonl`` with its reason).
+adapters per hour; one summary line at the end, exit status 1 when any fine-tune failed (each is in
+``OUT/batch.jsonl`` with its reason).
 """
 
 from __future__ import annotations
