@@ -269,3 +269,22 @@ def test_the_reference_masked_once_gives_the_same_repair(setting):
     assert cached.report() == fresh.report()                   # similarities and change bit for bit
     for name, f in fresh.adapter:
         assert torch.equal(f.A, cached.adapter.modules[name].A) and torch.equal(f.B, cached.adapter.modules[name].B)
+
+
+def test_a_form_registered_elsewhere_is_measured_on_its_output(setting):
+    # a user's form has no change terms: its change is measured on the factors it returns
+    from nlsr.method import TRANSPLANTS
+    from nlsr.method.realign import self_transplant_change
+
+    reference, finetuned, masks = setting
+
+    @TRANSPLANTS.register("keep-finetune", summary="test: the fine-tune's factors, unchanged")
+    def keep(A_e, B_e, A_t, B_t, M_A, M_B):
+        return A_t.clone(), B_t.clone()
+
+    try:
+        result = realign(reference, finetuned, masks, select="all", transplant="keep-finetune")
+        assert result.report()["summary"]["relative_change"] < 1e-6
+        assert self_transplant_change(finetuned, masks, "keep-finetune") < 1e-6
+    finally:
+        TRANSPLANTS.unregister("keep-finetune")

@@ -42,6 +42,7 @@ from nlsr.method.similarity import (
 from nlsr.method.transplant import (
     LowRank,
     change_terms,
+    has_change_terms,
     row_transplant_dense,
     row_transplant_lowrank,
     subtract_lowrank,
@@ -169,7 +170,7 @@ def summarize_change(decisions: list[ModuleDecision], changes: list[tuple[float,
 def self_transplant_change(adapter: LoraAdapter, masks: SafetyMasks, transplant: str) -> float:
     """``||ΔW'' - ΔW||_F / ||ΔW||_F`` over the whole adapter when ``adapter`` is repaired against itself
     in every module with ``masks`` by the form ``transplant``: the share of an update a form erases
-    when nothing drifted. 0 for ``block`` and ``factor`` (up to rounding); for the paper's ``exact``
+    when nothing drifted. Exactly 0 for ``block`` and ``factor``; for the paper's ``exact``
     form, the cross terms it drops. The masks must cover ``adapter``'s modules with the factors'
     shapes (masks identified on a reference of the same adapter family fit the fine-tune)."""
     TRANSPLANTS.check(transplant)
@@ -179,40 +180,56 @@ def self_transplant_change(adapter: LoraAdapter, masks: SafetyMasks, transplant:
         if M_A.shape != f.A.shape or M_B.shape != f.B.shape:
             raise NlsrError(f"the masks of module '{name}' have shapes {tuple(M_A.shape)} / {tuple(M_B.shape)}, "
                             f"the adapter's factors {tuple(f.A.shape)} / {tuple(f.B.shape)}")
-        items.append((f, f, M_A, M_B))
+        output = None
+        if not has_change_terms(transplant):           # a form registered elsewhere: measured on its output
+            A, B = TRANSPLANTS.get(transplant)(f.A, f.B, f.A, f.B, M_A, M_B)
+            output = LoraFactors(A=A, B=B, scale=f.scale)
+        items.append(_ModuleChange(f, M_A, M_B, source=f, output=output))
     changes = _entry_changes(transplant, items)
     total = sum(o for _, o in changes)
     return (sum(c for c, _ in changes) / total) ** 0.5 if total > 0 else 0.0
 
 
-def _entry_changes(transplant: str, items: list[tuple], workers: int | None = None) -> list[tuple[float, float]]:
+@dataclass
+class _ModuleChange:
+    """One module of an entry repair, for :func:`_entry_changes`: the fine-tune's factors, its masks,
+    what was transplanted in (the reference's or the fill's factors, or their :class:`MaskedFactors`;
+    None for a module that was kept) and the repaired factors (read only by a form without
+    :func:`~nlsr.method.transplant.change_terms`)."""
+
+    finetuned: LoraFactors
+    M_A: torch.Tensor
+    M_B: torch.Tensor
+    source: LoraFactors | MaskedFactors | None = None
+    output: LoraFactors | None = None
+
+
+def _entry_changes(transplant: str, modules: list[_ModuleChange],
+                   workers: int | None = None) -> list[tuple[float, float]]:
     """``(||ΔW'' - ΔW_t||², ||ΔW_t||²)`` per module of an entry repair, from the form's change terms
     (:func:`~nlsr.method.transplant.change_terms`; a form without them: measured on its output).
-
-    ``items``: ``(fine-tune, source, M_A, M_B[, output])`` per module, with ``source`` the factors
-    transplanted in (the reference, or the control's fill), a :class:`MaskedFactors` of them, or None
-    for a module that was kept; ``output`` the repaired factors (used only by forms without terms).
     Factors are used as :func:`~nlsr.method.similarity.wide_numpy` gives them (float32 for bf16)."""
     local = threading.local()
 
-    def one(item: tuple) -> tuple[float, float]:
-        ft, source, M_A, M_B = item[:4]
+    def one(m: _ModuleChange) -> tuple[float, float]:
+        ft = m.finetuned
         a_t, b_t = wide_numpy(ft.A), wide_numpy(ft.B)
         old = gram_inner(b_t, a_t, b_t, a_t) * ft.scale ** 2
-        if source is None:
+        if m.source is None:
             return 0.0, old
         if not hasattr(local, "buffers"):
             local.buffers = ({}, {})
+        source = m.source
         if not isinstance(source, MaskedFactors):
-            source = mask_factors(source.A, source.B, M_A, M_B, local.buffers[0])
-        terms = change_terms(transplant, source, a_t, b_t, mask_factors(ft.A, ft.B, M_A, M_B, local.buffers[1]))
+            source = mask_factors(source.A, source.B, m.M_A, m.M_B, local.buffers[0])
+        terms = change_terms(transplant, source, a_t, b_t, mask_factors(ft.A, ft.B, m.M_A, m.M_B, local.buffers[1]))
         if terms is None:
-            out = item[4]
+            out = m.output
             return update_change((ft.scale * ft.B, ft.A), (out.scale * out.B, out.A))[0], old
         return lowrank_sq(terms) * ft.scale ** 2, old
 
     with torch.no_grad():
-        return cpu_map(one, items, workers)
+        return cpu_map(one, modules, workers)
 
 
 def _same_as_reference_note(reference: LoraAdapter, finetuned: LoraAdapter) -> list[str]:
@@ -319,10 +336,10 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
             modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
             if fill is None and masked_reference is not None and name in masked_reference:
                 source = masked_reference[name]
-            changes.append((ft, source, *pair, modules[name]))
+            changes.append(_ModuleChange(ft, *pair, source=source, output=modules[name]))
         else:
             modules[name] = finetuned.modules[name]       # as it came, in its own dtype
-            changes.append((ft, None, *pair))
+            changes.append(_ModuleChange(ft, *pair))
         layer, kind = layer_and_kind(name)
         decisions.append(ModuleDecision(name, layer, kind, float(similarity[i]), float(prob[i]),
                                         bool(repaired[i])))

@@ -126,6 +126,11 @@ def _change_block(ref: MaskedFactors, A_t: np.ndarray, B_t: np.ndarray, ft: Mask
 _CHANGES = {"exact": _change_exact, "factor": _change_factor, "block": _change_block}
 
 
+def has_change_terms(transplant: str) -> bool:
+    """Whether :func:`change_terms` knows the form (the built-in ones)."""
+    return transplant in _CHANGES
+
+
 def change_terms(transplant: str, ref: MaskedFactors, A_t: np.ndarray, B_t: np.ndarray,
                  ft: MaskedFactors) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """What the form ``transplant`` adds to one module's update, ``(ΔW'' - ΔW_t) / s``, as a sum of
