@@ -55,7 +55,10 @@ def test_identify_and_realign_on_smollm2(tmp_path, smollm2):
     ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(peft_model(input_ids=ids).logits).all()
-    name = next(n for n, f in repaired if f.rank == 12)   # a repaired module is rank 3r (block, the default)
+    # a repaired module keeps rank r under the default factor form, with the reference's entries in it
+    name = next(row["module"] for row in report["modules"] if row["repaired"])
+    before = load_adapter(tmp_path / "finetuned").modules[name]
+    assert repaired.modules[name].rank == 4 and not torch.equal(repaired.modules[name].A, before.A)
     layer = peft_model.get_submodule(f"base_model.model.{name}")
-    assert layer.lora_A["default"].weight.shape[0] == 12
+    assert torch.equal(layer.lora_A["default"].weight, repaired.modules[name].A)
     peft_model.unload()
