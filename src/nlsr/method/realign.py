@@ -361,17 +361,18 @@ def masked_reference_of(reference: LoraAdapter, masks: SafetyMasks) -> dict[str,
 
 
 def _widened(f: LoraFactors) -> LoraFactors:
-    """``f`` with float32 factors where they are narrower (bf16/fp16 fine-tunes are loaded as stored)."""
-    if f.A.dtype in (torch.float32, torch.float64) and f.B.dtype in (torch.float32, torch.float64):
-        return f
-    return LoraFactors(A=f.A.float(), B=f.B.float(), scale=f.scale)
+    """``f`` with each factor narrower than float32 widened to float32 (bf16/fp16 fine-tunes are
+    loaded as stored)."""
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    A, B = wide(f.A), wide(f.B)
+    return f if A is f.A and B is f.B else LoraFactors(A=A, B=B, scale=f.scale)
 
 
 def _scaled(f: LoraFactors) -> LowRank:
     """``(s B, A)``, computed in float32 for narrower factors (a bf16 fine-tune loaded as stored)."""
-    def wide(t: torch.Tensor) -> torch.Tensor:
-        return t if t.dtype in (torch.float32, torch.float64) else t.float()
-    return f.scale * wide(f.B), wide(f.A)
+    wide = _widened(f)
+    return f.scale * wide.B, wide.A
 
 
 def reference_updates(reference: LoraAdapter, finetuned: LoraAdapter,

@@ -118,7 +118,6 @@ def mask_reference(modules: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Ten
                    workers: int | None = None) -> list[MaskedFactors]:
     """:class:`MaskedFactors` of each ``(A_e, B_e, M_A, M_B)`` (own arrays, not buffers), for
     :func:`masked_similarities` ``references``."""
-    modules = list(modules)
     return cpu_map(lambda m: mask_factors(*m), modules, workers)
 
 
