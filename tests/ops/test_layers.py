@@ -3,7 +3,14 @@ import torch
 
 from nlsr.method import SELECTION_RULES
 from nlsr.method.select import normalized_rank
-from nlsr.method.similarity import flat_cosines, masked_similarities, masked_similarity, product_cosine
+from nlsr.method.similarity import (
+    flat_cosines,
+    gram_sum,
+    lowrank_sq,
+    masked_similarities,
+    masked_similarity,
+    product_cosine,
+)
 
 
 def _dense_cos(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -164,3 +171,17 @@ def test_flat_cosines():
     got = flat_cosines(pairs)
     assert got.tolist() == pytest.approx([_dense_cos(x, y) for x, y in pairs], abs=1e-6)
     assert got[-1] == pytest.approx(-1.0)
+
+
+def test_lowrank_sq_with_shared_factors_equals_the_dense_norm():
+    gen = torch.Generator().manual_seed(11)
+    B1, B2 = (torch.randn(40, 4, generator=gen, dtype=torch.float64).numpy() for _ in range(2))
+    A1, A2 = (torch.randn(4, 30, generator=gen, dtype=torch.float64).numpy() for _ in range(2))
+    terms = [(B1, A1), (B2, A1), (B1, A2), (B2, A2)]        # factors shared between terms
+    dense = sum(b @ a for b, a in terms)
+    grams: dict = {}
+    assert lowrank_sq(terms, grams) == pytest.approx(float((dense ** 2).sum()), rel=1e-12)
+    assert len(grams) == 6            # B1ᵀB1, B1ᵀB2, B2ᵀB2 and the A side's three (swaps are transposes)
+    # the kept products serve a later sum: ||B1 A1||² from them alone
+    assert gram_sum(B1, A1, B1, A1, grams) == pytest.approx(float(((B1 @ A1) ** 2).sum()), rel=1e-12)
+    assert len(grams) == 6

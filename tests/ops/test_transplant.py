@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from nlsr.method import TRANSPLANTS
 from nlsr.method.extrapolate import extrapolate_factors
+from nlsr.method.transplant import select_entries
 
 
 def _factors(seed=0, r=4, d_in=10, d_out=8):
@@ -74,3 +76,27 @@ def test_extrapolation_scales_the_delta():
     torch.testing.assert_close(B_e @ A_e, 1.9 * (B @ A))
     A_e, B_e = extrapolate_factors(A, B, beta=0.8, scale_both=True)
     torch.testing.assert_close(B_e @ A_e, 1.8 * 1.8 * (B @ A))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_entry_selection_is_torch_where_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(8)
+    inside, outside = (torch.randn(33, 17, generator=gen).to(dtype) for _ in range(2))
+    inside[0, :3] = torch.tensor([-0.0, float("nan"), float("inf")])
+    outside[1, :3] = torch.tensor([-0.0, float("-inf"), float("nan")])
+    mask = torch.rand(33, 17, generator=gen) < 0.3
+    mask[0, :3], mask[1, :3] = True, False
+    got, want = select_entries(mask, inside, outside), torch.where(mask, inside, outside)
+    assert got.dtype == dtype and got.shape == want.shape
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(got.view(ints), want.view(ints))      # the same bits: signed zeros and NaNs too
+    assert torch.equal(inside.view(ints), inside.clone().view(ints))  # inputs untouched
+
+
+def test_entry_selection_falls_back_to_where_for_mixed_or_broadcast_inputs():
+    gen = torch.Generator().manual_seed(9)
+    inside, outside = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen).double()
+    mask = torch.rand(6, 5, generator=gen) < 0.5
+    assert torch.equal(select_entries(mask, inside, outside), torch.where(mask, inside, outside))
+    rows = torch.rand(6, 1, generator=gen) < 0.5
+    assert torch.equal(select_entries(rows, inside, inside * 2), torch.where(rows, inside, inside * 2))

@@ -215,7 +215,7 @@ def realign_batch(reference: str | os.PathLike, masks: str | os.PathLike,
                    **options)
     items = read_sources(sources)
     shared = load_shared(job)
-    check_shared(shared, job)
+    check_shared(shared, job, mask_reference=not (engine == "local" and pool == "process"))  # workers mask their own
     job = BatchJob(**{**job.__dict__, "masks_checked": job.kind == "adapter"})
     done = prepare_out(job, items)
     return _results(shared, job, items, done, engine, pool, workers, ray_address)

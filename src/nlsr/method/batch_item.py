@@ -179,10 +179,10 @@ def _mask_reference(shared: Shared, job: BatchJob) -> None:
         shared.masked_reference = masked_reference_of(shared.reference, shared.masks)
 
 
-def check_shared(shared: Shared, job: BatchJob) -> None:
+def check_shared(shared: Shared, job: BatchJob, mask_reference: bool = True) -> None:
     """The checks of the masks against the reference that every repair would repeat (adapters):
-    done once here, so that each repair can skip them (``masks_checked``); then the reference's masked
-    factors are made, once."""
+    done once here, so that each repair can skip them (``masks_checked``); then (``mask_reference``:
+    the repairs run with this ``shared``) the reference's masked factors are made, once."""
     if job.kind != "adapter":
         return
     from nlsr.method.checks import check_entry_granularity, check_masks, check_neuron_masks
@@ -195,7 +195,8 @@ def check_shared(shared: Shared, job: BatchJob) -> None:
     else:
         check_neuron_masks(shared.masks, {n: f.B.shape[0] for n, f in shared.reference},
                            {} if allow else fingerprint(shared.reference), f"'{job.reference}'", allow)
-    _mask_reference(shared, job)
+    if mask_reference:
+        _mask_reference(shared, job)
 
 
 def repair_adapter(shared: Shared, job: BatchJob, item: BatchItem):

@@ -29,7 +29,7 @@ from nlsr.method.similarity import (
     cosine_of_sums,
     cpu_map,
     dense_row_sums,
-    gram_inner,
+    gram_sum,
     lowrank_sq,
     mask_factors,
     mask_reference,
@@ -214,19 +214,21 @@ def _entry_changes(transplant: str, modules: list[_ModuleChange],
     def one(m: _ModuleChange) -> tuple[float, float]:
         ft = m.finetuned
         a_t, b_t = wide_numpy(ft.A), wide_numpy(ft.B)
-        old = gram_inner(b_t, a_t, b_t, a_t) * ft.scale ** 2
+        grams: dict = {}                        # the fine-tune's own r x r products, shared with the change
+        old = gram_sum(b_t, a_t, b_t, a_t, grams) * ft.scale ** 2
         if m.source is None:
             return 0.0, old
         if not hasattr(local, "buffers"):
             local.buffers = ({}, {})
         source = m.source
         if not isinstance(source, MaskedFactors):
-            source = mask_factors(source.A, source.B, m.M_A, m.M_B, local.buffers[0])
-        terms = change_terms(transplant, source, a_t, b_t, mask_factors(ft.A, ft.B, m.M_A, m.M_B, local.buffers[1]))
+            source = mask_factors(source.A, source.B, m.M_A, m.M_B, local.buffers[0], norm=False)
+        terms = change_terms(transplant, source, a_t, b_t,
+                             mask_factors(ft.A, ft.B, m.M_A, m.M_B, local.buffers[1], norm=False))
         if terms is None:
             out = m.output
             return update_change((ft.scale * ft.B, ft.A), (out.scale * out.B, out.A))[0], old
-        return lowrank_sq(terms) * ft.scale ** 2, old
+        return lowrank_sq(terms, grams) * ft.scale ** 2, old
 
     with torch.no_grad():
         return cpu_map(one, modules, workers)

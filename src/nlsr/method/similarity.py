@@ -68,7 +68,7 @@ class MaskedFactors:
 
     B: np.ndarray
     A: np.ndarray
-    sq: float
+    sq: float | None        # None when made without it (``mask_factors(..., norm=False)``)
 
 
 def wide_numpy(t: torch.Tensor) -> np.ndarray:
@@ -83,24 +83,46 @@ def gram_inner(B1: np.ndarray, A1: np.ndarray, B2: np.ndarray, A2: np.ndarray) -
     return float(((B1.T @ B2).astype(np.float64) * (A1 @ A2.T)).sum())
 
 
-def lowrank_sq(terms: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+def lowrank_sq(terms: Sequence[tuple[np.ndarray, np.ndarray]], grams: dict | None = None) -> float:
     """``||Σ Bᵢ Aᵢ||_F²`` of a sum of low-rank terms ``(Bᵢ, Aᵢ)`` (numpy), from their pairwise Gram
     inner products. Accurate to the float32 rounding of the terms themselves: when the sum is small
     because each term is small (a repair that changed little, written as its differences), nothing
-    cancels."""
+    cancels. A factor shared by several terms (the same array) has each ``r x r`` product formed once;
+    ``grams`` (from :func:`gram_products`) keeps them for the caller's other sums."""
+    grams = {} if grams is None else grams
     total = 0.0
     for i, (B1, A1) in enumerate(terms):
-        total += gram_inner(B1, A1, B1, A1)
+        total += gram_sum(B1, A1, B1, A1, grams)
         for B2, A2 in terms[i + 1:]:
-            total += 2 * gram_inner(B1, A1, B2, A2)
+            total += 2 * gram_sum(B1, A1, B2, A2, grams)
     return max(total, 0.0)
 
 
+def gram_sum(B1: np.ndarray, A1: np.ndarray, B2: np.ndarray, A2: np.ndarray, grams: dict) -> float:
+    """:func:`gram_inner` with each ``r x r`` product (``B1ᵀB2``, ``A1A2ᵀ``) taken from ``grams`` or
+    formed and kept there, by the arrays' identities (the caller keeps the arrays alive while it uses
+    ``grams``)."""
+    return float((gram_product(B1, B2, grams, left=True).astype(np.float64)
+                  * gram_product(A1, A2, grams, left=False)).sum())
+
+
+def gram_product(x: np.ndarray, y: np.ndarray, grams: dict, left: bool) -> np.ndarray:
+    """``xᵀy`` (``left``: B factors) or ``xyᵀ`` (A factors), memoised in ``grams``; the product of the
+    swapped pair is the transpose of one already formed."""
+    key = (id(x), id(y), left)
+    if key not in grams:
+        swapped = grams.get((id(y), id(x), left))
+        if swapped is not None:
+            return swapped.T
+        grams[key] = x.T @ y if left else x @ y.T
+    return grams[key]
+
+
 def mask_factors(A: torch.Tensor, B: torch.Tensor, M_A: torch.Tensor, M_B: torch.Tensor,
-                 buffers: dict | None = None) -> MaskedFactors:
+                 buffers: dict | None = None, norm: bool = True) -> MaskedFactors:
     """``M_B⊙B`` and ``M_A⊙A`` (CPU; widened to float32 as :func:`wide_numpy`), written into
-    ``buffers`` (reused by every module of the same shape) or new arrays, and their product's squared
-    norm."""
+    ``buffers`` (reused by every module of the same shape) or new arrays, and (``norm``) their
+    product's squared norm."""
     a, b = wide_numpy(A), wide_numpy(B)
     key = (a.shape, b.shape, a.dtype)
     if buffers is None:
@@ -111,7 +133,7 @@ def mask_factors(A: torch.Tensor, B: torch.Tensor, M_A: torch.Tensor, M_B: torch
         out_b, out_a = buffers[key]
     np.multiply(b, M_B.numpy(), out=out_b)
     np.multiply(a, M_A.numpy(), out=out_a)
-    return MaskedFactors(out_b, out_a, gram_inner(out_b, out_a, out_b, out_a))
+    return MaskedFactors(out_b, out_a, gram_inner(out_b, out_a, out_b, out_a) if norm else None)
 
 
 def mask_reference(modules: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
