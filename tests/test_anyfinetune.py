@@ -13,10 +13,11 @@ import torch
 from conftest import CALIBRATION_ROWS, REPO_ROOT, TARGETS, random_adapter, write_jsonl
 from nlsr.errors import NlsrError
 from nlsr.experiment.config import ExperimentConfig, load_config
+from nlsr.method import DEFAULT_Q
 
 KEYED_CONFIGS = ("smoke", "cpu-bench", "compare", "paper")
-NEURON = "identify-b0.9-r0.8-q0.2-identified-neuron"
-ENTRY = "identify-b0.9-r0.8-q0.2-identified"
+NEURON = f"identify-b0.9-r0.8-q{DEFAULT_Q}-identified-neuron"      # variants that name no q
+ENTRY = f"identify-b0.9-r0.8-q{DEFAULT_Q}-identified"
 
 
 def _keys(cfg: ExperimentConfig) -> dict[str, str]:

@@ -6,6 +6,7 @@ from pydantic import BaseModel
 
 from nlsr.errors import NlsrError
 from nlsr.experiment.config import ExperimentConfig, load_config
+from nlsr.method import DEFAULT_Q
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -132,7 +133,8 @@ def test_data_keys_ignore_learning_rates_and_alignment_ignores_the_attack(tmp_pa
     assert base["data"] == changed["data"] and base["data-align"] == changed["data-align"]
     assert base["align_dpo"] != changed["align_dpo"]
     assert base["data"] != other_attack["data"]
-    for name in ("data-align", "align_sft", "align_dpo", "identify-b0.9-r0.8-q0.2-identified"):
+    identify = f"identify-b0.9-r0.8-q{DEFAULT_Q}-identified"
+    for name in ("data-align", "align_sft", "align_dpo", identify):
         assert base[name] == other_attack[name], name          # one aligned model serves every attack
     assert base["attack"] != other_attack["attack"]
 

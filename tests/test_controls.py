@@ -62,6 +62,9 @@ def test_default_transplant_and_q_are_one_constant_for_cli_and_config():
     assert (variant.transplant, variant.q) == (DEFAULT_TRANSPLANT, DEFAULT_Q)
     assert inspect.signature(repair.realign).parameters["transplant"].default == DEFAULT_TRANSPLANT
     assert inspect.signature(repair.identify).parameters["keep"].default == DEFAULT_Q
+    from nlsr.method.identify import identify, identify_model_dir
+    assert inspect.signature(identify).parameters["q"].default == DEFAULT_Q
+    assert inspect.signature(identify_model_dir).parameters["q"].default == DEFAULT_Q
     assert OPTION_DEFAULTS["transplant"] == DEFAULT_TRANSPLANT
     assert inspect.signature(batch.realign_batch).parameters["transplant"].default == DEFAULT_TRANSPLANT
 

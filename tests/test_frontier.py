@@ -101,9 +101,10 @@ def _row(model, hs, fa, hs_val=None, fa_val=None):
 
 @pytest.fixture
 def frontier_case(tmp_path):
-    cfg = _cfg([{"name": "exact-q0.2", "transplant": "exact"}, {"name": "block-q0.2", "transplant": "block"},
+    cfg = _cfg([{"name": "exact-q0.2", "transplant": "exact", "q": 0.2},
+                {"name": "block-q0.2", "transplant": "block", "q": 0.2},
                 {"name": "resta-g1", "method": "resta"},
-                {"name": "magnitude-q0.2", "transplant": "exact", "masks": "magnitude"}],
+                {"name": "magnitude-q0.2", "transplant": "exact", "masks": "magnitude", "q": 0.2}],
                [{"variant": "exact-q0.2", "field": "q", "values": [0.4], "name": "exact-q{value}"},
                 {"variant": "block-q0.2", "field": "q", "values": [0.4], "name": "block-q{value}"},
                 {"variant": "resta-g1", "field": "gamma", "values": [0.5], "name": "resta-g{value}"}])
@@ -249,11 +250,13 @@ def test_every_control_runs_through_the_pipeline_on_the_tiny_model(tmp_path, tin
     from nlsr.experiment.plan import run_experiment
 
     train = {"epochs": 1, "batch_size": 4, "max_length": 384}
-    variants = [{"name": "exact-q0.2", "transplant": "exact"}, {"name": "block-q0.2", "transplant": "block"},
-                {"name": "factor-q0.2", "transplant": "factor"},
-                {"name": "exact-self-q0.2", "transplant": "exact", "reference": "self"},
-                {"name": "magnitude-q0.2", "masks": "magnitude"}, {"name": "random-q0.2", "masks": "random"},
-                {"name": "select-all-q0.2", "select": "all"},
+    variants = [{"name": "exact-q0.2", "transplant": "exact", "q": 0.2},
+                {"name": "block-q0.2", "transplant": "block", "q": 0.2},
+                {"name": "factor-q0.2", "transplant": "factor", "q": 0.2},
+                {"name": "exact-self-q0.2", "transplant": "exact", "reference": "self", "q": 0.2},
+                {"name": "magnitude-q0.2", "masks": "magnitude", "q": 0.2},
+                {"name": "random-q0.2", "masks": "random", "q": 0.2},
+                {"name": "select-all-q0.2", "select": "all", "q": 0.2},
                 {"name": "select-random-s0", "select": "random", "seed": 0},
                 {"name": "resta-g1", "method": "resta", "gamma": 1.0},
                 {"name": "antidote-s0.05", "method": "antidote", "sparsity": 0.05, "antidote_n": 4},

@@ -114,7 +114,7 @@ def test_sweep_adds_variants_and_the_report_chooses_on_validation():
     from nlsr.experiment.stages.report import sweep_choice
 
     sweep = {"variant": "nlsr", "field": "q", "values": [0.1, 0.4]}
-    cfg = ExperimentConfig.model_validate({"realign": {"variants": [{"name": "nlsr"}], "sweep": sweep}})
+    cfg = ExperimentConfig.model_validate({"realign": {"variants": [{"name": "nlsr", "q": 0.2}], "sweep": sweep}})
     names = {s.name for s in build_stages(cfg)}
     assert {"realign-nlsr-q0.1", "realign-nlsr-q0.4", "identify-b0.9-r0.8-q0.1-identified"} <= names
 

@@ -3,6 +3,7 @@ import math
 import torch
 
 from conftest import CALIBRATION_ROWS, random_adapter
+from nlsr.method import DEFAULT_Q
 from nlsr.method.activations import accumulate_grams
 from nlsr.method.calibration import CalibrationRow, encode_row, make_batches
 from nlsr.method.identify import identify
@@ -83,7 +84,7 @@ def test_masks_file_round_trip(tmp_path, tiny_model, tiny_tokenizer, shapes):
     masks = identify(tiny_model, random_adapter(shapes), ROWS, tiny_tokenizer, progress=False)
     save_masks(masks, tmp_path / "m.safetensors")
     loaded = load_masks(tmp_path / "m.safetensors")
-    assert loaded.metadata["keep_fraction"] == "0.2"
+    assert loaded.metadata["keep_fraction"] == str(DEFAULT_Q)
     assert set(loaded.masks) == set(masks.masks)
     for key, value in masks.masks.items():
         assert torch.equal(loaded.masks[key], value)

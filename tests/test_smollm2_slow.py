@@ -55,10 +55,12 @@ def test_identify_and_realign_on_smollm2(tmp_path, smollm2):
     ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(peft_model(input_ids=ids).logits).all()
-    # a repaired module keeps rank r under the default factor form, with the reference's entries in it
+    # a repaired module becomes rank 3r under the default block form (the fine-tune, plus the reference's
+    # masked block, minus its own), and its update changed
     name = next(row["module"] for row in report["modules"] if row["repaired"])
     before = load_adapter(tmp_path / "finetuned").modules[name]
-    assert repaired.modules[name].rank == 4 and not torch.equal(repaired.modules[name].A, before.A)
+    assert repaired.modules[name].rank == 3 * 4
+    assert not torch.allclose(repaired.modules[name].delta(), before.delta())
     layer = peft_model.get_submodule(f"base_model.model.{name}")
     assert torch.equal(layer.lora_A["default"].weight, repaired.modules[name].A)
     peft_model.unload()

@@ -202,10 +202,10 @@ def say(message: str) -> None:
 # The options of a repair, shared by `nlsr realign` and `nlsr realign-batch` (one help text each).
 Select = Annotated[str, typer.Option(help="Module selection: paper, reverse, threshold, all or random (`nlsr ls`).")]
 Transplant = Annotated[str, typer.Option(
-    help="factor (default: rank r, the authors' code, the reference's entries swapped into each factor; "
-         "chosen on validation, results/method-controls-quick), exact (rank 2r, the paper's formula: "
-         "--transplant exact for the paper's setting) or block (rank 3r, the fine-tune with its masked "
-         "block swapped).")]
+    help="block (default: rank 3r, the fine-tune with only its masked block swapped for the reference's, "
+         "its cross terms kept; chosen on validation with q = 0.3, results/method-controls-quick), factor "
+         "(rank r, the authors' code, the reference's entries swapped into each factor) or exact (rank 2r, "
+         "the paper's formula: --transplant exact with masks of --keep 0.2 for the paper's setting).")]
 Threshold = Annotated[Optional[float], typer.Option(  # noqa: UP045
     help="τ for --select threshold: repair modules with S < τ.")]
 PBase = Annotated[float, typer.Option(help="P_L of the probabilistic rules.")]

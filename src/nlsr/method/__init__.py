@@ -13,14 +13,17 @@ from typing import Any
 
 from nlsr.registry import Registry
 
-DEFAULT_TRANSPLANT = "factor"
+DEFAULT_TRANSPLANT = "block"
 """The transplant form of ``nlsr realign`` and of a config's variants when none is named (one place).
-``factor`` (the authors' code: the reference's entries swapped into each factor, rank r; a module that
-did not drift is left as it is) was chosen on validation by the controls' frontier over three attack
-seeds (``results/method-controls-quick/summary.json``, ``default``); the paper's form is ``exact``."""
-DEFAULT_Q = 0.2
+``block`` (only the masked-by-masked block of the update is swapped for the reference's, the fine-tune's
+cross terms kept; a module that did not drift is left as it is; repaired modules become rank 3r) was
+chosen on validation by the controls' frontier over three attack seeds and all five q of each form
+(``results/method-controls-quick/summary.json``, ``default``); ``factor`` is the authors' code and
+``exact`` the paper's formula."""
+DEFAULT_Q = 0.3
 """The fraction of factor entries marked safety-critical by ``nlsr identify`` and a config's variants
-(the paper's, and the frontier's choice)."""
+when none is named: the frontier's choice with ``block`` (the paper's q is 0.2; the committed configs
+name their q)."""
 
 TRANSPLANTS: Registry[Callable[..., Any]] = Registry("transplant form")
 """``(A_e, B_e, A_t, B_t, M_A, M_B) -> (A, B)``: the repaired LoRA factors of one module."""

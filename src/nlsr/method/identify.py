@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from nlsr.errors import NlsrError
+from nlsr.method import DEFAULT_Q
 from nlsr.method.activations import accumulate_grams, accumulate_input_covariances
 from nlsr.method.calibration import CalibrationRow
 from nlsr.method.masks import ENTRY, GRANULARITIES, MASKS_FORMAT, NEURON, SafetyMasks, neuron_key, provenance
@@ -30,7 +31,7 @@ from nlsr.weights.model_dirs import ModelDir, check_derived_from, model_fingerpr
 
 
 def identify(model, reference: LoraAdapter, rows: Sequence[CalibrationRow], tokenizer, *,
-             granularity: str = ENTRY, rho: float = 0.8, q: float = 0.2, batch_size: int = 8,
+             granularity: str = ENTRY, rho: float = 0.8, q: float = DEFAULT_Q, batch_size: int = 8,
              max_length: int = 1024, progress: bool = True, template: str | None = None,
              metadata: Mapping[str, object] | None = None,
              dtype: torch.dtype = torch.float32) -> SafetyMasks:
@@ -130,7 +131,7 @@ def _identify_rows(model, reference: LoraAdapter, rows: Sequence[CalibrationRow]
 
 def identify_model_dir(reference_model, reference: ModelDir, base: ModelDir,
                            rows: Sequence[CalibrationRow], tokenizer, rho: float = 0.8,
-                           q: float = 0.2, batch_size: int = 8, max_length: int = 1024,
+                           q: float = DEFAULT_Q, batch_size: int = 8, max_length: int = 1024,
                            progress: bool = True, template: str | None = None,
                            metadata: Mapping[str, object] | None = None,
                            dtype: torch.dtype = torch.float32, check_base: bool = True) -> SafetyMasks:
