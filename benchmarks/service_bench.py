@@ -1,7 +1,7 @@
 """Fine-tuning as a service: adapters per hour of ``realign_batch`` at Llama-3-8B shapes, against
 the I/O floor on the same files.
 
-    python benchmarks/service_bench.py [--adapters 24] [--workers 2] [--layers 32] [--rank 16]
+    python benchmarks/service_bench.py [--adapters 24] [--workers 2] [--layers 32] [--rank 16] [--transplant block]
 
 Synthetic bf16 adapters shaped like an r=16 LoRA on Llama-3-8B (32 layers x q,k,v,o,gate,up,down;
 hidden 4096, intermediate 14336, 8 KV heads of 128): a reference, and customer fine-tunes that
@@ -152,14 +152,14 @@ def io_floor(inputs: list[Path], sizes: list[int], scratch: Path, processes: int
     return len(jobs) / seconds * 3600
 
 
-def run_engine(root: Path, engine: str, pool: str, workers: int) -> dict:
+def run_engine(root: Path, engine: str, pool: str, workers: int, transplant: str) -> dict:
     out = root / f"out-{engine}-{pool}"
     finished = []
 
     def run() -> list:
         results = []
         for result in realign_batch(root / "reference", root / "masks.safetensors", root / "adapters", out,
-                                    engine=engine, pool=pool, workers=workers):
+                                    engine=engine, pool=pool, workers=workers, transplant=transplant):
             finished.append(time.perf_counter())
             results.append(result)
         return results
@@ -203,6 +203,8 @@ def main() -> None:
                         help="comma-separated: process, thread (the local engine's pools), ray")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--results-name", default="service_bench", help="results/NAME.{json,md}")
+    parser.add_argument("--transplant", default=OPTION_DEFAULTS["transplant"],
+                        help="transplant form (default: nlsr realign's)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="service-bench-", dir=args.dir))
     try:
@@ -222,7 +224,7 @@ def main() -> None:
                 print("ray is not installed: its engine is not measured", flush=True)
         for engine in engines:
             rows.append(run_engine(root, "ray" if engine == "ray" else "local",
-                                   engine if engine != "ray" else "process", args.workers))
+                                   engine if engine != "ray" else "process", args.workers, args.transplant))
             print(f"  {rows[-1]['engine']}: {rows[-1]['adapters_per_hour']:,.0f} adapters/hour, "
                   f"peak {rows[-1]['peak_rss_mb']:,.0f} MB", flush=True)
         sizes = rows[0]["output_bytes"]
@@ -248,7 +250,7 @@ def main() -> None:
                    "date": info["date"], "adapters": args.adapters, "layers": args.layers, "rank": args.rank,
                    "input_mb": input_bytes / 2**20, "scratch": str(root.parent),
                    "filesystem": filesystem(root), "masks": "random entry masks, q = 0.2",
-                   "transplant": OPTION_DEFAULTS["transplant"], "rows": rows,
+                   "transplant": args.transplant, "rows": rows,
                    "machine": info}
         goal = (best["adapters_per_hour"] >= 3600 and best["ratio_to_io_floor"] >= 0.5
                 and best["peak_rss_mb"] - args.workers * ref_and_masks / 2**20 < 2048)
@@ -268,7 +270,7 @@ def main() -> None:
         table.append(f"| I/O floor (safetensors read + write) | 1 | {floor_1:,.0f} | | | | | | | |")
         notes = (f"\n{args.adapters} synthetic bf16 adapters at Llama-3-8B shapes ({args.layers} layers x "
                  f"q,k,v,o,gate,up,down, r = {args.rank}, {input_bytes / 2**20:.0f} MB each), random entry masks "
-                 f"at q = 0.2; paper rule, {OPTION_DEFAULTS['transplant']} transplant, outputs bf16 "
+                 f"at q = 0.2; paper rule, {args.transplant} transplant, outputs bf16 "
                  f"({rows[0]['modules_repaired_mean']:.0f} of {7 * args.layers} modules repaired on average). "
                  "Rates count the whole call (start-up included); 'after start-up' counts from the first adapter "
                  "finished to the last. The I/O floor reads each input and writes as "
