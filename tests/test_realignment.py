@@ -288,3 +288,21 @@ def test_a_form_registered_elsewhere_is_measured_on_its_output(setting):
         assert self_transplant_change(finetuned, masks, "keep-finetune") < 1e-6
     finally:
         TRANSPLANTS.unregister("keep-finetune")
+
+
+@pytest.mark.parametrize("transplant", ["exact", "factor", "block"])
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+def test_a_narrow_fine_tune_is_repaired_in_its_dtype_as_the_float32_repair_rounded(setting, transplant, narrow):
+    # the repair of a bf16/fp16 fine-tune runs in its dtype (the reference rounded first); the forms only
+    # keep, zero or negate entries, so it must equal the float32 repair of the same values, rounded
+    reference, finetuned, masks = setting
+    stored = finetuned.with_modules({n: type(f)(f.A.to(narrow), f.B.to(narrow), f.scale) for n, f in finetuned})
+    stored.dtype = narrow
+    widened = finetuned.with_modules({n: type(f)(f.A.float(), f.B.float(), f.scale) for n, f in stored})
+    fast = realign(reference, stored, masks, select="all", transplant=transplant)
+    slow = realign(reference, widened, masks, select="all", transplant=transplant)
+    assert fast.report() == slow.report()                      # the scoring and change use float32 either way
+    for name, f in fast.adapter:
+        want = slow.adapter.modules[name]
+        assert f.A.dtype == f.B.dtype == narrow
+        assert torch.equal(f.A, want.A.to(narrow)) and torch.equal(f.B, want.B.to(narrow)), name

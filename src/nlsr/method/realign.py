@@ -40,6 +40,7 @@ from nlsr.method.similarity import (
     wide_numpy,
 )
 from nlsr.method.transplant import (
+    SELECTING_FORMS,
     LowRank,
     change_terms,
     has_change_terms,
@@ -334,7 +335,7 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
         ft, pair = wide[name], masks.pair(name)
         if repaired[i]:
             source = (fill or reference).modules[name]
-            A, B = form(source.A, source.B, ft.A, ft.B, *pair)
+            A, B = _transplant(form, transplant, source, finetuned.modules[name], ft, pair)
             modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
             if fill is None and masked_reference is not None and name in masked_reference:
                 source = masked_reference[name]
@@ -352,6 +353,18 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
     adapter = finetuned.with_modules(modules, keep_dtype=True)
     return RealignResult(decisions, settings, adapter=adapter, notes=_same_as_reference_note(reference, finetuned),
                          change=summarize_change(decisions, _entry_changes(transplant, changes)))
+
+
+def _transplant(form, transplant: str, source: LoraFactors, stored: LoraFactors, wide: LoraFactors,
+                pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's transplant. A fine-tune stored in bf16/fp16 with a built-in form is transplanted in
+    its own dtype, the source rounded to it first: the same values as transplanting in float32 and
+    rounding the output (:data:`~nlsr.method.transplant.SELECTING_FORMS`), without writing the
+    rank-2r/3r factors in float32 only to narrow them for the file."""
+    narrow = stored.A.dtype
+    if transplant in SELECTING_FORMS and narrow in (torch.bfloat16, torch.float16) and stored.B.dtype == narrow:
+        return form(source.A.to(narrow), source.B.to(narrow), stored.A, stored.B, *pair)
+    return form(source.A, source.B, wide.A, wide.B, *pair)
 
 
 def masked_reference_of(reference: LoraAdapter, masks: SafetyMasks) -> dict[str, MaskedFactors]:
