@@ -55,7 +55,7 @@ def main() -> None:
     if failed:
         raise SystemExit(f"a repair failed: {failed[0].error}")
     text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(profile, stream=text).strip_dirs().sort_stats("tottime").print_stats(args.top)  # no machine paths
     listing = "\n".join(line for line in text.getvalue().splitlines() if line.strip())
     summary = (f"{count} adapters profiled: {wall:.3f} s wall and {cpu:.3f} s CPU per adapter (under cProfile, "
                f"one thread; {results[-1].modules_repaired} of {results[-1].modules} modules repaired in the last)")

@@ -118,13 +118,12 @@ def _masked_into(out: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor, in
     """``out = factor ⊙ M`` (``inside``) or ``factor ⊙ (1 - M)``, written in place. A bf16/fp16
     factor on CPU is masked on its bits (integer times 0 or 1: the kept entries bit for bit, the others
     +0), which numpy does in one pass where a narrow-float multiplication would widen every entry."""
-    if _numpy_ok(out, factor, mask):
+    narrow = _narrow_ok(out, factor, mask)
+    if narrow or _numpy_ok(out, factor, mask):
         keep = mask.numpy() if inside else np.logical_not(mask.numpy())
+        if narrow:
+            factor, out = factor.view(_SAME_WIDTH_INT[factor.dtype]), out.view(_SAME_WIDTH_INT[factor.dtype])
         np.multiply(factor.numpy(), keep, out=out.numpy())
-    elif _narrow_ok(out, factor, mask):
-        ints = _SAME_WIDTH_INT[factor.dtype]
-        keep = mask.numpy() if inside else np.logical_not(mask.numpy())
-        np.multiply(factor.view(ints).numpy(), keep, out=out.view(ints).numpy())
     else:
         torch.mul(factor, mask if inside else ~mask, out=out)
 
@@ -135,12 +134,6 @@ def _narrow_ok(out: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor) -> b
             and mask.dtype == torch.bool and out.shape == factor.shape == mask.shape
             and not (out.requires_grad or factor.requires_grad)
             and all(t.device.type == "cpu" for t in (out, factor, mask)))
-
-
-SELECTING_FORMS = frozenset({"exact", "factor", "block"})
-"""The built-in forms: each output entry is an input entry, kept, zeroed or negated, never a sum, so a
-form gives the same values in a narrow dtype (the reference rounded to it first) as in float32 with
-the output rounded afterwards (:func:`~nlsr.method.realign.realign` uses that for bf16 fine-tunes)."""
 
 
 def _change_exact(ref: MaskedFactors, A_t: np.ndarray, B_t: np.ndarray, ft: MaskedFactors) -> list:
@@ -161,6 +154,11 @@ def _change_block(ref: MaskedFactors, A_t: np.ndarray, B_t: np.ndarray, ft: Mask
 
 
 _CHANGES = {"exact": _change_exact, "factor": _change_factor, "block": _change_block}
+
+SELECTING_FORMS = frozenset(_CHANGES)
+"""The built-in forms: each output entry is an input entry, kept, zeroed or negated, never a sum, so a
+form gives the same values in a narrow dtype (the reference rounded to it first) as in float32 with
+the output rounded afterwards (:func:`~nlsr.method.realign.realign` uses that for bf16 fine-tunes)."""
 
 
 def has_change_terms(transplant: str) -> bool:
