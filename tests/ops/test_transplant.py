@@ -3,7 +3,8 @@ import torch
 
 from nlsr.method import TRANSPLANTS
 from nlsr.method.extrapolate import extrapolate_factors
-from nlsr.method.transplant import select_entries
+from nlsr.method.similarity import masked_similarity_sums
+from nlsr.method.transplant import change_from_masked_sums, select_entries
 
 
 def _factors(seed=0, r=4, d_in=10, d_out=8):
@@ -58,6 +59,24 @@ def test_block_transplant_is_identity_when_reference_equals_finetuned():
     torch.testing.assert_close(B @ A, B_e @ A_e)
     exact_A, exact_B = TRANSPLANTS.get("exact")(A_e, B_e, A_e, B_e, M_A, M_B)
     assert (exact_B @ exact_A - B_e @ A_e).norm() > 0.1 * (B_e @ A_e).norm()
+
+
+def test_block_change_from_the_similarity_sums_is_the_dense_change():
+    A_e, B_e, A_t, B_t, M_A, M_B = _factors(5, r=8, d_in=300, d_out=200)
+    A, B = TRANSPLANTS.get("block")(A_e, B_e, A_t, B_t, M_A, M_B)
+    dense = float(((B.double() @ A.double()) - B_t.double() @ A_t.double()).pow(2).sum())
+    sums = masked_similarity_sums([(A_e, B_e, A_t, B_t, M_A, M_B)])[0].tolist()
+    assert change_from_masked_sums("block", *sums) == pytest.approx(dense, rel=1e-5)
+    # the other forms change more than the masked block: they have no such shortcut
+    assert change_from_masked_sums("exact", *sums) is None and change_from_masked_sums("factor", *sums) is None
+
+
+def test_block_change_from_sums_declines_where_they_cannot_resolve_it():
+    A_e, B_e, _, _, M_A, M_B = _factors(6, r=8, d_in=300, d_out=200)
+    gen = torch.Generator().manual_seed(0)
+    A_t = A_e + 1e-4 * torch.randn(A_e.shape, generator=gen)       # barely drifted: a difference of
+    sums = masked_similarity_sums([(A_e, B_e, A_t, B_e, M_A, M_B)])[0].tolist()   # ~1e-8 of the terms
+    assert change_from_masked_sums("block", *sums) is None
 
 
 def test_exact_transplant_with_full_masks_is_the_reference():

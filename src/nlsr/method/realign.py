@@ -27,13 +27,14 @@ from nlsr.method.select import check_rule, decide
 from nlsr.method.similarity import (
     MaskedFactors,
     cosine_of_sums,
+    cosines_of_sums,
     cpu_map,
     dense_row_sums,
     gram_sum,
     lowrank_sq,
     mask_factors,
     mask_reference,
-    masked_similarities,
+    masked_similarity_sums,
     product_inner,
     row_masked_similarities,
     update_change,
@@ -42,6 +43,7 @@ from nlsr.method.similarity import (
 from nlsr.method.transplant import (
     SELECTING_FORMS,
     LowRank,
+    change_from_masked_sums,
     change_terms,
     has_change_terms,
     row_transplant_dense,
@@ -195,14 +197,16 @@ def self_transplant_change(adapter: LoraAdapter, masks: SafetyMasks, transplant:
 class _ModuleChange:
     """One module of an entry repair, for :func:`_entry_changes`: the fine-tune's factors, its masks,
     what was transplanted in (the reference's or the fill's factors, or their :class:`MaskedFactors`;
-    None for a module that was kept) and the repaired factors (read only by a form without
-    :func:`~nlsr.method.transplant.change_terms`)."""
+    None for a module that was kept), the repaired factors (read only by a form without
+    :func:`~nlsr.method.transplant.change_terms`) and ``||ΔW'' - ΔW_t||² / s²`` where it is already
+    known (:func:`~nlsr.method.transplant.change_from_masked_sums`)."""
 
     finetuned: LoraFactors
     M_A: torch.Tensor
     M_B: torch.Tensor
     source: LoraFactors | MaskedFactors | None = None
     output: LoraFactors | None = None
+    change: float | None = None
 
 
 def _entry_changes(transplant: str, modules: list[_ModuleChange],
@@ -219,6 +223,8 @@ def _entry_changes(transplant: str, modules: list[_ModuleChange],
         old = gram_sum(b_t, a_t, b_t, a_t, grams) * ft.scale ** 2
         if m.source is None:
             return 0.0, old
+        if m.change is not None:
+            return m.change * ft.scale ** 2, old
         if not hasattr(local, "buffers"):
             local.buffers = ({}, {})
         source = m.source
@@ -324,9 +330,10 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
 
     names = list(finetuned.modules)
     # All modules in one call: shared buffers, one module per worker thread.
-    similarity = masked_similarities(
+    sums = masked_similarity_sums(
         [(reference.modules[n].A, reference.modules[n].B, wide[n].A, wide[n].B, *masks.pair(n)) for n in names],
         references=[masked_reference.get(n) for n in names] if masked_reference is not None else None)
+    similarity = cosines_of_sums(sums)
     prob, repaired = decide(similarity, **rule)
     form = TRANSPLANTS.get(transplant)
     modules: dict[str, LoraFactors] = {}
@@ -337,9 +344,12 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
             source = (fill or reference).modules[name]
             A, B = _transplant(form, transplant, source, finetuned.modules[name], ft, pair)
             modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
-            if fill is None and masked_reference is not None and name in masked_reference:
-                source = masked_reference[name]
-            changes.append(_ModuleChange(ft, *pair, source=source, output=modules[name]))
+            known = None
+            if fill is None:       # the similarity compared what is transplanted: its sums may give the change
+                known = change_from_masked_sums(transplant, *(float(x) for x in sums[i]))
+                if masked_reference is not None and name in masked_reference:
+                    source = masked_reference[name]
+            changes.append(_ModuleChange(ft, *pair, source=source, output=modules[name], change=known))
         else:
             modules[name] = finetuned.modules[name]       # as it came, in its own dtype
             changes.append(_ModuleChange(ft, *pair))

@@ -147,10 +147,24 @@ def mask_reference(modules: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Ten
 def masked_similarities(modules: Sequence[ModuleFactors], eps: float = 1e-30,
                         workers: int | None = None,
                         references: Sequence[MaskedFactors | None] | None = None) -> torch.Tensor:
-    """``S_j`` of many modules: a float64 vector, one entry per ``(A_e, B_e, A_t, B_t, M_A, M_B)``.
+    """``S_j`` of many modules: a float64 vector, one entry per ``(A_e, B_e, A_t, B_t, M_A, M_B)``;
+    the cosines of :func:`masked_similarity_sums`."""
+    return cosines_of_sums(masked_similarity_sums(modules, workers, references), eps)
 
-    Equal to :func:`masked_similarity` module by module. On CPU each side's masked factors are
-    written once (:func:`mask_factors`) into buffers reused by every module of the same shape (a model
+
+def cosines_of_sums(sums: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    """The cosine of each row ``(<P1, P2>, ||P1||², ||P2||²)`` of ``sums``, a float64 vector."""
+    return _cosine(*sums.unbind(1), eps)
+
+
+@torch.no_grad()
+def masked_similarity_sums(modules: Sequence[ModuleFactors], workers: int | None = None,
+                           references: Sequence[MaskedFactors | None] | None = None) -> torch.Tensor:
+    """The three sums of each module's ``S_j``, ``(<P_e, P_t>, ||P_e||², ||P_t||²)`` of the masked
+    products ``P = (M_B⊙B)(M_A⊙A)``: a float64 ``n x 3`` tensor.
+
+    Their cosines equal :func:`masked_similarity` module by module. On CPU each side's masked factors
+    are written once (:func:`mask_factors`) into buffers reused by every module of the same shape (a model
     repeats a handful of shapes), so nothing of size ``d`` is allocated per module; the reference's
     side is taken from ``references`` where given (the same numbers, made once for a batch of
     fine-tunes). Then ``r x r`` Gram products give the inner product and the fine-tune's norm
@@ -167,7 +181,7 @@ def masked_similarities(modules: Sequence[ModuleFactors], eps: float = 1e-30,
     """
     modules = list(modules)
     if not modules:
-        return torch.empty(0, dtype=torch.float64)
+        return torch.empty(0, 3, dtype=torch.float64)
     sums: list = [None] * len(modules)
     on_cpu = [i for i, m in enumerate(modules) if all(t.device.type == "cpu" for t in m)]
     device_buffers: dict = {}
@@ -188,8 +202,7 @@ def masked_similarities(modules: Sequence[ModuleFactors], eps: float = 1e-30,
 
     for i, row in zip(on_cpu, cpu_map(cpu_sums, on_cpu, workers), strict=True):
         sums[i] = row
-    inner, sq_e, sq_t = torch.stack(sums).unbind(1)
-    return _cosine(inner, sq_e, sq_t, eps)
+    return torch.stack(sums)
 
 
 @torch.no_grad()

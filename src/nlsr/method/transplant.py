@@ -179,6 +179,24 @@ def change_terms(transplant: str, ref: MaskedFactors, A_t: np.ndarray, B_t: np.n
     return None if change is None else change(ref, A_t, B_t, ft)
 
 
+# change_from_masked_sums answers only where its difference is at least this share of its two terms;
+# below, the float32 Gram sums' rounding (about 1e-6 of each term) would show in the result
+_SUMS_RESOLVE = 0.05
+
+
+def change_from_masked_sums(transplant: str, inner: float, sq_ref: float, sq_ft: float) -> float | None:
+    """``||ΔW'' - ΔW_t||² / s²`` of one module from the three sums its similarity already took,
+    ``(<P_e, P_t>, ||P_e||², ||P_t||²)`` of the masked products ``P = (M_B⊙B)(M_A⊙A)``, where the form
+    allows it: ``block`` changes the update by exactly ``P_e - P_t``, whose squared norm is
+    ``||P_e||² + ||P_t||² - 2<P_e, P_t>``: no further product. None for the other forms, and where the
+    difference is under 5% of ``||P_e||² + ||P_t||²`` (a module that barely drifted, the reference
+    itself): there the caller measures the change on :func:`change_terms`, which stays accurate."""
+    if transplant != "block":
+        return None
+    change = sq_ref + sq_ft - 2 * inner
+    return change if change >= _SUMS_RESOLVE * (sq_ref + sq_ft) else None
+
+
 def subtract_lowrank(first: LowRank, second: LowRank) -> LowRank:
     """``B1 A1 - B2 A2`` as low-rank factors: rank r when ``A1`` equals ``A2`` (then
     ``(B1 - B2) A1``, as for an ExPO reference minus its aligned adapter), else the stacked
