@@ -15,8 +15,10 @@ folders of the killed run are removed, the rest is repaired. The settings must b
 ``force``, which repairs everything again).
 
 Engines (:mod:`nlsr.method.batch_engines`): ``local``, a pool of worker threads (``pool="thread"``, the
-default: no start-up, one copy of the reference and masks; faster than processes in 2 of 3 runs of
-``benchmarks/service_bench.py`` on a busy 2-core machine, at half the memory) or processes; and
+default: no start-up, one copy of the reference and masks, half the memory; as fast as processes
+for the default ``block`` form in ``benchmarks/service_bench.py`` on 2 cores, 9,023 against 9,087
+adapters/hour, but slower for ``factor``, 7,786 against 9,449: ``results/service_bench*.md``) or
+processes; and
 ``ray``, the same work as Ray tasks with the reference and masks put in the object store once.
 """
 
