@@ -15,8 +15,8 @@ folders of the killed run are removed, the rest is repaired. The settings must b
 ``force``, which repairs everything again).
 
 Engines (:mod:`nlsr.method.batch_engines`): ``local``, a pool of worker threads (``pool="thread"``, the
-default: no start-up, one copy of the reference and masks, half the memory; as fast as processes
-for the default ``block`` form in ``benchmarks/service_bench.py`` on 2 cores, 9,023 against 9,087
+default: no start-up, one copy of the reference and masks, half the memory; within 6% of processes
+for the default ``block`` form in ``benchmarks/service_bench.py`` on 2 cores, 9,730 against 10,268
 adapters/hour, but slower for ``factor``, 7,786 against 9,449: ``results/service_bench*.md``) or
 processes; and
 ``ray``, the same work as Ray tasks with the reference and masks put in the object store once.
