@@ -334,6 +334,7 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
         [(reference.modules[n].A, reference.modules[n].B, wide[n].A, wide[n].B, *masks.pair(n)) for n in names],
         references=[masked_reference.get(n) for n in names] if masked_reference is not None else None)
     similarity = cosines_of_sums(sums)
+    sum_rows = sums.tolist()
     prob, repaired = decide(similarity, **rule)
     form = TRANSPLANTS.get(transplant)
     modules: dict[str, LoraFactors] = {}
@@ -346,7 +347,7 @@ def _realign_entries(reference: LoraAdapter, finetuned: LoraAdapter, masks: Safe
             modules[name] = LoraFactors(A=A, B=B, scale=ft.scale)
             known = None
             if fill is None:       # the similarity compared what is transplanted: its sums may give the change
-                known = change_from_masked_sums(transplant, *(float(x) for x in sums[i]))
+                known = change_from_masked_sums(transplant, *sum_rows[i])
                 if masked_reference is not None and name in masked_reference:
                     source = masked_reference[name]
             changes.append(_ModuleChange(ft, *pair, source=source, output=modules[name], change=known))

@@ -184,6 +184,14 @@ def change_terms(transplant: str, ref: MaskedFactors, A_t: np.ndarray, B_t: np.n
 _SUMS_RESOLVE = 0.05
 
 
+def _block_change_from_sums(inner: float, sq_ref: float, sq_ft: float) -> float:
+    # block changes the update by exactly P_e - P_t
+    return sq_ref + sq_ft - 2 * inner
+
+
+_CHANGES_FROM_SUMS = {"block": _block_change_from_sums}   # the forms whose change the similarity's sums give
+
+
 def change_from_masked_sums(transplant: str, inner: float, sq_ref: float, sq_ft: float) -> float | None:
     """``||ΔW'' - ΔW_t||² / s²`` of one module from the three sums its similarity already took,
     ``(<P_e, P_t>, ||P_e||², ||P_t||²)`` of the masked products ``P = (M_B⊙B)(M_A⊙A)``, where the form
@@ -191,9 +199,10 @@ def change_from_masked_sums(transplant: str, inner: float, sq_ref: float, sq_ft:
     ``||P_e||² + ||P_t||² - 2<P_e, P_t>``: no further product. None for the other forms, and where the
     difference is under 5% of ``||P_e||² + ||P_t||²`` (a module that barely drifted, the reference
     itself): there the caller measures the change on :func:`change_terms`, which stays accurate."""
-    if transplant != "block":
+    from_sums = _CHANGES_FROM_SUMS.get(transplant)
+    if from_sums is None:
         return None
-    change = sq_ref + sq_ft - 2 * inner
+    change = from_sums(inner, sq_ref, sq_ft)
     return change if change >= _SUMS_RESOLVE * (sq_ref + sq_ft) else None
 
 
