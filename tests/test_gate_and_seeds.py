@@ -133,7 +133,8 @@ def test_sweep_adds_variants_and_the_report_chooses_on_validation():
 def test_vaccine_is_applied_where_the_alignment_is_learned():
     from nlsr.experiment.plan import build_stages
 
-    cfg = ExperimentConfig.model_validate({"seeds": [0, 1], "defences": [{"name": "vaccine", "method": "vaccine"}]})
+    cfg = ExperimentConfig.model_validate({"seeds": [0, 1], "defences": [{"name": "vaccine", "method": "vaccine"},
+                                                                         {"name": "lisa", "method": "lisa"}]})
     stages = {s.name: s for s in build_stages(cfg)}
     sft, dpo = stages["align_sft-vaccine"], stages["align_dpo-vaccine"]
     assert sft.inputs == ["data-align"] and dpo.inputs == ["data-align", "align_sft-vaccine"]
@@ -142,6 +143,10 @@ def test_vaccine_is_applied_where_the_alignment_is_learned():
     assert "align_sft-vaccine" in attack.inputs and attack.roles["align_sft-vaccine"] == "align_sft"
     evaluate = stages["evaluate-vaccine-s1"]
     assert "align_sft-vaccine" in evaluate.inputs and "align_sft" not in evaluate.inputs
+    before = stages["evaluate-aligned-vaccine"]       # its own aligned model, before any attack
+    assert before.inputs == ["data", "align_sft-vaccine", "align_dpo-vaccine"]
+    assert before.roles == {"align_dpo-vaccine": "align_dpo", "align_sft-vaccine": "align_sft"}
+    assert "evaluate-aligned-lisa" not in stages
     dpo_only = ExperimentConfig.model_validate(
         {"defences": [{"name": "vaccine", "method": "vaccine", "vaccine_stages": ["dpo"]}]})
     names = {s.name for s in build_stages(dpo_only)}

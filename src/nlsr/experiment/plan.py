@@ -199,6 +199,19 @@ def defence_alignment_stages(plan: Plan) -> list[Stage]:
     return stages
 
 
+def defence_aligned_evaluations(plan: Plan) -> list[Stage]:
+    """``evaluate-aligned-<name>``: a defence that changes the alignment (Vaccine) evaluated before the
+    attack, as the shared aligned model is, so that its own alignment's safety and over-refusal are
+    known beside what the attack leaves of them."""
+    stages = []
+    for defence in plan.cfg.defences:
+        if changes_alignment(defence):
+            aligned, weak = defence_alignment(defence)
+            stages.append(evaluation_stage(plan, f"aligned-{defence.name}", "weak", aligned, [weak, aligned], None,
+                                           {aligned: "align_dpo"}, weak=weak))
+    return stages
+
+
 def changes_alignment(defence: DefenceSection) -> bool:
     """A defence that hooks into the alignment (Vaccine), by its registration; the others change the
     fine-tuning."""
@@ -405,6 +418,7 @@ def build_stages(cfg: ExperimentConfig) -> list[Stage]:
               *defence_alignment_stages(plan)]
     if cfg.evaluate.evaluate_aligned:
         stages.append(evaluation_stage(plan, "aligned", "weak", "align_dpo", ["align_sft", "align_dpo"], None, {}))
+        stages += defence_aligned_evaluations(plan)
     for seed in cfg.run_seeds:
         stages += [*attack_stages(plan, seed), *realign_stages(plan, seed), *defence_attack_stages(plan, seed)]
     return [*stages, report_stage(plan)]
