@@ -283,3 +283,10 @@ def test_every_control_runs_through_the_pipeline_on_the_tiny_model(tmp_path, tin
     rows = [json.loads(line) for line in (scores / "harmful_rows.jsonl").open()]
     assert len(rows) == 4 and all(r["prompt"] and r["response"] for r in rows)
     assert (run_dir / "report" / "frontier.png").stat().st_size > 0
+
+
+def test_a_defences_own_aligned_model_is_a_reference_point():
+    from nlsr.experiment.frontier import is_reference
+
+    assert is_reference("aligned") and is_reference("aligned-vaccine") and is_reference("attacked-p0")
+    assert not is_reference("vaccine") and not is_reference("block-q0.3") and not is_reference("nonaligned-x")

@@ -20,6 +20,14 @@ from pathlib import Path
 from nlsr.experiment.config import ExperimentConfig, VariantSection, sweep_name
 
 REFERENCE_MODELS = ("aligned", "attacked", "attacked-p0", "nonaligned")
+
+
+def is_reference(model: str) -> bool:
+    """A reference point of the frontier: one of :data:`REFERENCE_MODELS`, or a defence's own aligned
+    model before the attack (``aligned-<defence>``)."""
+    return model in REFERENCE_MODELS or model.startswith("aligned-")
+
+
 DEFAULT_RULE = ("the NLSR variants that differ from the defaults only in transplant form and q (ExPO "
                 "reference, identified masks, the paper's selection, β 0.9): among those whose validation "
                 "FA is within {drop} points of the attacked model's, the largest validation HS cut "
@@ -93,7 +101,7 @@ def plot_frontier(rows: list[dict], cfg: ExperimentConfig, judge: str, path: Pat
             y, fa = metric(row["scores"]), row["scores"].get("fa")
             if not y or not fa:
                 continue
-            marker = "s" if row["model"] in REFERENCE_MODELS else "^"
+            marker = "s" if is_reference(row["model"]) else "^"
             ax.errorbar(fa["mean"], y["mean"], xerr=_errors(fa), yerr=_errors(y), fmt=marker, ms=7, color="black",
                         capsize=2, alpha=0.7)
             ax.annotate(row["model"], (fa["mean"], y["mean"]), textcoords="offset points", xytext=(5, 3 + 4 * (j % 2)),
