@@ -93,3 +93,13 @@ def write_results(name: str, payload: dict, table: str) -> Path:
 
 def _load(values: list[float]) -> str:
     return " / ".join(f"{v:.2f}" for v in values)
+
+
+def templated_prompts(name: str, rows: int, tokenizer) -> list[str]:
+    """The first ``rows`` prompts of the data set ``name`` in the Alpaca template, as the evaluate stage
+    feeds them to the model."""
+    from nlsr.data.registry import load_records
+    from nlsr.data.templates import model_prompt
+
+    return [model_prompt(r.get("instruction") or r["prompt"], "alpaca", tokenizer, r.get("input", ""))
+            for r in load_records(name, limit=rows)]

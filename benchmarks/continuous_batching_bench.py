@@ -20,20 +20,12 @@ import argparse
 import time
 
 import torch
-from _common import machine, write_results
+from _common import machine, templated_prompts, write_results
 from transformers import GenerationConfig
 
-from nlsr.data.registry import load_records
-from nlsr.data.templates import model_prompt
 from nlsr.evaluation.generation import generate, prompt_token_ids
 from nlsr.precision import resolve_precision
 from nlsr.weights.models import load_model, load_tokenizer
-
-
-def _prompts(name: str, rows: int, tokenizer) -> list[str]:
-    records = load_records(name, limit=rows)
-    return [model_prompt(r.get("instruction") or r["prompt"], "alpaca", tokenizer, r.get("input", ""))
-            for r in records]
 
 
 def main() -> None:
@@ -53,7 +45,7 @@ def main() -> None:
                           "same text | generated tokens mean / max | steps on finished rows |",
                           "|---|---|---|---|---|---|---|"]
     for name in [s for s in args.sets.split(",") if s]:
-        prompts = _prompts(name, args.rows, tokenizer)
+        prompts = templated_prompts(name, args.rows, tokenizer)
         ids = prompt_token_ids(tokenizer, prompts, 1024)
         runs: dict[str, list[float]] = {"generate": [], "generate_batch": []}
         for _ in range(args.repeats):

@@ -28,11 +28,9 @@ import copy
 import time
 
 import torch
-from _common import machine, write_results
+from _common import machine, templated_prompts, write_results
 from peft import LoraConfig, get_peft_model
 
-from nlsr.data.registry import load_records
-from nlsr.data.templates import model_prompt
 from nlsr.precision import resolve_precision
 from nlsr.weights.models import load_model, load_tokenizer
 
@@ -62,9 +60,7 @@ def main() -> None:
     precision = resolve_precision("auto").dtype
     tokenizer = load_tokenizer("smollm2")
     base = load_model("smollm2", precision="auto")
-    records = load_records("harmful_eval", limit=args.rows)
-    prompts = [model_prompt(r.get("instruction") or r["prompt"], "alpaca", tokenizer, r.get("input", ""))
-               for r in records]
+    prompts = templated_prompts("harmful_eval", args.rows, tokenizer)
     one = _batch(tokenizer, prompts)
     wide = _batch(tokenizer, prompts * args.adapters)
     names = [f"a{k}" for k in range(args.adapters)]

@@ -389,6 +389,10 @@ class EvaluateSection(_Section):
         return value
 
 
+DEFENCE_ALIGNED_PREFIX = "aligned-"
+"""The model name of a defence's own aligned model, before the attack: ``aligned-<defence>``."""
+
+
 class DefenceSection(_Section):
     """A baseline defence run through the same attack and evaluation (the paper's comparison)."""
 

@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from nlsr.experiment.config import ExperimentConfig, VariantSection, sweep_name
+from nlsr.experiment.config import DEFENCE_ALIGNED_PREFIX, ExperimentConfig, VariantSection, sweep_name
 
 REFERENCE_MODELS = ("aligned", "attacked", "attacked-p0", "nonaligned")
 
@@ -25,7 +25,7 @@ REFERENCE_MODELS = ("aligned", "attacked", "attacked-p0", "nonaligned")
 def is_reference(model: str) -> bool:
     """A reference point of the frontier: one of :data:`REFERENCE_MODELS`, or a defence's own aligned
     model before the attack (``aligned-<defence>``)."""
-    return model in REFERENCE_MODELS or model.startswith("aligned-")
+    return model in REFERENCE_MODELS or model.startswith(DEFENCE_ALIGNED_PREFIX)
 
 
 DEFAULT_RULE = ("the NLSR variants that differ from the defaults only in transplant form and q (ExPO "

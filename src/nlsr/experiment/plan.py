@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from nlsr.errors import NlsrError
-from nlsr.experiment.config import DefenceSection, ExperimentConfig, VariantSection
+from nlsr.experiment.config import DEFENCE_ALIGNED_PREFIX, DefenceSection, ExperimentConfig, VariantSection
 from nlsr.experiment.pipeline import RunContext, Stage, run_stages
 from nlsr.paths import data_dir, describe_data_dir
 
@@ -207,8 +207,8 @@ def defence_aligned_evaluations(plan: Plan) -> list[Stage]:
     for defence in plan.cfg.defences:
         if changes_alignment(defence):
             aligned, weak = defence_alignment(defence)
-            stages.append(evaluation_stage(plan, f"aligned-{defence.name}", "weak", aligned, [weak, aligned], None,
-                                           {aligned: "align_dpo"}, weak=weak))
+            stages.append(evaluation_stage(plan, f"{DEFENCE_ALIGNED_PREFIX}{defence.name}", "weak", aligned,
+                                           [weak, aligned], None, {aligned: "align_dpo"}, weak=weak))
     return stages
 
 
