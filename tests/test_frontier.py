@@ -283,6 +283,9 @@ def test_every_control_runs_through_the_pipeline_on_the_tiny_model(tmp_path, tin
     rows = [json.loads(line) for line in (scores / "harmful_rows.jsonl").open()]
     assert len(rows) == 4 and all(r["prompt"] and r["response"] for r in rows)
     assert (run_dir / "report" / "frontier.png").stat().st_size > 0
+    at_equal_cost = summary["equal_fa"]                        # every curve, read at the default FA costs
+    assert set(at_equal_cost["curves"]) == {"exact-q", "beta-q0.2"} and at_equal_cost["targets"] == [2.0, 5.0, 10.0]
+    assert "## The curves at equal FA cost" in (run_dir / "report" / "report.md").read_text()
 
 
 def test_a_defences_own_aligned_model_is_a_reference_point():

@@ -53,21 +53,42 @@ def resampled_means(arrays: Sequence[np.ndarray], n_boot: int = N_BOOT, seed: in
 
     All arrays must have the same shape: the same prompts and seeds, so statistics combining them
     (differences, ratios) stay paired."""
-    mats = [_as_matrix(a) for a in arrays]
-    shape = mats[0].shape
-    if any(m.shape != shape for m in mats):
-        raise ValueError(f"paired arrays must share one (seeds, prompts) shape, got {[m.shape for m in mats]}")
-    n_seeds, n_prompts = shape
+    return resampled_means_sets([arrays], n_boot, seed)[0]
+
+
+def resampled_means_sets(sets: Sequence[Sequence[np.ndarray]], n_boot: int = N_BOOT,
+                         seed: int = BOOT_SEED) -> list[np.ndarray]:
+    """:func:`resampled_means` of several sets of arrays scored on the same seeds, each set over its own
+    items (e.g. the harmful prompts and the task rows): one (n_boot, len(set)) array per set. Each set's
+    items are drawn on their own (the same draw for every array of the set), the seeds once for all sets,
+    so a statistic that combines sets (an FA cost and a refusal gain) stays paired by seed. One set
+    draws exactly as :func:`resampled_means` always has."""
+    groups = [[_as_matrix(a) for a in arrays] for arrays in sets]
+    n_seeds = groups[0][0].shape[0]
+    for mats in groups:
+        shape = mats[0].shape
+        if any(m.shape != shape for m in mats) or shape[0] != n_seeds:
+            raise ValueError("paired arrays must share one number of seeds, and within a set one (seeds, prompts) "
+                             f"shape; got {[[m.shape for m in g] for g in groups]}")
     rng = np.random.default_rng(seed)
-    prompt_counts = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=n_boot)  # (B, N)
+
+    def item_counts(n_items: int) -> np.ndarray:
+        return rng.multinomial(n_items, np.full(n_items, 1 / n_items), size=n_boot)       # (B, N)
+
+    counts = [item_counts(groups[0][0].shape[1])]
     if n_seeds > 1:
-        seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)      # (B, S)
+        seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)   # (B, S)
     else:
         seed_counts = np.ones((n_boot, 1))
-    out = np.empty((n_boot, len(mats)))
-    for k, m in enumerate(mats):
-        per_prompt = seed_counts @ m                                 # (B, N): seed-weighted sums
-        out[:, k] = (per_prompt * prompt_counts).sum(axis=1) / (n_seeds * n_prompts)
+    counts += [item_counts(mats[0].shape[1]) for mats in groups[1:]]
+    out = []
+    for mats, prompt_counts in zip(groups, counts, strict=True):
+        means = np.empty((n_boot, len(mats)))
+        n_prompts = mats[0].shape[1]
+        for k, m in enumerate(mats):
+            per_prompt = seed_counts @ m                                 # (B, N): seed-weighted sums
+            means[:, k] = (per_prompt * prompt_counts).sum(axis=1) / (n_seeds * n_prompts)
+        out.append(means)
     return out
 
 

@@ -231,6 +231,10 @@ class SweepSection(_Section):
                                                       "validation FA is within this many points of the "
                                                       "attacked model's.")
 
+    def label(self) -> str:
+        """The curve's label: the name template with its value left out (``exact-q``, ``resta-g``)."""
+        return self.name.format(variant=self.variant, field=self.field, value="").strip("-")
+
     @field_validator("name")
     @classmethod
     def _name_template(cls, value: str) -> str:
@@ -258,6 +262,14 @@ class RealignSection(_Section):
         False, description="The report adds to summary.json every variant's HS, refusal, FA and XSTest refusal "
                            "with its q, form, modules repaired and self-transplant change, and the default "
                            "(form, q) chosen on validation (nlsr.experiment.frontier).")
+    equal_fa_costs: list[float] = Field(
+        default_factory=lambda: [2.0, 5.0, 10.0],
+        description="With controls_summary: every curve is read at these FA costs (points below the attacked "
+                    "model, test split), so that methods are compared at equal cost "
+                    "(nlsr.experiment.equal_cost); [] for none.")
+    equal_fa_against: str | None = Field(
+        None, description="The curve the others are compared with at equal FA cost: a sweep's label, e.g. "
+                          "'exact-q' (default: the first curve).")
 
     def all_sweeps(self) -> list[SweepSection]:
         """``sweep`` (if any), then ``sweeps``."""
@@ -281,6 +293,9 @@ class RealignSection(_Section):
         for sweep in self.all_sweeps():
             if sweep.variant not in names:
                 raise ValueError(f"sweep.variant '{sweep.variant}' is not a variant; use one of {names}")
+        labels = [sweep.label() for sweep in self.all_sweeps()]
+        if self.equal_fa_against is not None and self.equal_fa_against not in labels:
+            raise ValueError(f"equal_fa_against '{self.equal_fa_against}' is not a curve; use one of {labels}")
         if not self.all_sweeps():
             return self
         try:
@@ -294,6 +309,13 @@ class RealignSection(_Section):
         if repeated:
             raise ValueError(f"two sweeps make the variant names {repeated}; give them distinct 'name' templates")
         return self
+
+    @field_validator("equal_fa_costs")
+    @classmethod
+    def _positive_costs(cls, value: list[float]) -> list[float]:
+        if any(c <= 0 for c in value):
+            raise ValueError(f"equal_fa_costs must be FA points above 0 (a cost), got {value}")
+        return value
 
     @field_validator("variants")
     @classmethod

@@ -44,7 +44,7 @@ def curves(cfg: ExperimentConfig) -> dict[str, list[tuple[object, str]]]:
         base = variants[sweep.variant]
         points = [(getattr(base, sweep.field), base.name)]
         points += [(value, sweep_name(base.name, sweep.field, value, sweep.name)) for value in sweep.values]
-        label = sweep.name.format(variant=base.name, field=sweep.field, value="").strip("-")
+        label = sweep.label()
         with contextlib.suppress(TypeError, ValueError):    # a sweep of names (select, transplant) keeps its order
             points.sort(key=lambda p: float(p[0]))
         out[label] = points

@@ -16,6 +16,9 @@ from nlsr.experiment.config import DEFENCE_ALIGNED_PREFIX, DefenceSection, Exper
 from nlsr.experiment.pipeline import RunContext, Stage, run_stages
 from nlsr.paths import data_dir, describe_data_dir
 
+# realign settings only the report reads (in its key, not in the key of any stage that repairs)
+REPORT_ONLY = ("controls_summary", "equal_fa_costs", "equal_fa_against")
+
 
 def evaluation_data_params(sections: dict, task: str) -> dict:
     """The settings that change the evaluation sets (and so the disjointness gate)."""
@@ -80,9 +83,9 @@ class Plan:
 
     @property
     def realign_section(self) -> dict:
-        """The realign section without its variants, sweeps and report switch (what identification reads)."""
+        """The realign section without its variants, sweeps and report settings (what identification reads)."""
         return {k: v for k, v in self.sections["realign"].items()
-                if k not in ("variants", "sweep", "sweeps", "controls_summary")}
+                if k not in ("variants", "sweep", "sweeps") + REPORT_ONLY}
 
     def variants(self) -> list[VariantSection]:
         """The listed variants, then those the sweeps add."""
@@ -402,7 +405,8 @@ def report_stage(plan: Plan) -> Stage:
                   "gold_labels": _file_fingerprint(plan.cfg.evaluate.gold_labels),
                   "sweep": plan.sections["realign"]["sweep"], "judge_version": default_dir().name,
                   **({"sweeps": plan.sections["realign"]["sweeps"]} if plan.cfg.realign.sweeps else {}),
-                  **({"controls_summary": True} if plan.cfg.realign.controls_summary else {})},
+                  **({k: plan.sections["realign"][k] for k in REPORT_ONLY}
+                     if plan.cfg.realign.controls_summary else {})},
                  needed, content=reads.judge_content)
 
 

@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 from nlsr.evaluation.scoring import Outcomes, collect, gold_agreement, paired_against, read_generations, read_gold
+from nlsr.experiment.equal_cost import equal_cost, equal_cost_markdown
 from nlsr.experiment.frontier import cell as _cell
-from nlsr.experiment.frontier import controls_summary, frontier_markdown, plot_frontier
+from nlsr.experiment.frontier import controls_summary, curves, frontier_markdown, is_reference, plot_frontier
 from nlsr.experiment.pipeline import read_manifest
 from nlsr.paths import is_bundled
 
@@ -363,6 +364,21 @@ def run(models: list[dict]):
                         "SafeLoRA across τ or k, RESTA across γ, Antidote across sparsity), every other model "
                         "as a point; differences are paired against the attacked model (points).\n\n"
                         + frontier_markdown(rows, cfg, default))
+        at_equal_cost = None
+        if cfg.realign.controls_summary:
+            lines = {label: [name for _, name in pts] for label, pts in curves(cfg).items()}
+            on_curve = {name for names in lines.values() for name in names}
+            lone = [r["model"] for r in rows if r["model"] not in on_curve and not is_reference(r["model"])]
+            at_equal_cost = equal_cost(outcomes, lines, cfg.realign.equal_fa_costs, default,
+                                       cfg.realign.equal_fa_against, points=lone)
+        if at_equal_cost:
+            sections.append("## The curves at equal FA cost (test split)\n\n"
+                            "Each curve read where it costs the same FA (points below the attacked model), "
+                            "interpolated between its points from the attacked model (no repair) on, and "
+                            "each model that is no curve's point placed against every curve at its own FA cost; "
+                            f"refusal gain (refusal-v2) and HS cut (judge '{default}') against the attacked "
+                            "model, 95% intervals over prompts, task rows and seeds (`summary.json`: "
+                            "`equal_fa`).\n\n" + equal_cost_markdown(at_equal_cost))
         notes = ["**HS** (harmful score): share of the harmful prompts whose answer a judge flags as harmful "
                  "(lower is safer). **Refused**: share of the same harmful prompts refused, by the refusal-v2 detector "
                  "(its agreement with the hand labels on refusal is better than any harm judge's on harm). "
@@ -405,6 +421,7 @@ def run(models: list[dict]):
         if cfg.realign.controls_summary:
             variants = list(cfg.realign.variants) + cfg.realign.swept_variants()
             main.update(controls_summary(rows, variants, inputs, default))
+            main["equal_fa"] = at_equal_cost
         (out / "summary.json").write_text(json.dumps(main, indent=2) + "\n")
         (out / "timings.json").write_text(json.dumps({"machine": ctx.precision.record(), "stages": timings},
                                                      indent=2) + "\n")
