@@ -125,3 +125,18 @@ def test_summary_has_the_shape_issue_10_asks_for():
     assert "fa_difference_vs_attacked" not in out["models"]["attacked"]
     assert out["models"]["nlsr"]["xstest_refusal_v2"] == {"mean": 12.0, "ci95": [11.0, 13.0]}
     assert out["models"]["nlsr"]["task_refusal_v2"] is None      # a report made before refusal-v2
+
+
+def test_held_out_harmful_sets_show_their_difference_against_the_attacked_model():
+    from nlsr.experiment.stages.report import _extra_table
+
+    def est(mean):
+        return {"mean": mean, "ci95": [mean - 1, mean + 1]}
+
+    rows = [{"model": "attacked", "scores": {"hs_extra": {"trained": {"advbench": est(50.0)}}}},
+            {"model": "nlsr", "scores": {"hs_extra": {"trained": {"advbench": est(35.0)}}},
+             "paired": {"hs_extra/trained/advbench": {"difference": est(-15.0)}}}]
+    table = _extra_table(rows, "trained").splitlines()
+    assert table[0] == "| model | advbench | advbench: vs attacked, points |"
+    assert table[2] == "| attacked | 50.0 [49.0, 51.0] | - |"
+    assert table[3] == "| nlsr | 35.0 [34.0, 36.0] | -15.0 [-16.0, -14.0] |"

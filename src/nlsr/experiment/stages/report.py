@@ -195,10 +195,14 @@ def _extra_table(rows: list[dict], judge: str) -> str:
     sources = sorted({s for r in rows for s in r["scores"]["hs_extra"].get(judge, {})})
     if not sources:
         return ""
-    lines = ["| model | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    lines = ["| model | " + " | ".join(sources) + " | " + " | ".join(f"{s}: vs attacked, points" for s in sources)
+             + " |", "|---|" + "---|" * (2 * len(sources))]
     for row in rows:
         per = row["scores"]["hs_extra"].get(judge, {})
-        lines.append(f"| {row['model']} | " + " | ".join(_cell(per.get(s)) for s in sources) + " |")
+        paired = row.get("paired") or {}
+        diffs = [_cell((paired.get(f"hs_extra/{judge}/{s}") or {}).get("difference")) for s in sources]
+        lines.append(f"| {row['model']} | " + " | ".join(_cell(per.get(s)) for s in sources) + " | "
+                     + " | ".join(diffs) + " |")
     return "\n".join(lines)
 
 
@@ -320,7 +324,8 @@ def run(models: list[dict]):
             if attacked is None or row["model"] == "attacked":
                 continue
             keys = ([f"hs/{j}/{split}" for j in names for split in ("test", "validation")]
-                    + ["fa", "xstest_refusal", "harmful_refused_v2/test"])
+                    + ["fa", "xstest_refusal", "harmful_refused_v2/test"]
+                    + [k for k in attacked.arrays if k.startswith("hs_extra/")])   # the held-out harmful sets
             paired = {k: paired_against(outcomes[row["model"]], attacked, k) for k in keys}
             row["paired"] = {k: v for k, v in paired.items() if v is not None}
         # the comparison across runs (nlsr compare) reads these means
@@ -345,7 +350,8 @@ def run(models: list[dict]):
                             + paired_text)
         extra = _extra_table(rows, default)
         if extra:
-            sections.append(f"## Out-of-distribution harmful prompts (HS %, judge '{default}')\n\n" + extra)
+            sections.append(f"## Out-of-distribution harmful prompts (HS %, judge '{default}'; the differences "
+                            "paired against the attacked model on the same prompts and seeds)\n\n" + extra)
         sections.append("## Validation split (where knobs are chosen, the alignment recipe included; not the "
                         "result; an empty cell: no validation part was measured)\n\n"
                         + _main_table(rows, ordered, task, "validation"))
