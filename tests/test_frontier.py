@@ -262,7 +262,8 @@ def test_every_control_runs_through_the_pipeline_on_the_tiny_model(tmp_path, tin
                 {"name": "antidote-s0.05", "method": "antidote", "sparsity": 0.05, "antidote_n": 4},
                 {"name": "safelora", "method": "safelora", "threshold": 0.6}]
     sweeps = [{"variant": "exact-q0.2", "field": "q", "values": [0.4], "name": "exact-q{value}"},
-              {"variant": "exact-q0.2", "field": "beta", "values": [2.0], "name": "beta{value}-q0.2"}]
+              {"variant": "exact-q0.2", "field": "beta", "values": [2.0], "name": "beta{value}-q0.2"},
+              {"variant": "select-random-s0", "field": "seed", "values": [1], "name": "select-random-s{value}"}]
     cfg = ExperimentConfig.model_validate({
         "name": "controls", "runs_dir": str(tmp_path / "runs"), "model": str(tiny_model_dir), "template": "chat",
         "precision": "float32", "device": "cpu", "lora": {"r": 2, "alpha": 4, "targets": list(TARGETS)},
@@ -274,7 +275,7 @@ def test_every_control_runs_through_the_pipeline_on_the_tiny_model(tmp_path, tin
                      "judges": ["refusal"]}})
     run_dir = run_experiment(cfg, data=root, log=lambda _line: None)
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
-    names = {v["name"] for v in variants} | {"exact-q0.4", "beta2-q0.2"}
+    names = {v["name"] for v in variants} | {"exact-q0.4", "beta2-q0.2", "select-random-s1"}
     assert names <= set(summary["variants"])
     assert summary["default"]["transplant"] in {"exact", "factor", "block"}
     block = summary["variants"]["block-q0.2"]
@@ -283,7 +284,8 @@ def test_every_control_runs_through_the_pipeline_on_the_tiny_model(tmp_path, tin
     rows = [json.loads(line) for line in (scores / "harmful_rows.jsonl").open()]
     assert len(rows) == 4 and all(r["prompt"] and r["response"] for r in rows)
     assert (run_dir / "report" / "frontier.png").stat().st_size > 0
-    at_equal_cost = summary["equal_fa"]                        # every curve, read at the default FA costs
+    at_equal_cost = summary["equal_fa"]
+    # every curve across a knob, read at the default FA costs; draws of the selection are no curve
     assert set(at_equal_cost["curves"]) == {"exact-q", "beta-q0.2"} and at_equal_cost["targets"] == [2.0, 5.0, 10.0]
     assert "## The curves at equal FA cost" in (run_dir / "report" / "report.md").read_text()
 

@@ -26,6 +26,8 @@ from nlsr.evaluation.stats import N_BOOT, resampled_means_sets
 FA_KEY = "fa"
 REFUSAL_KEY = "harmful_refused_v2/test"
 GAINS = ("refusal", "hs_cut")
+# sweeps whose values have no order of cost (draws, names): not curves to read at a cost
+UNORDERED_FIELDS = ("seed", "select", "transplant")
 
 
 def value_at_cost(costs: np.ndarray, gains: np.ndarray, target: float | np.ndarray) -> np.ndarray:
