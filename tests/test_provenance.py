@@ -203,5 +203,16 @@ def test_accept_code_change_keeps_stages_whose_only_difference_is_the_commit(tmp
     assert calls == ["a", "b"] and any("kept by --accept-code-change" in m for m in logs)
     run_stages(ctx, graph(b_param=2), log=lambda m: None, accept_code_change=True)
     assert calls == ["a", "b", "b"]                     # other parameters still rerun
-    run_stages(ctx, graph(b_param=2), log=lambda m: None)
+    _code(monkeypatch, "c" * 40)
+    logs.clear()
+    run_stages(ctx, graph(b_param=2), log=logs.append)
     assert calls == ["a", "b", "b", "a", "b"]           # without the flag, other code reruns everything
+    notes = [m for m in logs if m.startswith("[note]")]  # ... and says how to keep what it reruns
+    assert len(notes) == 1 and notes[0].startswith("[note] a: this run has it finished by other code")
+    assert "--accept-code-change" in notes[0]
+    _code(monkeypatch, "d" * 40)
+    logs.clear()
+    other = RunContext(ExperimentConfig(), tmp_path / "other", tmp_path)
+    run_stages(other, graph(b_param=2), log=logs.append, reuse_from=[tmp_path / "run"])
+    assert calls[-2:] == ["a", "b"]
+    assert any(m.startswith(f"[note] a: {tmp_path / 'run'} has it") and "To copy it" in m for m in logs)

@@ -167,6 +167,24 @@ def same_but_code(manifest: dict, stage: Stage, content: dict | None, input_keys
             and manifest.get("inputs") == input_keys)
 
 
+def _note_other_code(stage: Stage, key: str, content: dict | None, input_keys: dict[str, str],
+                     existing: dict | None, reuse_from: list[Path], log: Callable[[str], None]) -> None:
+    """Say so when the stage about to run is finished here or in ``reuse_from`` by other code only."""
+    def differs_in_code(manifest: dict | None) -> bool:
+        return bool(manifest) and manifest.get("key") != key and same_but_code(manifest, stage, content, input_keys)
+
+    if differs_in_code(existing):
+        where, verb = "this run", "keep"
+    else:
+        found = next((d for d in reuse_from if differs_in_code(read_manifest(d / stage.name))), None)
+        if found is None:
+            return
+        where, verb = str(found), "copy"
+    log(f"[note] {stage.name}: {where} has it finished by other code, the same otherwise; it runs again. "
+        f"To {verb} it instead (for a code change that cannot change it), "
+        "stop and rerun with --accept-code-change")
+
+
 def _copy_stage(source: Path, partial: Path, final: Path) -> dict:
     """Copy a finished stage (hard links where the file system allows) and install it atomically."""
     if partial.exists():
@@ -275,6 +293,8 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
             manifests[stage.name] = _copy_stage(source, partial, final)
             log(f"[reuse] {stage.name}: copied from {source.parent} ({manifests[stage.name]['summary_line']})")
             continue
+        if not (accept_code_change or forced or upstream_ran):
+            _note_other_code(stage, key, content, input_keys, existing, reuse_from or [], log)
         if partial.exists():
             marker = partial / ".key"
             if not marker.exists() or marker.read_text() != key or forced or upstream_ran:
