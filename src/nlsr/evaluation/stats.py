@@ -75,6 +75,7 @@ def resampled_means_sets(sets: Sequence[Sequence[np.ndarray]], n_boot: int = N_B
     def item_counts(n_items: int) -> np.ndarray:
         return rng.multinomial(n_items, np.full(n_items, 1 / n_items), size=n_boot)       # (B, N)
 
+    # the first set's items are drawn before the seeds, the other sets' after: the order one set always had
     counts = [item_counts(groups[0][0].shape[1])]
     if n_seeds > 1:
         seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)   # (B, S)

@@ -26,8 +26,6 @@ from nlsr.evaluation.stats import N_BOOT, resampled_means_sets
 FA_KEY = "fa"
 REFUSAL_KEY = "harmful_refused_v2/test"
 GAINS = ("refusal", "hs_cut")
-# sweeps whose values have no order of cost (draws, names): not curves to read at a cost
-UNORDERED_FIELDS = ("seed", "select", "transplant")
 
 
 def value_at_cost(costs: np.ndarray, gains: np.ndarray, target: float | np.ndarray) -> np.ndarray:
@@ -153,16 +151,15 @@ def equal_cost_markdown(result: dict) -> str:
     targets = [f"{t:g}" for t in result["targets"]]
     head = " | ".join(f"refused +, FA -{t} | HS cut, FA -{t}" for t in targets)
     rule = "|".join(["---"] * (1 + 2 * len(targets)))
-    lines = [f"| curve | {head} |", f"|{rule}|"]
-    for label, entry in result["curves"].items():
-        cells = " | ".join(f"{_cell(entry[t]['refusal'])} | {_cell(entry[t]['hs_cut'])}" for t in targets)
-        lines.append(f"| {label} | {cells} |")
+
+    def by_cost(entries: dict) -> list[str]:
+        return [f"| {label} | " + " | ".join(f"{_cell(entry[t]['refusal'])} | {_cell(entry[t]['hs_cut'])}"
+                                             for t in targets) + " |" for label, entry in entries.items()]
+
+    lines = [f"| curve | {head} |", f"|{rule}|", *by_cost(result["curves"])]
     if result["differences"]:
         lines += ["", f"Minus the `{result['against']}` curve at the same FA cost (paired draws):", "",
-                  f"| curve - {result['against']} | {head} |", f"|{rule}|"]
-        for label, entry in result["differences"].items():
-            cells = " | ".join(f"{_cell(entry[t]['refusal'])} | {_cell(entry[t]['hs_cut'])}" for t in targets)
-            lines.append(f"| {label} | {cells} |")
+                  f"| curve - {result['against']} | {head} |", f"|{rule}|", *by_cost(result["differences"])]
     if result["points"]:
         lines += ["", "Each lone model against each curve at the model's own FA cost (its gain minus the curve's "
                   "there; positive: above the curve; paired draws):", "",

@@ -51,6 +51,17 @@ def curves(cfg: ExperimentConfig) -> dict[str, list[tuple[object, str]]]:
     return out
 
 
+# sweeps whose values have no order of cost (draws of a seed, names): drawn, but not read at a cost
+UNORDERED_FIELDS = ("seed", "select", "transplant")
+
+
+def cost_curves(cfg: ExperimentConfig) -> dict[str, list[str]]:
+    """The curves of :func:`curves` across an ordered knob (not a draw seed, a rule or a form), as model
+    names in knob order: what :func:`nlsr.experiment.equal_cost.equal_cost` reads at equal FA cost."""
+    ordered = {sweep.label() for sweep in cfg.realign.all_sweeps() if sweep.field not in UNORDERED_FIELDS}
+    return {label: [name for _, name in pts] for label, pts in curves(cfg).items() if label in ordered}
+
+
 def cell(est: dict | None) -> str:
     """A table cell: ``mean [low, high]`` of an estimate, or ``-``."""
     if not est:

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from nlsr.evaluation.scoring import Outcomes, collect, gold_agreement, paired_against, read_generations, read_gold
-from nlsr.experiment.equal_cost import UNORDERED_FIELDS, equal_cost, equal_cost_markdown
+from nlsr.experiment.equal_cost import equal_cost, equal_cost_markdown
 from nlsr.experiment.frontier import cell as _cell
-from nlsr.experiment.frontier import controls_summary, curves, frontier_markdown, is_reference, plot_frontier
+from nlsr.experiment.frontier import controls_summary, cost_curves, frontier_markdown, is_reference, plot_frontier
 from nlsr.experiment.pipeline import read_manifest
 from nlsr.paths import is_bundled
 
@@ -372,8 +372,7 @@ def run(models: list[dict]):
                         + frontier_markdown(rows, cfg, default))
         at_equal_cost = None
         if cfg.realign.controls_summary:
-            ordered = {sweep.label() for sweep in cfg.realign.all_sweeps() if sweep.field not in UNORDERED_FIELDS}
-            lines = {label: [name for _, name in pts] for label, pts in curves(cfg).items() if label in ordered}
+            lines = cost_curves(cfg)
             on_curve = {name for names in lines.values() for name in names}
             lone = [r["model"] for r in rows if r["model"] not in on_curve and not is_reference(r["model"])]
             at_equal_cost = equal_cost(outcomes, lines, cfg.realign.equal_fa_costs, default,
